@@ -1,0 +1,1 @@
+"""Command-line subcommands. Each module defines `add_arguments(parser)` and `run(args) -> int`."""
