@@ -14,6 +14,8 @@ import sys
 # (command name, module under diffpolicy.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "train a small chunk policy on a synthetic bimodal task and report its modes"),
+    ("train-expert", "train_expert", "train (or reuse) a task's medium learned expert with stable-baselines3"),
+    ("collect", "collect", "record expert demonstrations of a task into a zarr dataset (resumable)"),
 ]
 
 

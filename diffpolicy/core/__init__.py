@@ -1,1 +1,48 @@
-"""core."""
+"""diffpolicy.core: the shared generative core (knows nothing about robots).
+
+Every model is a denoiser over tokens, each with its own noise level:
+`out = denoiser(x_t (B, L, D), t (B, L), cond) -> (B, L, D)`; t = 0 is clean data, t = 1 pure noise.
+
+- `schedules`: variance-preserving noise schedules over continuous t (linear-beta DDPM, cosine,
+  sigmoid; logSNR shift).
+- `processes`: `GaussianDiffusion` (DDPM / DDIM with eta) and `FlowMatching` (linear path, Euler,
+  optional explicit step noise): corruption, targets, x0 / noise predictions and Gaussian reverse
+  steps with log-probabilities.
+- `losses`: the per-token denoising loss with masks and Min-SNR-gamma weighting.
+- `samplers`: `sample(...)`, one loop with per-token start levels, guidance and a recorded chain.
+- `guidance`: classifier-free guidance, hard prefix inpainting, RTC-style guided inpainting.
+"""
+
+from diffpolicy.core.errors import CoreConfigError, CoreInputError
+from diffpolicy.core.guidance import (
+    ClassifierFreeGuidance,
+    ComposedGuidance,
+    Guidance,
+    GuidedInpainting,
+    PrefixInpainting,
+    rtc_prefix_weights,
+)
+from diffpolicy.core.losses import denoising_loss, loss_weight, min_snr_weight, per_token_loss
+from diffpolicy.core.processes import (
+    FlowMatching,
+    GaussianDiffusion,
+    Process,
+    StepResult,
+    gaussian_log_prob,
+)
+from diffpolicy.core.samplers import ChainStep, SampleResult, sample
+from diffpolicy.core.schedules import (
+    CosineSchedule,
+    LinearBetaSchedule,
+    NoiseSchedule,
+    SigmoidSchedule,
+    make_schedule,
+)
+
+__all__ = [
+    "ChainStep", "ClassifierFreeGuidance", "ComposedGuidance", "CoreConfigError", "CoreInputError",
+    "CosineSchedule", "FlowMatching", "GaussianDiffusion", "Guidance", "GuidedInpainting",
+    "LinearBetaSchedule", "NoiseSchedule", "PrefixInpainting", "Process", "SampleResult",
+    "SigmoidSchedule", "StepResult", "denoising_loss", "gaussian_log_prob", "loss_weight",
+    "make_schedule", "min_snr_weight", "per_token_loss", "rtc_prefix_weights", "sample",
+]

@@ -1,0 +1,481 @@
+"""Episode storage on zarr in Diffusion Policy's layout, with crash-safe whole-episode appends.
+
+Layout (identical to Diffusion Policy's `ReplayBuffer`, so its datasets open unchanged)::
+
+    <root>                        attrs: JSON dict (task name, `env_args`, `diffpolicy_format`)
+    <root>/data/<key>   (N, ...)  every episode concatenated along axis 0 (N = total steps)
+    <root>/meta/episode_ends (E,) int64, cumulative exclusive end of each episode
+    <root>/meta/<name>  (E,)      per-episode values (`seed`, `success`, `model_file`, ...)
+
+Per-episode meta arrays hold int64 / float64 / bool (or the numpy dtype the caller passed);
+strings (e.g. a robosuite MJCF `model_file`) are a zarr variable-length UTF-8 string array with
+one episode per chunk, so appending an episode never rewrites earlier strings.
+
+Images (uint8 arrays with ndim 4, `(N, H, W, C)`) are chunked one frame per chunk; every data array
+is zstd-compressed. New stores are written in zarr format 3 by default; format 2 (what Diffusion
+Policy wrote) is read, appended to and, on request, written.
+
+Commit protocol (single writer): `add_episode` validates the whole episode first, then writes
+`data/*`, then `meta/<name>`, and commits by writing `meta/episode_ends` last. Readers trust only
+`episode_ends`: data and meta arrays may be longer than it says (the orphaned tail of an append
+that was killed), and the next append overwrites that tail. Each store write is an atomic file
+replace (zarr's LocalStore), so the one torn state left is `episode_ends` resized but its new
+entry not yet written; that entry reads as the array's fill value (-1 for stores created here)
+and is ignored as uncommitted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+import zarr.codecs
+import zarr.storage
+
+from diffpolicy.data.errors import DataFormatError, EpisodeError
+
+FORMAT_INFO = {
+    "name": "diffpolicy.replay_buffer",
+    "version": 1,
+    "layout": "diffusion_policy",
+    "meta_strings": "variable-length UTF-8 string array, one episode per chunk",
+}
+EPISODE_ENDS = "episode_ends"
+_ENDS_FILL = -1
+_META_CHUNK = 1024
+_LOW_DIM_CHUNK_BYTES = 256 * 1024
+_ZSTD_LEVEL = 3
+
+
+def is_image_array(dtype: np.dtype, ndim: int) -> bool:
+    """Image data is uint8 with ndim 4: `(N, H, W, C)`."""
+    return np.dtype(dtype) == np.uint8 and ndim == 4
+
+
+class StepArray:
+    """Lazy read-only view of `data/<key>` limited to the committed steps `[0, n_steps)`.
+
+    Supports `a[i]`, `a[start:stop(:step>0)]`, `a[int_array]` (any shape, duplicates and any
+    order allowed), extra per-axis indices after the first, `len(a)` and `np.asarray(a)`.
+    """
+
+    def __init__(self, array: zarr.Array, n_steps: int, key: str):
+        self._array = array
+        self._n = n_steps
+        self.key = key
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._n, *self._array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._array.ndim
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self._array[: self._n]
+        return out if dtype is None else out.astype(dtype)
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at integer `indices` (any shape S) -> `(*S, ...)`; one zarr read for all rows."""
+        indices = np.asarray(indices)
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"data/{self.key}: indices must be integers, got dtype {indices.dtype}")
+        flat = indices.reshape(-1)
+        if flat.size and (flat.min() < -self._n or flat.max() >= self._n):
+            raise IndexError(
+                f"data/{self.key}: index out of range [-{self._n}, {self._n}) "
+                f"(got min {flat.min()}, max {flat.max()})"
+            )
+        flat = np.where(flat < 0, flat + self._n, flat)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        rows = self._array.get_orthogonal_selection((unique,)) if unique.size else (
+            np.empty((0, *self._array.shape[1:]), self.dtype)
+        )
+        return rows[inverse].reshape(*indices.shape, *self._array.shape[1:])
+
+    def __getitem__(self, index) -> np.ndarray:
+        first, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if isinstance(first, slice):
+            start, stop, step = first.indices(self._n)
+            if step < 1:
+                raise IndexError(f"data/{self.key}: slice step must be positive, got {step}")
+            return self._array[(slice(start, stop, step), *rest)]
+        if isinstance(first, (int, np.integer)):
+            if not -self._n <= first < self._n:
+                raise IndexError(f"data/{self.key}: step {first} out of range for {self._n} steps")
+            return self._array[(int(first) % self._n, *rest)]
+        rows = self.gather(np.asarray(first))
+        return rows[(slice(None),) * np.ndim(first) + tuple(rest)] if rest else rows
+
+
+class ReplayBuffer:
+    """Episodes on a zarr store (see the module docstring for the layout and commit protocol).
+
+    Use `ReplayBuffer.create(path)` or `ReplayBuffer.open(path, mode)`; not thread/process safe
+    for more than one writer.
+    """
+
+    def __init__(self, group: zarr.Group, path: Path, store=None, cache_low_dim: bool = False):
+        self._group = group
+        self.path = path
+        self._store = store
+        self._cache_low_dim = cache_low_dim
+        self._cache: dict[str, np.ndarray] = {}
+        self._ends = self._read_committed_ends()
+        self._check_lengths()
+        if cache_low_dim:
+            for key in self.keys():
+                self[key]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        overwrite: bool = False,
+        zarr_format: int = 3,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> "ReplayBuffer":
+        """Create an empty store at `path` (zarr format 3, or 2 for Diffusion Policy tools)."""
+        path = Path(path)
+        if zarr_format not in (2, 3):
+            raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+        group.attrs.update({"diffpolicy_format": FORMAT_INFO, **dict(attrs or {})})
+        group.require_group("data")
+        meta = group.require_group("meta")
+        meta.create_array(
+            EPISODE_ENDS, shape=(0,), dtype=np.int64, chunks=(_META_CHUNK,), fill_value=_ENDS_FILL
+        )
+        return cls(group, path)
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike, mode: str = "r", cache_low_dim: bool = False
+    ) -> "ReplayBuffer":
+        """Open an existing store (zarr v2 or v3; a `.zip` file read-only).
+
+        mode: "r" read-only, "a" read and append. cache_low_dim: keep every non-image data array
+        (see `is_image_array`) in memory; images always stay lazy on disk.
+        """
+        path = Path(path)
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        if not path.exists():
+            raise FileNotFoundError(f"no replay buffer at {path}")
+        store = None
+        if path.is_file() and path.suffix == ".zip":
+            if mode != "r":
+                raise ValueError(f"{path}: zip stores open read-only (mode='r'), got mode={mode!r}")
+            store = zarr.storage.ZipStore(path, mode="r")
+        try:
+            group = zarr.open_group(store if store is not None else str(path),
+                                    mode="r" if mode == "r" else "r+")
+        except (FileNotFoundError, zarr.errors.BaseZarrError) as err:
+            raise DataFormatError(f"{path} is not a zarr group: {err}") from err
+        for required in ("data", f"meta/{EPISODE_ENDS}"):
+            if required not in group:
+                raise DataFormatError(
+                    f"{path} is missing '{required}' (Diffusion Policy layout: data/<key> arrays "
+                    f"and meta/{EPISODE_ENDS})"
+                )
+        return cls(group, path, store=store, cache_low_dim=cache_low_dim)
+
+    def close(self) -> None:
+        """Release the store (needed only for zip stores)."""
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "ReplayBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def episode_ends(self) -> np.ndarray:
+        """(E,) int64 committed cumulative episode ends (a read-only view)."""
+        view = self._ends.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self._ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    @property
+    def attrs(self):
+        """Root attributes: a persistent JSON mapping (task name, `env_args`, format info)."""
+        return self._group.attrs
+
+    def keys(self) -> list[str]:
+        """Names of the `data/<key>` arrays, sorted."""
+        return sorted(self._group["data"].array_keys())
+
+    def meta_keys(self) -> list[str]:
+        """Names of the per-episode `meta/<name>` arrays (without `episode_ends`), sorted."""
+        return sorted(k for k in self._group["meta"].array_keys() if k != EPISODE_ENDS)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
+
+    def __getitem__(self, key: str) -> np.ndarray | StepArray:
+        """`data/<key>` over the committed steps: an in-memory array when cached, else lazy."""
+        if key in self._cache:
+            return self._cache[key]
+        array = self._data_array(key)
+        if self._cache_low_dim and not is_image_array(array.dtype, array.ndim):
+            self._cache[key] = array[: self.n_steps]
+            return self._cache[key]
+        return StepArray(array, self.n_steps, key)
+
+    def episode_slice(self, index: int) -> slice:
+        """Steps of episode `index` (negative counts from the end) as a slice of axis 0."""
+        if not -self.n_episodes <= index < self.n_episodes:
+            raise IndexError(f"{self.path}: episode {index} out of range for {self.n_episodes}")
+        index %= self.n_episodes
+        start = int(self._ends[index - 1]) if index > 0 else 0
+        return slice(start, int(self._ends[index]))
+
+    def get_episode(self, index: int) -> dict[str, np.ndarray]:
+        """Every data key of episode `index` -> `(T, ...)` arrays."""
+        steps = self.episode_slice(index)
+        return {key: np.asarray(self[key][steps]) for key in self.keys()}
+
+    def episode_meta(self, name: str) -> np.ndarray:
+        """(E,) per-episode values of `meta/<name>` (strings come as an object array of str)."""
+        if name not in self.meta_keys():
+            raise KeyError(f"{self.path}: no episode meta {name!r}; present: {self.meta_keys()}")
+        return self._group["meta"][name][: self.n_episodes]
+
+    def __repr__(self) -> str:
+        return (f"ReplayBuffer({str(self.path)!r}, episodes={self.n_episodes}, "
+                f"steps={self.n_steps}, keys={self.keys()})")
+
+    # ------------------------------------------------------------------ appending
+    def add_episode(
+        self,
+        data: Mapping[str, np.ndarray],
+        meta: Mapping[str, int | float | bool | str] | None = None,
+    ) -> None:
+        """Append one whole episode atomically.
+
+        data: key -> `(T, ...)` numeric array, same T >= 1 for every key, the same key set,
+        trailing shape and (losslessly castable) dtype as the store; float data must be finite.
+        meta: name -> scalar (int, float, bool, str), the same names as earlier episodes.
+        Nothing is written unless everything validates.
+        """
+        if self._group.read_only:
+            raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
+        arrays, length = self._validate_data(data)
+        values = self._validate_meta(meta or {})
+        if self.n_episodes == 0:
+            self._drop_orphans()
+        start, stop = self.n_steps, self.n_steps + length
+        for key, value in arrays.items():
+            target = self._require_data_array(key, value)
+            target.resize((stop, *value.shape[1:]))
+            target[start:stop] = value
+            self._cache.pop(key, None)
+        index = self.n_episodes
+        for name, value in values.items():
+            target = self._require_meta_array(name, value)
+            target.resize((index + 1,))
+            stored = object if value.dtype.kind == "U" else value.dtype
+            target[index : index + 1] = value.reshape(1).astype(stored)
+        ends = self._group["meta"][EPISODE_ENDS]
+        ends.resize((index + 1,))
+        ends[index] = stop
+        self._ends = np.append(self._ends, np.int64(stop))
+
+    # ------------------------------------------------------------------ internals
+    def _data_array(self, key: str) -> zarr.Array:
+        data = self._group["data"]
+        if key not in data:
+            raise KeyError(f"{self.path}: no data key {key!r}; present: {self.keys()}")
+        return data[key]
+
+    def _read_committed_ends(self) -> np.ndarray:
+        array = self._group["meta"][EPISODE_ENDS]
+        ends = np.asarray(array[:]).astype(np.int64)
+        fill = array.fill_value
+        count = len(ends)
+        # A trailing fill value that breaks monotonicity is an entry resized but never written.
+        while (count and fill is not None and fill <= 0 and ends[count - 1] == fill
+               and (count == 1 or ends[count - 1] < ends[count - 2])):
+            count -= 1
+        ends = ends[:count]
+        steps = np.diff(ends, prepend=0)
+        if count and steps.min() < 0:
+            bad = int(np.argmax(steps < 0))
+            before = int(ends[bad - 1]) if bad else 0
+            raise DataFormatError(
+                f"{self.path}: meta/{EPISODE_ENDS} must be non-decreasing and non-negative; "
+                f"entry {bad} is {int(ends[bad])} after {before}"
+            )
+        return ends
+
+    def _check_lengths(self) -> None:
+        for key in self.keys():
+            length = self._group["data"][key].shape[0]
+            if length < self.n_steps:
+                raise DataFormatError(
+                    f"{self.path}: data/{key} has {length} steps but meta/{EPISODE_ENDS} "
+                    f"ends at {self.n_steps}"
+                )
+        for name in self.meta_keys():
+            length = self._group["meta"][name].shape[0]
+            if length < self.n_episodes:
+                raise DataFormatError(
+                    f"{self.path}: meta/{name} has {length} entries but meta/{EPISODE_ENDS} "
+                    f"has {self.n_episodes} episodes"
+                )
+
+    def _validate_data(self, data: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        if not isinstance(data, Mapping) or not data:
+            raise EpisodeError(f"{self.path}: episode data must be a non-empty dict of arrays")
+        arrays = {_check_name(key, "data"): np.asarray(value) for key, value in data.items()}
+        if self.n_episodes and set(arrays) != set(self.keys()):
+            raise EpisodeError(
+                f"{self.path}: episode keys {sorted(arrays)} differ from the store's "
+                f"{self.keys()} (missing {sorted(set(self.keys()) - set(arrays))}, "
+                f"unexpected {sorted(set(arrays) - set(self.keys()))})"
+            )
+        lengths = {key: (value.shape[0] if value.ndim else None) for key, value in arrays.items()}
+        first_key = next(iter(arrays))
+        length = lengths[first_key]
+        for key, value in arrays.items():
+            if value.ndim == 0 or lengths[key] != length or not lengths[key]:
+                raise EpisodeError(
+                    f"{self.path}: every data key needs the same length T >= 1 along axis 0; "
+                    f"lengths {lengths}"
+                )
+            if value.dtype.kind not in "biuf":
+                raise EpisodeError(
+                    f"{self.path}: data key {key!r} must be numeric or bool, got dtype {value.dtype}"
+                )
+            if self.n_episodes:
+                self._check_compatible(key, value)
+            if value.dtype.kind == "f":
+                _check_finite(self.path, key, value)
+        return arrays, int(length)
+
+    def _check_compatible(self, key: str, value: np.ndarray) -> None:
+        stored = self._group["data"][key]
+        if tuple(stored.shape[1:]) != value.shape[1:]:
+            raise EpisodeError(
+                f"{self.path}: data key {key!r} has per-step shape {value.shape[1:]}, the store "
+                f"has {tuple(stored.shape[1:])}"
+            )
+        if not np.can_cast(value.dtype, stored.dtype, casting="safe"):
+            raise EpisodeError(
+                f"{self.path}: data key {key!r} has dtype {value.dtype}, the store holds "
+                f"{stored.dtype} (only lossless casts are allowed)"
+            )
+
+    def _validate_meta(self, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        values = {}
+        for name, value in meta.items():
+            _check_name(name, "meta")
+            if name == EPISODE_ENDS:
+                raise EpisodeError(f"{self.path}: meta name {EPISODE_ENDS!r} is reserved")
+            array = np.asarray(value)
+            if array.ndim != 0 or array.dtype.kind not in "biufU":
+                raise EpisodeError(
+                    f"{self.path}: episode meta {name!r} must be a scalar int, float, bool or "
+                    f"str, got {type(value).__name__} {array.dtype} shape {array.shape}"
+                )
+            values[name] = array
+        present = self.meta_keys()
+        if self.n_episodes and set(values) != set(present):
+            raise EpisodeError(
+                f"{self.path}: episode meta names {sorted(values)} differ from the store's "
+                f"{present}"
+            )
+        for name, array in values.items():
+            if not self.n_episodes:
+                continue
+            stored = self._group["meta"][name].dtype
+            is_str = array.dtype.kind == "U"
+            if is_str != (stored == object) or (
+                not is_str and not np.can_cast(array.dtype, stored, casting="safe")
+            ):
+                raise EpisodeError(
+                    f"{self.path}: episode meta {name!r} has dtype {array.dtype}, the store "
+                    f"holds {stored}"
+                )
+        return values
+
+    def _drop_orphans(self) -> None:
+        """Before the first committed episode, every data/meta array is an orphan: remove it."""
+        for key in self.keys():
+            del self._group["data"][key]
+        for name in self.meta_keys():
+            del self._group["meta"][name]
+        self._cache.clear()
+
+    def _compressor(self):
+        if self._group.metadata.zarr_format == 2:
+            return numcodecs.Zstd(level=_ZSTD_LEVEL)
+        return zarr.codecs.ZstdCodec(level=_ZSTD_LEVEL)
+
+    def _require_data_array(self, key: str, value: np.ndarray) -> zarr.Array:
+        data = self._group["data"]
+        if key in data:
+            return data[key]
+        frame = value.shape[1:]
+        if is_image_array(value.dtype, value.ndim):
+            rows = 1
+        else:
+            row_bytes = max(1, value.dtype.itemsize * int(np.prod(frame, dtype=np.int64)))
+            rows = max(1, _LOW_DIM_CHUNK_BYTES // row_bytes)
+        return data.create_array(
+            key, shape=(0, *frame), dtype=value.dtype, chunks=(rows, *frame),
+            compressors=self._compressor(),
+        )
+
+    def _require_meta_array(self, name: str, value: np.ndarray) -> zarr.Array:
+        meta = self._group["meta"]
+        if name in meta:
+            return meta[name]
+        if value.dtype.kind == "U":
+            return meta.create_array(name, shape=(0,), dtype=str, chunks=(1,))
+        return meta.create_array(name, shape=(0,), dtype=value.dtype, chunks=(_META_CHUNK,))
+
+
+def _check_name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise EpisodeError(
+            f"{where} names must be non-empty strings without '/' or a leading '.', got {name!r}"
+        )
+    return name
+
+
+def _check_finite(path: Path, key: str, value: np.ndarray) -> None:
+    finite = np.isfinite(value)
+    if not finite.all():
+        index = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise EpisodeError(
+            f"{path}: data key {key!r} has a non-finite value {value[index]} at index {index} "
+            f"(step {index[0]})"
+        )

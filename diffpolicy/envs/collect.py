@@ -1,0 +1,228 @@
+"""Collect expert demonstrations of any task card into a `ReplayBuffer`, resumably.
+
+For each seed the card's env is reset with `reset(seed=seed)` and its expert with `reset(seed)`,
+then the expert acts until the episode terminates or the card's time limit truncates it. One
+episode is appended whole (data keys, all `(T, ...)` with T = number of actions):
+
+    <obs key>   the observation the action was chosen from (every key of the Dict observation)
+    action      the expert's action, in the action space's dtype
+    reward      (T,) float32, the reward returned for that action
+    states      (T, S) float64, `env.unwrapped.get_state()` at that observation, where the env
+                offers `get_state` (PushT: agent xy, block xy, angle; MuJoCo: its flat state)
+
+with episode meta `seed` and `success` (`info["is_success"]` at any step), plus `model_file`
+(MJCF XML) where the env offers `model_xml()`. The store's attrs record the task (`task`, the whole
+card as `task_card`), the collection settings (`collection`), and robomimic `env_args` for
+robosuite tasks.
+
+Resuming: seeds run upward from `seed_start`, skipping every seed already attempted, which is the
+`seed` meta of the stored episodes plus `collection.discarded_seeds` (failures dropped by
+`only_success`, recorded as they happen). Rerunning the same call after an interruption therefore
+continues where it stopped without repeating a seed; an episode cut short by the interruption is
+simply run again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.envs.tasks import TaskCard, TaskCardError, load_task, make_env, make_expert
+
+RESERVED_KEYS = ("action", "reward", "states")
+# Settings that must match to resume a store; a store made otherwise needs overwrite=True.
+RESUME_SETTINGS = ("task", "seed_start", "only_success", "env_overrides")
+
+
+class CollectError(ValueError):
+    """A collection cannot start or go on (incompatible store, expert failing too often)."""
+
+
+@dataclass(frozen=True)
+class CollectSummary:
+    """What a `collect` call left in the store: totals over the store, and this call's share."""
+
+    path: Path
+    episodes: int          # episodes stored in total
+    attempted: int         # seeds attempted in total (stored + discarded)
+    successes: int         # successful episodes stored in total
+    new_episodes: int      # episodes stored by this call
+    new_attempts: int      # seeds attempted by this call
+    seconds: float         # wall time of this call
+
+    @property
+    def success_rate(self) -> float:
+        """Successes over attempted seeds (NaN before any attempt)."""
+        return self.successes / self.attempted if self.attempted else float("nan")
+
+
+def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_start: int = 0,
+            only_success: bool = False, overwrite: bool = False, env_overrides: dict[str, Any] | None = None,
+            max_attempts: int | None = None, progress: bool = True) -> CollectSummary:
+    """Run the card's expert until the store at `out` holds `episodes` episodes.
+
+    Args:
+        card: a TaskCard or a task name / card path for `load_task`.
+        episodes: number of episodes the store should hold when done (>= 1).
+        out: path of the zarr store; created if missing, resumed if it exists (unless `overwrite`).
+        seed_start: first seed; seeds run upward from it.
+        only_success: keep only episodes that succeed (failed seeds are recorded as discarded).
+        overwrite: replace an existing store instead of resuming it.
+        env_overrides: env kwargs over the card's (e.g. `{"obs_type": "image"}`), JSON values.
+        max_attempts: most seeds this call may attempt (default 3 * episodes + 20); reaching it
+            with the store still short raises CollectError (the store stays valid to resume).
+        progress: show a tqdm bar with the running success rate.
+    """
+    card = card if isinstance(card, TaskCard) else load_task(card)
+    if not isinstance(episodes, (int, np.integer)) or episodes < 1:
+        raise CollectError(f"collect: episodes must be a positive integer, got {episodes!r}")
+    if not isinstance(seed_start, (int, np.integer)) or seed_start < 0:
+        raise CollectError(f"collect: seed_start must be a non-negative integer, got {seed_start!r}")
+    env_overrides = dict(env_overrides or {})
+    max_attempts = 3 * int(episodes) + 20 if max_attempts is None else int(max_attempts)
+    settings = {"task": card.name, "seed_start": int(seed_start), "only_success": bool(only_success),
+                "env_overrides": env_overrides}
+    out = Path(out)
+    started = time.perf_counter()
+
+    env = make_env(card, **env_overrides)
+    try:
+        expert = make_expert(card, env)
+        buffer = _open_store(out, card, settings, overwrite, env)
+        collection = dict(buffer.attrs["collection"])
+        discarded = [int(s) for s in collection["discarded_seeds"]]
+        stored_seeds = _meta_ints(buffer, "seed")
+        successes = int(_meta_ints(buffer, "success").sum())
+        attempted = set(stored_seeds.tolist()) | set(discarded)
+        stored_before, attempts = buffer.n_episodes, 0
+        bar = tqdm(total=int(episodes), initial=min(buffer.n_episodes, int(episodes)), disable=not progress,
+                   desc=f"collect {card.name}", unit="ep")
+        seed = int(seed_start)
+        try:
+            while buffer.n_episodes < episodes:
+                if attempts >= max_attempts:
+                    raise CollectError(
+                        f"collect {card.name}: {attempts} seeds attempted in this run (max_attempts) but "
+                        f"{out} holds {buffer.n_episodes} of {episodes} episodes; the expert succeeds "
+                        f"too rarely for only_success={only_success}. Rerun to continue."
+                    )
+                while seed in attempted:
+                    seed += 1
+                data, success, meta = run_episode(env, expert, seed, card)
+                attempts += 1
+                attempted.add(seed)
+                if success or not only_success:
+                    buffer.add_episode(data, {"seed": seed, "success": success, **meta})
+                    successes += int(success)
+                    bar.update(1)
+                else:
+                    discarded.append(seed)
+                    collection["discarded_seeds"] = discarded
+                    buffer.attrs["collection"] = collection
+                bar.set_postfix(success=f"{successes / len(attempted):.2f}", seed=seed)
+        finally:
+            bar.close()
+        return CollectSummary(path=out, episodes=buffer.n_episodes, attempted=len(attempted),
+                              successes=successes, new_episodes=buffer.n_episodes - stored_before,
+                              new_attempts=attempts, seconds=time.perf_counter() - started)
+    finally:
+        env.close()
+
+
+def run_episode(env, expert, seed: int, card: TaskCard) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
+    """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta)."""
+    obs, info = env.reset(seed=int(seed))
+    expert.reset(int(seed))
+    sim = env.unwrapped
+    has_state = callable(getattr(sim, "get_state", None))
+    meta = {"model_file": sim.model_xml()} if callable(getattr(sim, "model_xml", None)) else {}
+    _check_observation(obs, card)
+    columns: dict[str, list] = {key: [] for key in (*obs.keys(), *RESERVED_KEYS)}
+    if not has_state:
+        del columns["states"]
+    action_dtype = env.action_space.dtype
+    success = bool(info.get("is_success", False))
+    while True:
+        for key, value in obs.items():
+            columns[key].append(value)
+        if has_state:
+            columns["states"].append(np.asarray(sim.get_state(), dtype=np.float64))
+        action = np.asarray(expert.act(obs), dtype=action_dtype)
+        obs, reward, terminated, truncated, info = env.step(action)
+        columns["action"].append(action)
+        columns["reward"].append(np.float32(reward))
+        success = success or bool(info.get("is_success", False))
+        if terminated or truncated:
+            break
+    return {key: np.stack(values) for key, values in columns.items()}, success, meta
+
+
+def _check_observation(obs: dict[str, np.ndarray], card: TaskCard) -> None:
+    """The env's observation must have the card's keys and shapes (and no reserved key)."""
+    clash = sorted(set(obs) & set(RESERVED_KEYS))
+    if clash:
+        raise CollectError(f"{card.source}: observation keys {clash} clash with the data keys {list(RESERVED_KEYS)}")
+    if set(obs) != set(card.observation):
+        raise TaskCardError(
+            f"{card.source}: observation keys {sorted(card.observation)} in the card, "
+            f"but the env returns {sorted(obs)}"
+        )
+    for key, shape in card.obs_shapes.items():
+        if tuple(np.shape(obs[key])) != shape:
+            raise TaskCardError(
+                f"{card.source}: observation.{key} has shape {list(shape)} in the card, "
+                f"but the env returns {list(np.shape(obs[key]))}"
+            )
+
+
+def _open_store(out: Path, card: TaskCard, settings: dict[str, Any], overwrite: bool, env) -> ReplayBuffer:
+    """Create the store (with its attrs) or open it for resuming after checking its settings."""
+    if out.exists() and not overwrite:
+        buffer = ReplayBuffer.open(out, mode="a")
+        recorded = dict(buffer.attrs.get("collection") or {})
+        for name in RESUME_SETTINGS:
+            if name not in recorded:
+                raise CollectError(f"{out}: not a store made by `collect` (attrs.collection.{name} is missing); "
+                                   "pass overwrite=True (--overwrite) to replace it")
+            if recorded[name] != settings[name]:
+                raise CollectError(
+                    f"{out}: made with collection.{name} = {recorded[name]!r}, this run asks for "
+                    f"{settings[name]!r}; rerun with the store's settings to resume, or overwrite it"
+                )
+        return buffer
+    attrs = {
+        "task": card.name,
+        "task_card": card.to_dict(),
+        "collection": {**settings, "expert": card.expert, "discarded_seeds": []},
+    }
+    env_args = robomimic_env_args(env)
+    if env_args is not None:
+        attrs["env_args"] = env_args
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return ReplayBuffer.create(out, overwrite=overwrite, attrs=attrs)
+
+
+def robomimic_env_args(env) -> dict[str, Any] | None:
+    """robomimic `env_args` of a robosuite env (so exports can rebuild it), else None."""
+    # A RobosuiteEnv exists only once its module is imported; other tasks never import it.
+    robosuite_tasks = sys.modules.get("diffpolicy.envs.robosuite_tasks")
+    if robosuite_tasks is None or not isinstance(env.unwrapped, robosuite_tasks.RobosuiteEnv):
+        return None
+    from diffpolicy.envs.robosuite_env_args import env_args_for
+
+    return env_args_for(env)
+
+
+def _meta_ints(buffer: ReplayBuffer, name: str) -> np.ndarray:
+    """Per-episode meta `name` as int64 `(E,)` (empty before the first episode)."""
+    if buffer.n_episodes == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.asarray(buffer.episode_meta(name)).astype(np.int64)

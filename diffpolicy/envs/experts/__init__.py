@@ -1,0 +1,1 @@
+"""Experts that produce demonstrations: scripted controllers and learned policies, built from task cards."""

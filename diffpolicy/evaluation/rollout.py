@@ -1,0 +1,200 @@
+"""Closed-loop evaluation of a chunk policy in vectorized environments.
+
+Every environment keeps its last To observations (the first one repeated after a reset). When
+its queue of actions is empty the policy infers a chunk of Tp actions from that history and the
+env executes Ta of them, starting at index To - 1 (the action aligned with the current
+observation, as the training windows align them). The environments are a
+`gymnasium.vector.SyncVectorEnv`; episodes are handed out from a fixed seed list: when an env
+finishes, it is reset with the next seed, so `n_envs` only changes speed.
+
+Reproducibility: the initial noise of every chunk comes from a `torch.Generator` of its episode
+(seeded with the episode's seed), so with a deterministic sampler (DDIM eta = 0, Euler flow) each
+episode depends only on its seed; stochastic steps use one more generator seeded with the first
+seed, so they are reproducible for the same seed list and `n_envs`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffpolicy.evaluation.stats import success_rate
+
+
+@dataclass
+class EpisodeResult:
+    """One evaluation episode.
+
+    `coverage` is the maximum over the episode of `info[coverage_key]` (PushT's coverage; the
+    Diffusion Policy protocol scores an episode by its best coverage), None if the env has none.
+    """
+
+    index: int
+    seed: int
+    success: bool
+    episode_return: float
+    length: int
+    coverage: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _stack_history(history: deque, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """`{key: (To, ...)}` from a deque of per-step observation dicts."""
+    return {k: np.stack([o[k] for o in history]) for k in keys}
+
+
+def _split_obs(batched: dict[str, np.ndarray], i: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    return {k: np.array(batched[k][i]) for k in keys}
+
+
+def rollout(
+    policy: Any,
+    make_env: Callable[[], Any],
+    seeds: Sequence[int],
+    *,
+    n_envs: int = 8,
+    record: int = 0,
+    device: torch.device | str = "cpu",
+    inference_steps: int | None = None,
+    coverage_key: str = "coverage",
+    progress: Callable[[EpisodeResult], None] | None = None,
+) -> tuple[list[EpisodeResult], dict[int, list[np.ndarray]]]:
+    """Run one episode per seed with `policy` (a `ChunkPolicy`).
+
+    Args:
+        make_env: builds one environment (with `render_mode="rgb_array"` when `record` > 0).
+        seeds: one episode per seed, results in this order.
+        n_envs: number of environments stepped together.
+        record: render frames of the first `record` episodes (by position in `seeds`).
+        inference_steps: denoising steps per chunk (None: the policy's default).
+        progress: called with each finished episode.
+
+    Returns:
+        `(episodes, frames)`: per-episode results in seed order, and `{episode index: [frames
+        uint8 (H, W, 3)]}` for the recorded episodes.
+    """
+    from gymnasium.vector import SyncVectorEnv
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("rollout: the seed list is empty")
+    config = policy.config
+    keys = list(config.obs_shapes)
+    to, ta = config.obs_horizon, config.action_horizon
+    start = to - 1
+    n_envs = max(1, min(n_envs, len(seeds)))
+    device = torch.device(device)
+    sample_gen = torch.Generator(device=device).manual_seed(seeds[0])
+    noise_shape = (config.pred_horizon, config.action_dim)
+
+    vec = SyncVectorEnv([make_env for _ in range(n_envs)])
+    results: list[EpisodeResult | None] = [None] * len(seeds)
+    frames: dict[int, list[np.ndarray]] = {}
+    slot_episode: list[int | None] = [None] * n_envs
+    history = [deque(maxlen=to) for _ in range(n_envs)]
+    queue: list[deque] = [deque() for _ in range(n_envs)]
+    noise_gen: list[torch.Generator | None] = [None] * n_envs
+    stats: list[dict[str, Any]] = [{} for _ in range(n_envs)]
+    last_action = np.zeros((n_envs, *vec.single_action_space.shape), dtype=vec.single_action_space.dtype)
+    next_episode = 0
+
+    def start_episodes(slots: list[int], obs: dict[str, np.ndarray]) -> None:
+        for i in slots:
+            episode = slot_episode[i]
+            first = _split_obs(obs, i, keys)
+            history[i].clear()
+            history[i].extend([first] * to)
+            queue[i].clear()
+            noise_gen[i] = torch.Generator(device=device).manual_seed(seeds[episode])
+            stats[i] = {"return": 0.0, "length": 0, "success": False, "coverage": None}
+            if episode < record:
+                frames[episode] = [np.asarray(vec.envs[i].render(), dtype=np.uint8)]
+
+    def assign(slots: list[int]) -> list[int]:
+        nonlocal next_episode
+        assigned = []
+        for i in slots:
+            if next_episode < len(seeds):
+                slot_episode[i] = next_episode
+                next_episode += 1
+                assigned.append(i)
+            else:
+                slot_episode[i] = None
+        return assigned
+
+    try:
+        assign(list(range(n_envs)))
+        obs, _ = vec.reset(seed=[seeds[slot_episode[i]] for i in range(n_envs)])
+        start_episodes(list(range(n_envs)), obs)
+        policy.eval()
+        while any(e is not None for e in slot_episode):
+            need = [i for i in range(n_envs) if slot_episode[i] is not None and not queue[i]]
+            if need:
+                batch = [_stack_history(history[i], keys) for i in need]
+                obs_t = {k: torch.as_tensor(np.stack([b[k] for b in batch])).to(device) for k in keys}
+                x_init = torch.stack([torch.randn(noise_shape, generator=noise_gen[i], device=device)
+                                      for i in need])
+                with torch.inference_mode():
+                    chunk = policy.sample(obs_t, steps=inference_steps, x_init=x_init, generator=sample_gen)
+                chunk = chunk.detach().to("cpu", torch.float64).numpy()
+                for row, i in enumerate(need):
+                    queue[i].extend(chunk[row, start:start + ta])
+            for i in range(n_envs):
+                if slot_episode[i] is not None:
+                    last_action[i] = queue[i].popleft()
+            obs, reward, terminated, truncated, info = vec.step(last_action)
+            finished = []
+            for i in range(n_envs):
+                episode = slot_episode[i]
+                if episode is None:
+                    continue
+                s = stats[i]
+                s["return"] += float(reward[i])
+                s["length"] += 1
+                s["success"] |= bool(info["is_success"][i])
+                if coverage_key in info:
+                    value = float(info[coverage_key][i])
+                    s["coverage"] = value if s["coverage"] is None else max(s["coverage"], value)
+                history[i].append(_split_obs(obs, i, keys))
+                if episode in frames:
+                    frames[episode].append(np.asarray(vec.envs[i].render(), dtype=np.uint8))
+                if terminated[i] or truncated[i]:
+                    results[episode] = EpisodeResult(index=episode, seed=seeds[episode], success=s["success"],
+                                                     episode_return=s["return"], length=s["length"],
+                                                     coverage=s["coverage"])
+                    if progress is not None:
+                        progress(results[episode])
+                    finished.append(i)
+            restart = assign(finished)
+            if restart:
+                mask = np.zeros(n_envs, dtype=bool)
+                mask[restart] = True
+                obs, _ = vec.reset(seed=[seeds[slot_episode[i]] if mask[i] else None for i in range(n_envs)],
+                                   options={"reset_mask": mask})
+                start_episodes(restart, obs)
+    finally:
+        vec.close()
+    return [r for r in results if r is not None], frames
+
+
+def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Success rate with its 95 % Wilson interval, mean return / coverage / length."""
+    rate = success_rate([e.success for e in episodes])
+    summary: dict[str, Any] = {
+        "success_rate": rate.to_dict(),
+        "episodes": len(episodes),
+        "mean_return": float(np.mean([e.episode_return for e in episodes])),
+        "mean_length": float(np.mean([e.length for e in episodes])),
+    }
+    coverages = [e.coverage for e in episodes if e.coverage is not None]
+    if len(coverages) == len(episodes):
+        summary["mean_coverage"] = float(np.mean(coverages))
+    summary["seeds"] = f"{episodes[0].seed}..{episodes[-1].seed}" if episodes else ""
+    return summary

@@ -1,0 +1,130 @@
+"""`DiT`: a transformer denoiser over the L action tokens with adaLN-Zero (Peebles & Xie, 2023).
+
+Each token carries its own conditioning vector `c_i = time_mlp(t_i) + cond_proj(cond)`, which
+modulates (shift, scale, gate) every block's LayerNorms and residual branches at that token.
+The modulation layers and the output projection start at zero, so at initialization every block
+is the identity and the output is exactly zero (the "Zero" in adaLN-Zero).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffpolicy.nn.embeddings import TimeEncoder
+from diffpolicy.nn.errors import NNConfigError
+from diffpolicy.nn.validation import check_denoiser_inputs
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation, all `(B, L, H)`."""
+    return x * (1 + scale) + shift
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention: `(B, L, H) -> (B, L, H)`."""
+
+    def __init__(self, hidden_dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.proj = nn.Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, hidden = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, hidden // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
+
+
+class DiTBlock(nn.Module):
+    """`forward(x (B, L, H), c (B, L, H)) -> (B, L, H)` with per-token adaLN-Zero modulation."""
+
+    def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_dim, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden_dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden_dim, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_dim)
+        )
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 6 * hidden_dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    """Transformer denoiser: `forward(x_t (B, L, D), t (B, L), cond (B, C)) -> (B, L, D)`.
+
+    Args:
+        action_dim: D. horizon: L (the learned positional embedding has L entries).
+        cond_dim: C, global condition size; 0 for unconditional.
+        hidden_dim: token width H, divisible by num_heads. depth: number of blocks.
+        mlp_ratio: MLP width / H. time_embed_dim: sinusoidal features per token before the MLP.
+        time_scale: multiplier of t in [0, 1] inside the sinusoidal embedding.
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        horizon: int,
+        cond_dim: int,
+        hidden_dim: int = 256,
+        depth: int = 6,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        time_embed_dim: int = 256,
+        time_scale: float = 1000.0,
+    ):
+        super().__init__()
+        if hidden_dim < 1 or num_heads < 1 or hidden_dim % num_heads:
+            raise NNConfigError(
+                f"DiT: hidden_dim must be a positive multiple of num_heads, got hidden_dim={hidden_dim}, "
+                f"num_heads={num_heads}"
+            )
+        if depth < 1 or mlp_ratio <= 0 or action_dim < 1 or horizon < 1 or cond_dim < 0:
+            raise NNConfigError(
+                f"DiT: need depth >= 1, mlp_ratio > 0, action_dim >= 1, horizon >= 1, cond_dim >= 0, got "
+                f"{depth}, {mlp_ratio}, {action_dim}, {horizon}, {cond_dim}"
+            )
+        self.action_dim, self.horizon, self.cond_dim = action_dim, horizon, cond_dim
+        self.input_proj = nn.Linear(action_dim, hidden_dim)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, horizon, hidden_dim))
+        self.time_encoder = TimeEncoder(time_embed_dim, hidden_dim, hidden_dim, nn.SiLU, time_scale)
+        self.cond_proj = nn.Linear(cond_dim, hidden_dim) if cond_dim else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
+        self.output_proj = nn.Linear(hidden_dim, action_dim)
+        self._initialize()
+
+    def _initialize(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.pos_embedding, std=0.02)
+        for linear in self.time_encoder.mlp:
+            if isinstance(linear, nn.Linear):
+                nn.init.normal_(linear.weight, std=0.02)
+        zero_init = [block.modulation[-1] for block in self.blocks] + [self.final_modulation[-1], self.output_proj]
+        for linear in zero_init:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        cond = check_denoiser_inputs("DiT", x_t, t, cond, self.action_dim, self.horizon, self.cond_dim)
+        c = self.time_encoder(t)  # (B, L, H)
+        if self.cond_proj is not None:
+            c = c + self.cond_proj(cond).unsqueeze(1)
+        x = self.input_proj(x_t) + self.pos_embedding
+        for block in self.blocks:
+            x = block(x, c)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)
+        return self.output_proj(modulate(self.final_norm(x), shift, scale))

@@ -1,0 +1,77 @@
+"""`MLPDenoiser`: DPPO's residual MLP over the flattened action chunk, with per-token time.
+
+Input vector per sample: `[flatten(x_t) (L*D), flatten(time_mlp(t)) (L*E), cond (C)]`; each token's
+time embedding occupies its own slot, so the network knows every token's noise level. Layout as in
+DPPO's `ResidualMLP`: a Linear to the hidden width, pre-activation residual blocks
+(`x + Linear(act(norm(Linear(act(norm(x))))))`, LayerNorm optional), a Linear to `L*D`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffpolicy.nn.embeddings import TimeEncoder
+from diffpolicy.nn.errors import NNConfigError
+from diffpolicy.nn.validation import check_denoiser_inputs
+
+
+class ResidualMLPBlock(nn.Module):
+    """Two-layer pre-activation residual block: `(B, H) -> (B, H)`."""
+
+    def __init__(self, hidden_dim: int, use_layernorm: bool):
+        super().__init__()
+        def norm() -> nn.Module:
+            return nn.LayerNorm(hidden_dim) if use_layernorm else nn.Identity()
+        self.layers = nn.Sequential(
+            norm(), nn.Mish(), nn.Linear(hidden_dim, hidden_dim),
+            norm(), nn.Mish(), nn.Linear(hidden_dim, hidden_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layers(x)
+
+
+class MLPDenoiser(nn.Module):
+    """Residual MLP denoiser: `forward(x_t (B, L, D), t (B, L), cond (B, C)) -> (B, L, D)`.
+
+    Args:
+        action_dim: D. horizon: L. cond_dim: C (0 for unconditional).
+        hidden_dim: width of the residual stream (DPPO gym: 512).
+        num_blocks: residual blocks of two layers each (DPPO's `mlp_dims=[512]*3`: 1 block).
+        time_embed_dim: E, time features per token (DPPO: 16); the time MLP has 2E hidden units.
+        use_layernorm: LayerNorm before each activation inside the blocks.
+        time_scale: multiplier of t in [0, 1] inside the sinusoidal embedding.
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        horizon: int,
+        cond_dim: int,
+        hidden_dim: int = 512,
+        num_blocks: int = 1,
+        time_embed_dim: int = 16,
+        use_layernorm: bool = False,
+        time_scale: float = 1000.0,
+    ):
+        super().__init__()
+        if hidden_dim < 1 or num_blocks < 1 or action_dim < 1 or horizon < 1 or cond_dim < 0:
+            raise NNConfigError(
+                f"MLPDenoiser: need hidden_dim >= 1, num_blocks >= 1, action_dim >= 1, horizon >= 1, "
+                f"cond_dim >= 0, got {hidden_dim}, {num_blocks}, {action_dim}, {horizon}, {cond_dim}"
+            )
+        self.action_dim, self.horizon, self.cond_dim = action_dim, horizon, cond_dim
+        self.time_encoder = TimeEncoder(time_embed_dim, 2 * time_embed_dim, time_embed_dim, nn.Mish, time_scale)
+        in_dim = horizon * (action_dim + time_embed_dim) + cond_dim
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            *(ResidualMLPBlock(hidden_dim, use_layernorm) for _ in range(num_blocks)),
+            nn.Linear(hidden_dim, horizon * action_dim),
+        )
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        cond = check_denoiser_inputs("MLPDenoiser", x_t, t, cond, self.action_dim, self.horizon, self.cond_dim)
+        batch = x_t.shape[0]
+        features = torch.cat([x_t.reshape(batch, -1), self.time_encoder(t).reshape(batch, -1), cond], dim=-1)
+        return self.net(features).view(batch, self.horizon, self.action_dim)

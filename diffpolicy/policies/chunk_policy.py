@@ -1,0 +1,257 @@
+"""`ChunkPolicy`: observation encoder + denoiser backbone + generative process + normalizer.
+
+One class serves diffusion and flow matching alike: the process comes from the config. The
+policy works in normalized units inside (actions and low-dim observations min-max scaled to
+[-1, 1]; images go to the encoder as uint8, which scales them itself) and in data units at its
+public boundary (`compute_loss` batches, `sample` inputs and outputs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffpolicy.core.guidance import Guidance
+from diffpolicy.core.losses import denoising_loss, loss_weight
+from diffpolicy.core.processes import FlowMatching, GaussianDiffusion, Process
+from diffpolicy.core.samplers import SampleResult, start_levels
+from diffpolicy.core.samplers import sample as run_sampler
+from diffpolicy.core.schedules import make_schedule
+from diffpolicy.nn.factory import make_backbone, make_observation_encoder
+from diffpolicy.policies.checkpoint import read_checkpoint, write_checkpoint
+from diffpolicy.policies.config import PolicyConfig, ProcessConfig
+from diffpolicy.policies.errors import CheckpointError, ConfigError, NormalizerError, ObservationError
+from diffpolicy.policies.normalizer import Normalizer
+from diffpolicy.policies.validation import check_batch, check_observations
+
+ACTION_KEY = "action"
+
+
+def make_process(config: ProcessConfig) -> Process:
+    """The core process a `ProcessConfig` describes."""
+    if config.type == "flow":
+        return FlowMatching(std=config.step_std)
+    schedule_kwargs = {k: v for k, v in config.schedule.items() if k != "name"}
+    return GaussianDiffusion(make_schedule(config.schedule["name"], **schedule_kwargs),
+                             prediction=config.prediction, eta=config.eta, clip_x0=config.clip)
+
+
+def check_normalizer(config: PolicyConfig, normalizer: Normalizer) -> None:
+    """Raise `NormalizerError` unless the normalizer has exactly the stats the config needs."""
+    if not isinstance(normalizer, Normalizer):
+        raise TypeError(f"normalizer must be a Normalizer, got {type(normalizer).__name__}")
+    expected = {ACTION_KEY: config.action_dim, **{k: config.obs_shapes[k][0] for k in config.low_dim_keys}}
+    have = normalizer.dims
+    for key, dim in expected.items():
+        if key not in have:
+            raise NormalizerError(f"normalizer has no statistics for key {key!r} (expected shape ({dim},)); "
+                                  f"it has {sorted(have)}")
+        if have[key] != dim:
+            raise NormalizerError(f"normalizer statistics for key {key!r} have shape ({have[key]},), "
+                                  f"the policy config needs ({dim},)")
+    extra = sorted(set(have) - set(expected))
+    if extra:
+        raise NormalizerError(f"normalizer has statistics for keys {extra} that the policy config does not use "
+                              f"(expected {sorted(expected)})")
+    if set(normalizer.image_keys) != set(config.image_keys):
+        raise NormalizerError(f"normalizer image keys {sorted(normalizer.image_keys)} differ from the config's "
+                              f"{sorted(config.image_keys)}")
+
+
+def _randn(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal of `shape` on like's device and dtype, drawn from `generator` on its own device."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _rand(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.rand(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+class ChunkPolicy(nn.Module):
+    """An action-chunk policy: observations `{key: (B, To, ...)}` -> actions `(B, Tp, Da)`.
+
+    Args:
+        config: the `PolicyConfig` (shapes, horizons, process, backbone, encoder, loss).
+        normalizer: a `Normalizer` with stats for "action" and every low-dim observation key, and
+            the config's image keys.
+
+    Submodules: `normalizer`, `obs_encoder` (`(obs) -> (B, C)`), `backbone`
+    (`(x_t (B, Tp, Da), t (B, Tp), cond (B, C)) -> (B, Tp, Da)`); `process` is the core process.
+    """
+
+    def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
+        super().__init__()
+        if not isinstance(config, PolicyConfig):
+            raise TypeError(f"config must be a PolicyConfig, got {type(config).__name__}")
+        check_normalizer(config, normalizer)
+        self.config = config
+        self.normalizer = normalizer
+        self.obs_encoder = make_observation_encoder(
+            {**config.encoder, "image_keys": list(config.image_keys)}, config.obs_shapes, config.obs_horizon)
+        self.backbone = make_backbone(config.backbone, config.action_dim, config.pred_horizon,
+                                      self.obs_encoder.output_dim)
+        self.process = make_process(config.process)
+        self.metadata: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ units
+    def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Data units -> normalized units, `(..., Da)`."""
+        return self.normalizer.normalize(ACTION_KEY, action)
+
+    def unnormalize_action(self, action: torch.Tensor) -> torch.Tensor:
+        """Normalized units -> data units, `(..., Da)`."""
+        return self.normalizer.unnormalize(ACTION_KEY, action)
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_obs(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Validate, normalize and encode observations `{key: (B, To, ...)}` -> condition `(B, C)`.
+
+        `generator` drives the encoder's random image crops in train mode.
+        """
+        check_observations(obs, self.config)
+        normalized = {key: obs[key] if key in self.config.image_keys else self.normalizer.normalize(key, obs[key])
+                      for key in self.config.obs_shapes}
+        return self.obs_encoder(normalized, generator)
+
+    # ------------------------------------------------------------------ training
+    def _training_times(self, batch: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Per-example level `(B,)`: U(0, 1), or k / N with k uniform in 1..N on a discrete grid."""
+        steps = self.config.process.train_steps
+        u = _rand((batch,), like, generator)
+        if steps is None:
+            return u
+        return (torch.floor(u * steps).clamp(max=steps - 1) + 1) / steps
+
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Denoising loss of one batch (a scalar).
+
+        Args:
+            batch: `{"obs": {key: (B, To, ...)}, "action": (B, Tp, Da), "action_is_pad": (B, Tp)
+                bool (optional)}` in data units.
+            generator: source of t, the noise and the encoder's random crops.
+
+        Each example gets one level t for its whole chunk (continuous, or on the training grid of
+        `config.process.train_steps`). Padded actions count unless `config.loss.mask_padding`.
+        """
+        check_batch(batch, self.config)
+        x0 = self.normalize_action(batch["action"])
+        cond = self.encode_obs(batch["obs"], generator)
+        t = self._training_times(x0.shape[0], x0, generator).unsqueeze(1).expand(-1, x0.shape[1])
+        noise = _randn(tuple(x0.shape), x0, generator)
+        x_t = self.process.corrupt(x0, t, noise)
+        out = self.backbone(x_t, t, cond)
+        weight = loss_weight(self.process, t, self.config.loss.weighting, self.config.loss.min_snr_gamma)
+        pad = batch.get("action_is_pad")
+        mask = ~pad if (pad is not None and self.config.loss.mask_padding) else None
+        return denoising_loss(out, self.process.target(x0, noise, t), mask=mask, weight=weight)
+
+    # ------------------------------------------------------------------ sampling
+    def sample_normalized(
+        self,
+        cond: torch.Tensor,
+        steps: int | None = None,
+        x_init: torch.Tensor | None = None,
+        t_start: float | torch.Tensor | None = None,
+        guidance: Guidance | None = None,
+        generator: torch.Generator | None = None,
+        record: bool = False,
+    ) -> SampleResult:
+        """Sample chunks in normalized units from a condition `cond (B, C)` (see `encode_obs`).
+
+        Runs under the caller's grad mode (`sample` wraps it in `no_grad`). `x_init (B, Tp, Da)` is
+        the normalized chunk at level `t_start` (default: standard normal noise at t = 1);
+        `t_start` is a float, `(B,)` or `(B, Tp)`. For flow processes with `clip`, the result is
+        clipped on the tokens that moved (t_start > 0). Returns the core `SampleResult`
+        (x0 `(B, Tp, Da)` and, with `record`, the chain for log-probabilities).
+        """
+        steps = self.config.inference_steps if steps is None else steps
+        shape = (cond.shape[0], self.config.pred_horizon, self.config.action_dim)
+        if x_init is None:
+            if t_start is not None and bool((torch.as_tensor(t_start) < 1).any()):
+                raise ValueError("sample: t_start < 1 needs x_init (the chunk at that level); got x_init=None")
+            x_init = _randn(shape, cond, generator)
+        elif tuple(x_init.shape) != shape:
+            raise ObservationError(f"sample: x_init must have shape (B={shape[0]}, Tp={shape[1]}, Da={shape[2]}), "
+                                   f"got {tuple(x_init.shape)}")
+        levels = start_levels(1.0 if t_start is None else t_start, x_init)
+        result = run_sampler(self.backbone, self.process, x_init, steps, cond=cond, t_start=levels,
+                             guidance=guidance, generator=generator, record=record)
+        clip = self.config.process.clip
+        if self.config.process.type == "flow" and clip is not None:
+            moved = (levels > 0).unsqueeze(-1)
+            result.x0 = torch.where(moved, result.x0.clamp(-clip, clip), result.x0)
+        return result
+
+    @torch.no_grad()
+    def sample(
+        self,
+        obs: Mapping[str, torch.Tensor],
+        steps: int | None = None,
+        x_init: torch.Tensor | None = None,
+        t_start: float | torch.Tensor | None = None,
+        guidance: Guidance | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample action chunks `(B, Tp, Da)` in data units for observations `{key: (B, To, ...)}`.
+
+        Args:
+            steps: denoising steps (default `config.inference_steps`).
+            x_init: `(B, Tp, Da)` in data units: the chunk at level t_start (warm start); it is
+                normalized with the action stats. Default: noise at t = 1.
+            t_start: float, `(B,)` or `(B, Tp)` per-token start levels; tokens at 0 come back as
+                x_init (up to the float round trip of normalization).
+            guidance: a core `Guidance` (works in normalized units); gradient-based guidance can
+                enable grad inside (this runs under `no_grad`, not `inference_mode`).
+            generator: source of the initial noise and every step's noise.
+        """
+        cond = self.encode_obs(obs, generator)
+        x_norm = None if x_init is None else self.normalize_action(x_init)
+        result = self.sample_normalized(cond, steps, x_norm, t_start, guidance, generator)
+        return self.unnormalize_action(result.x0)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:
+        """Write `model.safetensors` (this module's tensors, normalizer included) and `config.json`
+        atomically into `directory`. `metadata`: extra JSON values (task name, step, ...)."""
+        write_checkpoint(directory, dict(self.state_dict()), self.config.to_dict(), dict(metadata or {}))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ChunkPolicy:
+        """Load a checkpoint written by `save_pretrained` (verified, never unpickled) on the CPU.
+
+        The returned policy is in eval mode; its `metadata` holds what `save_pretrained` got.
+        Raises `CheckpointError` (subclasses for missing files and pickles) naming the file or tensor.
+        """
+        checkpoint = read_checkpoint(directory)
+        config_path = os.path.join(os.fspath(directory), "config.json")
+        try:
+            config = PolicyConfig.from_dict(checkpoint.policy_config)
+        except ConfigError as err:
+            raise CheckpointError(f"{config_path}: invalid policy_config: {err}") from None
+        dims = {ACTION_KEY: config.action_dim, **{k: config.obs_shapes[k][0] for k in config.low_dim_keys}}
+        policy = cls(config, Normalizer.placeholder(dims, config.image_keys))
+        _check_tensors(policy.state_dict(), checkpoint.tensors, os.path.join(os.fspath(directory), "model.safetensors"))
+        policy.load_state_dict(checkpoint.tensors, strict=True)
+        policy.metadata = dict(checkpoint.metadata)
+        return policy.eval()
+
+
+def _check_tensors(expected: Mapping[str, torch.Tensor], loaded: Mapping[str, torch.Tensor], path: str) -> None:
+    """Raise `CheckpointError` naming the first tensor whose name, shape or dtype differs."""
+    for name in sorted(set(expected) | set(loaded)):
+        if name not in loaded:
+            raise CheckpointError(f"{path}: tensor {name!r} (shape {tuple(expected[name].shape)}) required by the "
+                                  f"config is missing")
+        if name not in expected:
+            raise CheckpointError(f"{path}: tensor {name!r} (shape {tuple(loaded[name].shape)}) is not part of the "
+                                  f"policy the config describes")
+        want, got = expected[name], loaded[name]
+        if want.shape != got.shape or want.dtype != got.dtype:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(got.shape)} {got.dtype}, the config "
+                                  f"needs {tuple(want.shape)} {want.dtype}")

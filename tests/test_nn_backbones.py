@@ -1,0 +1,191 @@
+"""Backbones: shapes, per-token time, gradient flow, DP parameter count, bad inputs."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffpolicy.nn import ConditionalUnet1D, DiT, MLPDenoiser, NNConfigError, NNInputError, SinusoidalTimeEmbedding
+
+SMALL = {
+    "unet": lambda d, l, c: ConditionalUnet1D(d, l, c, down_dims=(16, 32, 64), time_embed_dim=16),
+    "dit": lambda d, l, c: DiT(d, l, c, hidden_dim=32, depth=2, num_heads=4, time_embed_dim=16),
+    "mlp": lambda d, l, c: MLPDenoiser(d, l, c, hidden_dim=64, num_blocks=2, time_embed_dim=8),
+}
+
+
+def randomize_zero_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give zero-initialized tensors (DiT's adaLN-Zero layers) random values so every path is live."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def build(kind, d, l, c, seed=0):
+    torch.manual_seed(seed)
+    return randomize_zero_weights(SMALL[kind](d, l, c), seed)
+
+
+def inputs(b, l, d, c, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, l, d, generator=gen), torch.rand(b, l, generator=gen), torch.randn(b, c, generator=gen)
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+@pytest.mark.parametrize("b,l,d", [(1, 1, 1), (2, 5, 3), (3, 16, 2), (2, 17, 7)])
+def test_output_shape(kind, b, l, d):
+    model = build(kind, d, l, 6)
+    x, t, cond = inputs(b, l, d, 6)
+    out = model(x, t, cond)
+    assert out.shape == (b, l, d)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+@pytest.mark.parametrize("horizon,token", [(16, 0), (16, 9), (11, 10)])
+def test_changing_one_tokens_time_changes_that_token(kind, horizon, token):
+    model = build(kind, 3, horizon, 5).eval()
+    x, t, cond = inputs(2, horizon, 3, 5)
+    t2 = t.clone()
+    t2[:, token] = 1.0 - t2[:, token]
+    with torch.no_grad():
+        delta = (model(x, t2, cond) - model(x, t, cond)).abs().amax(dim=(0, 2))  # (L,)
+    assert delta[token] > 1e-5
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_per_token_time_is_not_a_global_time(kind):
+    """Two per-token time patterns with the same mean give different outputs."""
+    model = build(kind, 2, 8, 4).eval()
+    x, _, cond = inputs(3, 8, 2, 4)
+    ramp = torch.linspace(0.0, 1.0, 8).expand(3, 8)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, ramp, cond), model(x, ramp.flip(-1), cond), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_output_depends_on_condition_and_input(kind):
+    model = build(kind, 2, 8, 4).eval()
+    x, t, cond = inputs(2, 8, 2, 4)
+    with torch.no_grad():
+        base = model(x, t, cond)
+        assert not torch.allclose(base, model(x, t, cond + 1.0), atol=1e-5)
+        assert not torch.allclose(base, model(x + 1.0, t, cond), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_gradients_reach_all_parameters(kind):
+    model = build(kind, 3, 16, 5)
+    x, t, cond = inputs(4, 16, 3, 5)
+    weights = torch.randn(4, 16, 3, generator=torch.Generator().manual_seed(1))
+    (model(x, t, cond) * weights).sum().backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert dead == []
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_unconditional_backbone_accepts_none(kind):
+    model = build(kind, 2, 6, 0)
+    x, t, _ = inputs(2, 6, 2, 0)
+    assert model(x, t, None).shape == (2, 6, 2)
+
+
+def test_dit_is_zero_at_initialization():
+    """adaLN-Zero: gates and output projection start at zero, so the initial prediction is 0."""
+    torch.manual_seed(0)
+    model = SMALL["dit"](3, 8, 4)
+    x, t, cond = inputs(2, 8, 3, 4)
+    assert torch.equal(model(x, t, cond), torch.zeros(2, 8, 3))
+
+
+def test_unet_pads_odd_horizon_with_edge_values():
+    """An odd horizon runs as the edge-padded even one, cropped back."""
+    torch.manual_seed(0)
+    odd = ConditionalUnet1D(2, 7, 3, down_dims=(8, 16), time_embed_dim=8).eval()
+    even = ConditionalUnet1D(2, 8, 3, down_dims=(8, 16), time_embed_dim=8).eval()
+    even.load_state_dict(odd.state_dict())
+    x, t, cond = inputs(2, 7, 2, 3)
+    x8, t8 = torch.cat([x, x[:, -1:]], dim=1), torch.cat([t, t[:, -1:]], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(odd(x, t, cond), even(x8, t8, cond)[:, :7])
+
+
+def _dp_unet_parameter_count(input_dim, cond_dim, down_dims, embed, kernel):
+    """Closed-form count of Chi et al.'s ConditionalUnet1D (cond_predict_scale=True)."""
+    conv = lambda i, o, k: i * o * k + o  # noqa: E731
+    linear = lambda i, o: i * o + o  # noqa: E731
+    film_dim = embed + cond_dim
+
+    def res_block(i, o):
+        return conv(i, o, kernel) + 2 * o + conv(o, o, kernel) + 2 * o + linear(film_dim, 2 * o) + (conv(i, o, 1) if i != o else 0)
+
+    dims = [input_dim, *down_dims]
+    in_out = list(zip(dims[:-1], dims[1:]))
+    total = linear(embed, 4 * embed) + linear(4 * embed, embed)
+    for level, (i, o) in enumerate(in_out):
+        total += res_block(i, o) + res_block(o, o) + (conv(o, o, 3) if level < len(in_out) - 1 else 0)
+    total += 2 * res_block(dims[-1], dims[-1])
+    for i, o in reversed(in_out[1:]):
+        total += res_block(2 * o, i) + res_block(i, i) + conv(i, i, 4)  # ConvTranspose1d(i, i, 4)
+    total += conv(down_dims[0], down_dims[0], kernel) + 2 * down_dims[0] + conv(down_dims[0], input_dim, 1)
+    return total
+
+
+def test_unet_parameter_count_matches_diffusion_policy_pusht_state():
+    """DP PushT state: down dims (256, 512, 1024), time embedding 256, kernel 5, cond = To*Do = 2*20."""
+    model = ConditionalUnet1D(2, 16, 40, down_dims=(256, 512, 1024), time_embed_dim=256, kernel_size=5, n_groups=8)
+    count = sum(p.numel() for p in model.parameters())
+    assert count == _dp_unet_parameter_count(2, 40, (256, 512, 1024), 256, 5) == 65_783_298
+
+
+def test_no_batchnorm_in_backbones():
+    for kind in SMALL:
+        model = SMALL[kind](2, 8, 4)
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()), kind
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_bad_inputs_raise_clear_errors(kind):
+    model = SMALL[kind](2, 8, 4)
+    x, t, cond = inputs(2, 8, 2, 4)
+    with pytest.raises(NNInputError, match=r"x_t must have shape \(B, L=8, D=2\), got \(2, 8, 3\)"):
+        model(torch.randn(2, 8, 3), t, cond)
+    with pytest.raises(NNInputError, match=r"x_t must have shape \(B, L=8, D=2\), got \(2, 9, 2\)"):
+        model(torch.randn(2, 9, 2), torch.rand(2, 9), cond)
+    with pytest.raises(NNInputError, match=r"t must have shape \(B=2, L=8\).*got \(2,\)"):
+        model(x, t[:, 0], cond)
+    with pytest.raises(TypeError, match="floating point"):
+        model(x, (t * 100).long(), cond)
+    with pytest.raises(NNInputError, match=r"cond must have shape \(B=2, C=4\), got \(2, 5\)"):
+        model(x, t, torch.randn(2, 5))
+    with pytest.raises(NNInputError, match="cond of shape .* is required, got None"):
+        model(x, t, None)
+
+
+def test_bad_backbone_settings_raise():
+    with pytest.raises(NNConfigError, match="multiples of n_groups=8"):
+        ConditionalUnet1D(2, 16, 4, down_dims=(12, 24))
+    with pytest.raises(NNConfigError, match="kernel_size must be a positive odd"):
+        ConditionalUnet1D(2, 16, 4, down_dims=(16,), kernel_size=4)
+    with pytest.raises(NNConfigError, match="multiple of num_heads"):
+        DiT(2, 16, 4, hidden_dim=30, num_heads=4)
+    with pytest.raises(NNConfigError, match="num_blocks >= 1"):
+        MLPDenoiser(2, 16, 4, num_blocks=0)
+
+
+def test_sinusoidal_time_embedding_closed_form():
+    emb = SinusoidalTimeEmbedding(8, scale=1000.0)
+    t = torch.tensor([[0.0, 0.25], [0.5, 1.0]])
+    out = emb(t)
+    assert out.shape == (2, 2, 8)
+    for idx in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        value = 1000.0 * t[idx].item()
+        freqs = [math.exp(-math.log(10000.0) * k / 3) for k in range(4)]
+        expected = [math.sin(value * f) for f in freqs] + [math.cos(value * f) for f in freqs]
+        torch.testing.assert_close(out[idx], torch.tensor(expected), atol=2e-4, rtol=0)
+    with pytest.raises(NNConfigError, match="even integer >= 4"):
+        SinusoidalTimeEmbedding(7)
