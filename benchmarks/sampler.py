@@ -27,22 +27,27 @@ import zarr
 import zarr.codecs
 
 from diffpolicy.data import ReplayBuffer, SequenceSampler
+from diffpolicy.data.replay_buffer import default_chunks
 
 OBS_HORIZON, PRED_HORIZON, BATCH = 2, 16, 256
 
 
-def write_store(path: Path, episode_length: int, arrays: dict[str, tuple[tuple, np.dtype, tuple]],
+def write_store(path: Path, episode_length: int, arrays: dict[str, tuple[tuple, np.dtype]],
                 fill, n_steps: int, block: int) -> None:
-    """Write data/<key> (N, ...) block by block with `fill(key, start, stop)` + meta/episode_ends."""
+    """Write data/<key> (N, ...) block by block with `fill(key, start, stop)` + meta/episode_ends,
+    chunked and compressed as `ReplayBuffer.add_episode` does (bulk writes are far faster than
+    thousands of appends and give the same arrays)."""
     root = zarr.open_group(str(path), mode="w")
-    for key, (frame, dtype, chunks) in arrays.items():
+    for key, (frame, dtype) in arrays.items():
         array = root.create_array(f"data/{key}", shape=(n_steps, *frame), dtype=dtype,
-                                  chunks=chunks, compressors=zarr.codecs.ZstdCodec(level=3))
+                                  chunks=default_chunks(frame, dtype),
+                                  compressors=zarr.codecs.ZstdCodec(level=3))
         for start in range(0, n_steps, block):
             stop = min(n_steps, start + block)
             array[start:stop] = fill(key, start, stop)
     ends = np.arange(episode_length, n_steps + 1, episode_length, dtype=np.int64)
-    root.create_array("meta/episode_ends", shape=ends.shape, dtype=np.int64, chunks=(1024,))[:] = ends
+    episode_ends = root.create_array("meta/episode_ends", shape=ends.shape, dtype=np.int64)
+    episode_ends[:] = ends
 
 
 def state_dataset(path: Path, n_episodes: int, rng: np.random.Generator) -> list[str]:
@@ -52,7 +57,7 @@ def state_dataset(path: Path, n_episodes: int, rng: np.random.Generator) -> list
     def fill(key, start, stop):
         return rng.normal(size=(stop - start, dims[key])).astype(np.float32)
 
-    specs = {key: ((dim,), np.float32, (16384, dim)) for key, dim in dims.items()}
+    specs = {key: ((dim,), np.float32) for key, dim in dims.items()}
     write_store(path, 500, specs, fill, n_steps, block=1 << 18)
     return ["state"]
 
@@ -74,9 +79,8 @@ def image_dataset(path: Path, n_frames: int, rng: np.random.Generator) -> list[s
         frames[noisy] = 255
         return frames
 
-    specs = {"img": ((96, 96, 3), np.uint8, (1, 96, 96, 3)),
-             "agent_pos": ((2,), np.float32, (16384, 2)),
-             "action": ((2,), np.float32, (16384, 2))}
+    specs = {"img": ((96, 96, 3), np.uint8), "agent_pos": ((2,), np.float32),
+             "action": ((2,), np.float32)}
     write_store(path, 200, specs, fill, n_frames, block=1000)
     return ["img", "agent_pos"]
 
@@ -91,29 +95,34 @@ def baseline_window(arrays: dict[str, zarr.Array], episode_start: int, episode_e
     return np.concatenate([rows[:1]] * before + [rows] + [rows[-1:]] * after)
 
 
-def run_baseline(sampler: SequenceSampler, arrays, ends: np.ndarray, indices: np.ndarray) -> list:
+def run_baseline(sampler: SequenceSampler, arrays, ends: np.ndarray, indices: np.ndarray):
+    """Yield `(obs dict, action)` per window index, one zarr slice per key and window."""
     starts = np.concatenate([[0], ends[:-1]])
-    out = []
     for index in indices:
         episode, offset = sampler.window_episode[index], sampler.window_offset[index]
         bounds = int(starts[episode]), int(ends[episode])
         obs = {key: baseline_window(arrays, *bounds, int(offset), OBS_HORIZON, key)
                for key in sampler.obs_keys}
-        action = baseline_window(arrays, *bounds, int(offset), PRED_HORIZON, "action")
-        out.append((obs, action))
-    return out
+        yield obs, baseline_window(arrays, *bounds, int(offset), PRED_HORIZON, "action")
 
 
-def measure(function, windows: int) -> tuple[float, float]:
-    """(windows per second, tracemalloc peak MiB) of `function()`, timed without tracing."""
-    begin = time.perf_counter()
-    function()
-    rate = windows / (time.perf_counter() - begin)
+def consume(windows) -> None:
+    """Drain an iterator of windows without keeping them (memory = one window or batch)."""
+    for _ in windows:
+        pass
+
+
+def measure(run, indices: np.ndarray, traced: int) -> tuple[float, float, float]:
+    """`run(indices)` -> (windows per wall second, windows per CPU second of this process,
+    tracemalloc peak MiB of `run(indices[:traced])` in a second, traced pass)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run(indices)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     tracemalloc.start()
-    function()
+    run(indices[:traced])
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    return rate, peak
+    return len(indices) / wall, len(indices) / cpu, peak
 
 
 def rss_mib() -> tuple[float, float]:
@@ -128,28 +137,31 @@ def bench(name: str, path: Path, obs_keys: list[str], n_windows: int, n_baseline
     sampler = SequenceSampler(buffer, obs_keys, OBS_HORIZON, PRED_HORIZON)
     arrays = {key: zarr.open_group(str(path), mode="r")["data"][key] for key in buffer.keys()}
     ends = np.asarray(buffer.episode_ends)
-    indices = rng.integers(0, len(sampler), size=n_windows)
+    indices = rng.integers(0, len(sampler), size=n_windows - n_windows % BATCH)
 
-    reference = run_baseline(sampler, arrays, ends, indices[:8])
+    reference = list(run_baseline(sampler, arrays, ends, indices[:8]))
     check = sampler.sample_batch(indices[:8])
     for row, (obs, action) in enumerate(reference):
         np.testing.assert_array_equal(check["action"][row], action)
         for key in obs_keys:
             np.testing.assert_array_equal(check["obs"][key][row], obs[key])
 
-    base_rate, base_peak = measure(lambda: run_baseline(sampler, arrays, ends,
-                                                        indices[:n_baseline]), n_baseline)
-    item_count = min(n_windows, 4 * n_baseline)
-    item_rate, item_peak = measure(lambda: [sampler[int(i)] for i in indices[:item_count]],
-                                   item_count)
-    batches = indices[: n_windows - n_windows % BATCH].reshape(-1, BATCH)
-    batch_rate, batch_peak = measure(lambda: [sampler.sample_batch(b) for b in batches],
-                                     batches.size)
+    paths = {
+        "baseline loop": (lambda idx: consume(run_baseline(sampler, arrays, ends, idx)),
+                          n_baseline),
+        "per-item": (lambda idx: consume(sampler[int(i)] for i in idx),
+                     min(n_windows, 4 * n_baseline)),
+        f"batched B={BATCH}": (lambda idx: consume(sampler.sample_batch(b)
+                                                   for b in idx.reshape(-1, BATCH)), n_windows),
+    }
     size = sum(np.prod(a.shape) * a.dtype.itemsize for a in arrays.values()) / 2**20
     label = f"{name} ({buffer.n_steps} steps, {size:.0f} MiB raw)"
-    return [(label, "baseline loop", base_rate, 1.0, base_peak),
-            (label, "per-item", item_rate, item_rate / base_rate, item_peak),
-            (label, f"batched B={BATCH}", batch_rate, batch_rate / base_rate, batch_peak)]
+    rows = []
+    for path_name, (run, count) in paths.items():
+        rates = measure(run, indices[:count], traced=min(count, 2 * BATCH))
+        rows.append((label, path_name, *rates))
+    base = rows[0]
+    return [(*row[:2], row[2], row[2] / base[2], row[3], row[3] / base[3], row[4]) for row in rows]
 
 
 def main() -> None:
@@ -170,11 +182,13 @@ def main() -> None:
         rows += bench("state", Path(tmp) / "state.zarr", state_keys, n_windows, n_baseline, rng)
         rows += bench("image", Path(tmp) / "image.zarr", image_keys, n_windows // 4,
                       n_baseline // 2, rng)
-    print(f"\nTo={OBS_HORIZON}, Tp={PRED_HORIZON}; ratio = windows/s over the baseline loop "
-          "on the same dataset")
-    print(f"{'dataset':<42} {'path':<16} {'windows/s':>11} {'ratio':>8} {'peak traced MiB':>16}")
-    for label, path, rate, ratio, peak in rows:
-        print(f"{label:<42} {path:<16} {rate:>11.0f} {ratio:>7.1f}x {peak:>16.1f}")
+    print(f"\nTo={OBS_HORIZON}, Tp={PRED_HORIZON}; ratios are over the baseline loop on the same "
+          "dataset; CPU rates count every thread of this process")
+    print(f"{'dataset':<36} {'path':<14} {'windows/s':>10} {'ratio':>8} {'win/CPU-s':>10} "
+          f"{'ratio':>8} {'peak traced MiB':>16}")
+    for label, path, rate, ratio, cpu_rate, cpu_ratio, peak in rows:
+        print(f"{label:<36} {path:<14} {rate:>10.0f} {ratio:>7.1f}x {cpu_rate:>10.0f} "
+              f"{cpu_ratio:>7.1f}x {peak:>16.1f}")
     current, peak = rss_mib()
     print(f"\nprocess RSS now {current:.0f} MiB, peak {peak:.0f} MiB")
 

@@ -16,6 +16,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "train a small chunk policy on a synthetic bimodal task and report its modes"),
     ("train-expert", "train_expert", "train (or reuse) a task's medium learned expert with stable-baselines3"),
     ("collect", "collect", "record expert demonstrations of a task into a zarr dataset (resumable)"),
+    ("train", "train", "imitation-train a diffusion or flow chunk policy on a task's dataset (resumable, DDP)"),
+    ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with 95% Wilson CI, videos"),
+    ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
 ]
 
 

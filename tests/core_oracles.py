@@ -5,8 +5,6 @@ For x_t = alpha x0 + sigma noise the posterior mean is
 so the optimal network output of any process is `process.output_from_x0(x_t, t, E[x0 | x_t])`.
 """
 
-import torch
-
 
 def gaussian_oracle(process, mean: float, std: float):
     """denoiser(x_t (B, L, D), t (B, L), cond) -> the exact optimal output for N(mean, std^2) data."""
@@ -19,3 +17,4 @@ def gaussian_oracle(process, mean: float, std: float):
         return process.output_from_x0(x_t, t, x0)
 
     return denoiser
+

@@ -181,7 +181,7 @@ def test_deterministic_inversion_reconstructs(process):
     x0 = mean + std * rand(64, 2, 1, seed=4, dtype=torch.float64)
     noise = ddim_invert(process, denoiser, x0, steps)
     # the probability-flow ODE of Gaussian data maps x0 to the standardized (x0 - mean) / std
-    torch.testing.assert_close(noise, (x0 - mean) / std, atol=0.1, rtol=0)
+    torch.testing.assert_close(noise, (x0 - mean) / std, rtol=0.08, atol=0.01)  # 100-step discretization
     x = noise
     for k in range(steps):
         t = torch.full((64, 2), (steps - k) / steps, dtype=torch.float64)
@@ -213,7 +213,8 @@ def stochastic_cases():
     ]
 
 
-@pytest.mark.parametrize("process,t,s,kwargs", stochastic_cases(), ids=["ddpm", "ddim-0.6-clip", "flow-float", "flow-tensor"])
+@pytest.mark.parametrize("process,t,s,kwargs", stochastic_cases(),
+                         ids=["ddpm", "ddim-0.6-clip", "flow-float", "flow-tensor"])
 def test_step_log_prob_matches_torch_normal(process, t, s, kwargs):
     x_t, out, noise = rand(B, L, D), rand(B, L, D, seed=1), rand(B, L, D, seed=2)
     x_s, mean, std = process.step(x_t, t, s, out, noise=noise, **kwargs)

@@ -22,6 +22,12 @@ def test_linear_beta_matches_discrete_ddpm_alphas_cumprod(n):
     np.testing.assert_allclose(sigma.numpy() ** 2, 1.0 - alphas_cumprod, rtol=0, atol=1e-7)
 
 
+def test_constant_betas():
+    t = torch.arange(0, 51, dtype=torch.float64) / 50
+    alpha, _ = LinearBetaSchedule(0.01, 0.01, 50).alpha_sigma(t)
+    torch.testing.assert_close(alpha ** 2, 0.99 ** torch.arange(0, 51, dtype=torch.float64))
+
+
 def test_cosine_matches_discrete_squaredcos_cap_v2():
     n = 100
 

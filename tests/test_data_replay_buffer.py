@@ -24,7 +24,8 @@ def filled_buffer(path, rng, lengths=(4, 7, 1), zarr_format=3):
     buffer = ReplayBuffer.create(path, zarr_format=zarr_format, attrs={"task": "toy"})
     episodes = [make_episode(rng, n) for n in lengths]
     for index, episode in enumerate(episodes):
-        meta = {"seed": index, "success": index % 2 == 0, "model_file": f"<mujoco model='{index}'/>"}
+        meta = {"seed": index, "success": index % 2 == 0,
+                "model_file": f"<mujoco model='{index}'/>"}
         buffer.add_episode(episode, meta)
     return buffer, episodes
 
@@ -201,7 +202,8 @@ def test_data_shorter_than_episode_ends_is_named(tmp_path):
     root.create_array("data/action", shape=(4, 2), dtype=np.float32)
     root.create_array("data/state", shape=(7, 3), dtype=np.float32)
     root.create_array("meta/episode_ends", shape=(2,), dtype=np.int64)[:] = [3, 7]
-    with pytest.raises(DataFormatError, match="data/action has 4 steps but meta/episode_ends ends at 7"):
+    message = "data/action has 4 steps but meta/episode_ends ends at 7"
+    with pytest.raises(DataFormatError, match=message):
         ReplayBuffer.open(path)
 
 
@@ -244,10 +246,12 @@ def test_bad_episodes_are_rejected_before_any_write(tmp_path):
 
     bad = dict(good, action=good["action"].copy())
     bad["action"][4, 1] = np.nan
-    assert "'action' has a non-finite value nan at index (4, 1) (step 4)" in _episode_error(buffer, bad, meta)
+    message = _episode_error(buffer, bad, meta)
+    assert "'action' has a non-finite value nan at index (4, 1) (step 4)" in message
     bad = dict(good, state=good["state"].copy())
     bad["state"][2, 0] = -np.inf
-    assert "'state' has a non-finite value -inf at index (2, 0)" in _episode_error(buffer, bad, meta)
+    message = _episode_error(buffer, bad, meta)
+    assert "'state' has a non-finite value -inf at index (2, 0)" in message
 
     message = _episode_error(buffer, {k: v for k, v in good.items() if k != "img"}, meta)
     assert "missing ['img']" in message

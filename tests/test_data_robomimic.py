@@ -1,4 +1,4 @@
-"""Robomimic HDF5 export / import: the documented layout and a bit-exact zarr -> HDF5 -> zarr trip."""
+"""Robomimic HDF5 export / import: the documented layout, a bit-exact zarr -> HDF5 -> zarr trip."""
 
 import json
 
@@ -48,7 +48,8 @@ def test_round_trip_is_bit_exact(tmp_path):
         assert back.dtype == original.dtype, name
         assert list(back) == list(original), name
     assert dict(result.attrs) == dict(source.attrs)
-    assert not (tmp_path / "back.zarr.partial").exists() and not (tmp_path / "demo.hdf5.partial").exists()
+    assert not (tmp_path / "back.zarr.partial").exists()
+    assert not (tmp_path / "demo.hdf5.partial").exists()
 
 
 def test_written_file_follows_robomimic_layout(tmp_path):
@@ -143,7 +144,8 @@ def test_bad_files_and_arguments(tmp_path):
     with h5py.File(tmp_path / "demo.hdf5", "a") as f:
         f["data/demo_2"].attrs["num_samples"] = 2
         f["data/demo_2/actions"][0, 0] = np.nan
-    with pytest.raises(DataFormatError, match=r"data/demo_2: .*'action' has a non-finite value nan at index \(0, 0\)"):
+    message = r"data/demo_2: .*'action' has a non-finite value nan at index \(0, 0\)"
+    with pytest.raises(DataFormatError, match=message):
         import_robomimic(tmp_path / "demo.hdf5", tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists()
 

@@ -17,7 +17,8 @@ def tiny_buffer(tmp_path):
         buffer.add_episode({
             "state": values[:, None].astype(np.float32),
             "action": np.stack([values, -values], axis=1).astype(np.float32),
-            "img": np.broadcast_to(values[:, None, None, None], (len(values), 2, 2, 3)).astype(np.uint8),
+            "img": np.broadcast_to(values[:, None, None, None].astype(np.uint8),
+                                   (len(values), 2, 2, 3)),
         })
     return buffer
 
@@ -53,7 +54,8 @@ def test_hand_computed_windows(tiny_buffer, latency):
     assert len(sampler) == sum(counts)
     np.testing.assert_array_equal(sampler.window_episode, [0] * counts[0] + [1] * counts[1])
     for episode, offset, obs, obs_pad, action, action_pad in HAND_WINDOWS[latency]:
-        index = np.flatnonzero((sampler.window_episode == episode) & (sampler.window_offset == offset))
+        index = np.flatnonzero((sampler.window_episode == episode)
+                               & (sampler.window_offset == offset))
         assert index.size == 1, (episode, offset)
         item = sampler[int(index[0])]
         np.testing.assert_array_equal(item["obs"]["state"], np.array(obs, np.float32)[:, None])
@@ -87,7 +89,8 @@ def test_vectorized_index_matches_reference(tmp_path):
     lengths[:3] = [1, 2, 40]
     buffer = ReplayBuffer.create(tmp_path / "rand.zarr")
     for length in lengths:
-        buffer.add_episode({"action": rng.normal(size=(length, 3)), "obs": rng.normal(size=(length, 2))})
+        buffer.add_episode({"action": rng.normal(size=(length, 3)),
+                            "obs": rng.normal(size=(length, 2))})
     cached = ReplayBuffer.open(tmp_path / "rand.zarr", cache_low_dim=True)
     for trial in range(12):
         to, tp = int(rng.integers(1, 4)), int(rng.integers(1, 9))
@@ -132,7 +135,8 @@ def test_episode_mask_and_split(tiny_buffer):
     assert split_episodes(5, 0.0, np.random.default_rng(0))[1].sum() == 0
     assert split_episodes(3, 0.9, np.random.default_rng(0))[1].sum() == 2
 
-    only_second = SequenceSampler(tiny_buffer, ["state"], 2, 4, episode_mask=np.array([False, True]))
+    only_second = SequenceSampler(tiny_buffer, ["state"], 2, 4,
+                                  episode_mask=np.array([False, True]))
     assert len(only_second) == 5 and set(only_second.window_episode) == {1}
     assert only_second[0]["obs"]["state"][1, 0] == 10
 

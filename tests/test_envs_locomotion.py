@@ -174,6 +174,17 @@ def test_existing_expert_trained_for_another_target_is_not_reused(trained, capsy
     assert "error: the expert at" in capsys.readouterr().err
 
 
+def test_training_below_target_is_recorded_and_not_reused(tmp_path, capsys):
+    torch.set_num_threads(1)
+    card = tiny_card(tmp_path, target_return=1e6, max_steps=150, eval_every=100)
+    assert cli_main(["train-expert", "--task", str(card)]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reached_target"] is False and summary["env_steps"] == 150
+    assert summary["return_reached"] < 1e6
+    with pytest.raises(ExpertTrainingError, match=r"stopped at 150 steps with return .* below its target .*--retrain"):
+        train_expert(load_task(card), log=lambda line: None)
+
+
 def test_learned_expert_acts_as_sb3_samples(trained):
     card, result = trained
     env = make_env(card)

@@ -121,7 +121,8 @@ def _dp_unet_parameter_count(input_dim, cond_dim, down_dims, embed, kernel):
     film_dim = embed + cond_dim
 
     def res_block(i, o):
-        return conv(i, o, kernel) + 2 * o + conv(o, o, kernel) + 2 * o + linear(film_dim, 2 * o) + (conv(i, o, 1) if i != o else 0)
+        convs = conv(i, o, kernel) + 2 * o + conv(o, o, kernel) + 2 * o  # two Conv1d + GroupNorm
+        return convs + linear(film_dim, 2 * o) + (conv(i, o, 1) if i != o else 0)
 
     dims = [input_dim, *down_dims]
     in_out = list(zip(dims[:-1], dims[1:]))

@@ -24,11 +24,13 @@ def test_overrides_replace_defaults():
 
 
 def test_bad_configs_raise_clear_errors():
-    with pytest.raises(NNConfigError, match=r"unknown backbone type 'transformer'; expected one of \['dit', 'mlp', 'unet'\]"):
+    expected = r"unknown backbone type 'transformer'; expected one of \['dit', 'mlp', 'unet'\]"
+    with pytest.raises(NNConfigError, match=expected):
         make_backbone({"type": "transformer"}, 2, 8, 0)
     with pytest.raises(NNConfigError, match="mapping with a 'type'"):
         make_backbone({"down_dims": [16]}, 2, 8, 0)
-    with pytest.raises(NNConfigError, match=r"type='unet'.*unknown config key\(s\) \['down_dim'\]; allowed keys are \['down_dims'"):
+    expected = r"type='unet'.*unknown config key\(s\) \['down_dim'\]; allowed keys are \['down_dims'"
+    with pytest.raises(NNConfigError, match=expected):
         make_backbone({"type": "unet", "down_dim": [16]}, 2, 8, 0)
     with pytest.raises(NNConfigError, match=r"type='mlp'.*unknown config key\(s\) \['horizon'\]"):
         make_backbone({"type": "mlp", "horizon": 4}, 2, 8, 0)

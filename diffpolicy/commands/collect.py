@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (TaskCardError, CollectError, DataFormatError, FileExistsError) as err:
+    except (TaskCardError, CollectError, DataFormatError, FileExistsError, FileNotFoundError) as err:
         print(f"diffpolicy collect: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,11 +1,11 @@
 """`diffpolicy demo`: chunk policies keep both modes of a bimodal task; a regressor averages them.
 
 The synthetic task: from a start near (0, -1) reach the goal (0, 1) past a disk obstacle of radius
-0.3 at the origin. The demonstrator passes it on the left with probability p and on the right
+0.5 at the origin. The demonstrator passes it on the left with probability p and on the right
 otherwise; the action chunk is Tp 2-D waypoints along the way. A diffusion and a flow-matching
 `ChunkPolicy` and an MSE regressor (same data, same observation) are trained, then sampled; the
-table reports per model the fraction of chunks passing left, passing right, and colliding with the
-obstacle, and the training time. The regressor learns the conditional mean, which runs between
+table reports per model the fraction of chunks passing left, passing right, or in between (where
+no demonstration goes), the fraction colliding with the obstacle, and the training time. The regressor learns the conditional mean, which runs between
 the modes, straight through the obstacle.
 """
 
@@ -23,8 +23,8 @@ from diffpolicy.policies import ChunkPolicy, Normalizer, PolicyConfig, diffusion
 
 GOAL = np.array([0.0, 1.0])
 OBSTACLE_CENTER = np.array([0.0, 0.0])
-OBSTACLE_RADIUS = 0.3
-DETOUR = 0.6
+OBSTACLE_RADIUS = 0.5
+DETOUR = 1.0
 """Sideways amplitude of a demonstration at mid-way: twice the obstacle radius."""
 
 
@@ -39,9 +39,10 @@ class BimodalData:
 
 
 def make_bimodal_data(n: int, p_left: float, horizon: int, rng: np.random.Generator) -> BimodalData:
-    """`n` demonstrations; waypoint k of Tp at u = k / Tp is start + u (goal - start) plus a sideways
-    bump side * a * sin(pi u) with side = -1 (left, probability p_left) or +1, a ~ DETOUR +- 0.1."""
-    start = np.array([0.0, -1.0]) + rng.uniform(-0.1, 0.1, size=(n, 2))
+    """`n` demonstrations from starts (0, -1) +- 0.05; waypoint k of Tp at u = k / Tp is
+    start + u (goal - start) plus a sideways bump side * a * sin(pi u) with side = -1 (left,
+    probability p_left) or +1, a ~ DETOUR +- 0.1."""
+    start = np.array([0.0, -1.0]) + rng.uniform(-0.05, 0.05, size=(n, 2))
     left = rng.random(n) < p_left
     amplitude = np.where(left, -1.0, 1.0) * (DETOUR + rng.uniform(-0.1, 0.1, size=n))
     u = np.arange(1, horizon + 1) / horizon
@@ -59,8 +60,10 @@ def segment_distance(points: np.ndarray, center: np.ndarray) -> np.ndarray:
 
 
 def classify(start: np.ndarray, chunks: np.ndarray) -> dict[str, np.ndarray]:
-    """Per chunk `(N, Tp, 2)` from `start (N, 2)`: "left"/"right" (side of the start-goal line at the
-    obstacle's height) and "collide" (the polyline start -> waypoints enters the obstacle), all `(N,)`."""
+    """Per chunk `(N, Tp, 2)` from `start (N, 2)`, all `(N,)` bool: the mode, from the sideways offset
+    of the path at the obstacle's height against the straight start-goal line, "left" (< -DETOUR / 2),
+    "right" (> DETOUR / 2) or "between" (neither: no demonstration goes there), and "collide" (the
+    polyline start -> waypoints enters the obstacle)."""
     path = np.concatenate([start[:, None, :], chunks], axis=1)
     collide = segment_distance(path, OBSTACLE_CENTER).min(axis=1) < OBSTACLE_RADIUS
     # x of the path where it is closest to the obstacle's height y = 0, against the straight line
@@ -68,7 +71,8 @@ def classify(start: np.ndarray, chunks: np.ndarray) -> dict[str, np.ndarray]:
     point = path[np.arange(len(path)), middle]
     u = (point[:, 1] - start[:, 1]) / (GOAL[1] - start[:, 1])
     offset = point[:, 0] - (start[:, 0] + u * (GOAL[0] - start[:, 0]))
-    return {"left": offset < 0, "right": offset >= 0, "collide": collide}
+    left, right = offset < -DETOUR / 2, offset > DETOUR / 2
+    return {"left": left, "right": right, "between": ~(left | right), "collide": collide}
 
 
 # ---------------------------------------------------------------------------- models
@@ -85,11 +89,12 @@ class MeanRegressor(nn.Module):
         return self.net(obs).view(-1, self.horizon, 2)
 
 
-def demo_policy_config(process: str, horizon: int, hidden: int = 128) -> PolicyConfig:
-    """A tiny MLP chunk policy for the task: To = 1, obs "state" (2,), Da = 2."""
+def demo_policy_config(process: str, horizon: int, hidden: int = 128, prediction: str = "epsilon") -> PolicyConfig:
+    """A tiny MLP chunk policy for the task: To = 1, obs "state" (2,), Da = 2; diffusion is Diffusion
+    Policy's process (100-step cosine grid) with the given prediction, flow is the Euler ODE."""
     return PolicyConfig(
         obs_shapes={"state": (2,)}, action_dim=2, obs_horizon=1, pred_horizon=horizon, action_horizon=horizon,
-        process=diffusion_process() if process == "diffusion" else flow_process(),
+        process=diffusion_process(prediction=prediction) if process == "diffusion" else flow_process(),
         backbone={"type": "mlp", "hidden_dim": hidden, "num_blocks": 2},
         inference_steps=20 if process == "diffusion" else 10,
     )
@@ -102,7 +107,7 @@ def _batches(data: BimodalData, batch: int, rng: np.random.Generator):
 
 
 def train_chunk_policy(config: PolicyConfig, data: BimodalData, steps: int, seed: int,
-                       batch: int = 256, lr: float = 1e-3) -> ChunkPolicy:
+                       batch: int = 256, lr: float = 3e-3) -> ChunkPolicy:
     """Fit a `ChunkPolicy` by its denoising loss (AdamW, cosine-decayed lr)."""
     torch.manual_seed(seed)  # parameter initialization
     normalizer = Normalizer.fit({"action": data.chunks, "state": data.start})
@@ -122,7 +127,7 @@ def train_chunk_policy(config: PolicyConfig, data: BimodalData, steps: int, seed
 
 
 def train_regressor(data: BimodalData, horizon: int, steps: int, seed: int,
-                    batch: int = 256, lr: float = 1e-3) -> tuple[MeanRegressor, Normalizer]:
+                    batch: int = 256, lr: float = 3e-3) -> tuple[MeanRegressor, Normalizer]:
     """Fit the MSE regressor on the same normalized data."""
     torch.manual_seed(seed)
     normalizer = Normalizer.fit({"action": data.chunks, "state": data.start})
@@ -187,9 +192,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"Bimodal 2-D task: pass the obstacle left with p = {args.p_left}; {args.demos} demonstrations, "
           f"Tp = {args.horizon}, {args.steps} training steps, {args.samples} evaluation starts, "
           f"{args.threads} threads")
-    print(f"{'model':<34}{'left':>8}{'right':>8}{'collide':>9}{'train s':>9}")
+    print(f"{'model':<34}{'left':>8}{'right':>8}{'between':>9}{'collide':>9}{'train s':>9}")
     for label, stats, seconds in rows:
         timing = "-" if seconds is None else f"{seconds:.1f}"
-        print(f"{label:<34}{stats['left'].mean():>8.3f}{stats['right'].mean():>8.3f}"
+        print(f"{label:<34}{stats['left'].mean():>8.3f}{stats['right'].mean():>8.3f}{stats['between'].mean():>9.3f}"
               f"{stats['collide'].mean():>9.3f}{timing:>9}")
     return 0

@@ -82,7 +82,8 @@ class PrefixInpainting(Guidance):
         p_batch, p_len, p_dim = self.prefix.shape
         if p_batch != batch or p_dim != dim or p_len > length:
             raise CoreInputError(f"PrefixInpainting: prefix (B, P, D) = {tuple(self.prefix.shape)} does not fit "
-                                 f"x_init (B, L, D) = {tuple(x_init.shape)}; expected B = {batch}, D = {dim}, P <= {length}")
+                                 f"x_init (B, L, D) = {tuple(x_init.shape)}; "
+                                 f"expected B = {batch}, D = {dim}, P <= {length}")
         x_init, t_start = x_init.clone(), t_start.clone()
         x_init[:, :p_len] = self.prefix.to(x_init)
         t_start[:, :p_len] = 0.0
@@ -141,8 +142,10 @@ class GuidedInpainting(Guidance):
             x = x_t.detach().requires_grad_(True)
             out = model_fn(x, t, cond)
             x0 = process.predict_x0(x, t, out)
-            residual = (weights * (target - x0)).detach()
-            (correction,) = torch.autograd.grad(x0, x, grad_outputs=residual, allow_unused=True)
+            correction = None
+            if x0.requires_grad:
+                residual = (weights * (target - x0)).detach()
+                (correction,) = torch.autograd.grad(x0, x, grad_outputs=residual, allow_unused=True)
         if correction is None:  # x0_hat does not depend on x_t (e.g. a constant "sample" model)
             correction = torch.zeros_like(x_t)
         alpha, sigma = process.alpha_sigma(t)

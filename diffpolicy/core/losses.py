@@ -26,7 +26,8 @@ WEIGHTINGS = ("uniform", "min_snr")
 def per_token_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Squared error averaged over D: pred, target `(B, L, D)` -> `(B, L)`."""
     if not isinstance(pred, torch.Tensor) or pred.dim() != 3:
-        raise CoreInputError(f"per_token_loss: pred must be a (B, L, D) tensor, got {getattr(pred, 'shape', type(pred).__name__)}")
+        raise CoreInputError(f"per_token_loss: pred must be a (B, L, D) tensor, "
+                             f"got {getattr(pred, 'shape', type(pred).__name__)}")
     check_like(target, pred, "per_token_loss", "target", "pred")
     return (pred - target).pow(2).mean(-1)
 

@@ -82,7 +82,8 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     """
     if not isinstance(x, torch.Tensor) or not isinstance(mean, torch.Tensor) or x.shape != mean.shape:
         raise CoreInputError(f"gaussian_log_prob: x and mean must be tensors of the same shape, got "
-                             f"{getattr(x, 'shape', type(x).__name__)} and {getattr(mean, 'shape', type(mean).__name__)}")
+                             f"{getattr(x, 'shape', type(x).__name__)} and "
+                             f"{getattr(mean, 'shape', type(mean).__name__)}")
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
     try:
         std = std.expand_as(x)
@@ -127,14 +128,16 @@ class Process:
         """Mean `(B, L, D)` and std (broadcastable to it) of the step, for t > s everywhere."""
         raise NotImplementedError
 
-    # --- public API -----------------------------------------------------------------------------
+    # --- shared helpers -------------------------------------------------------------------------
     def _coeffs3(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) as `(B, L, 1)` in the dtype of `like`."""
         alpha, sigma = self._coefficients(t)
         return alpha.to(like.dtype).unsqueeze(-1), sigma.to(like.dtype).unsqueeze(-1)
 
     def _where(self, name: str) -> str:
         return f"{type(self).__name__}.{name}"
 
+    # --- public API -----------------------------------------------------------------------------
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha(t), sigma(t)), each shaped like t (any shape), with x_t = alpha x0 + sigma noise."""
         check_time(t, f"{self._where('alpha_sigma')}: t")
@@ -262,7 +265,8 @@ class GaussianDiffusion(Process):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"GaussianDiffusion: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if prediction not in PREDICTIONS:
-            raise CoreConfigError(f"GaussianDiffusion: unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+            raise CoreConfigError(f"GaussianDiffusion: unknown prediction {prediction!r}; "
+                                  f"expected one of {PREDICTIONS}")
         self._check_eta(eta)
         if clip_x0 is not None and not (isinstance(clip_x0, (int, float)) and clip_x0 > 0):
             raise CoreConfigError(f"GaussianDiffusion: clip_x0 must be None or a number > 0, got {clip_x0!r}")

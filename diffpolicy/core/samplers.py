@@ -73,7 +73,9 @@ def sample(denoiser: Denoiser, process: Process, x_init: torch.Tensor, steps: in
         t_start: a float, `(B,)` or `(B, L)` in [0, 1].
         guidance: a `Guidance`: `prepare` may change x_init / t_start; `model_output` produces the
             network output from the denoiser.
-        generator: the source of all step noise (None: torch's global generator).
+        generator: the source of all step noise (None: torch's global generator). Every step draws
+            one standard normal tensor the shape of x_init, deterministic steps included, so the
+            random stream does not depend on the process's settings.
         record: keep every step's x_t, t, s, x_s, mean, std and log_prob in `chain`.
     Returns:
         SampleResult(x0 `(B, L, D)`, chain).

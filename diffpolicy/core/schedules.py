@@ -47,6 +47,14 @@ def check_time(t: torch.Tensor, name: str = "t") -> None:
             f"got {float(t[index])} at index {index}")
 
 
+def _as_time(t: torch.Tensor | float) -> torch.Tensor:
+    """A float becomes a 0-d tensor of the default dtype; the result is checked with `check_time`."""
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, dtype=torch.get_default_dtype())
+    check_time(t)
+    return t
+
+
 class NoiseSchedule:
     """Base class: a subclass defines `_alpha_bar(t)` returning (alpha^2, 1 - alpha^2) in float64.
 
@@ -70,14 +78,12 @@ class NoiseSchedule:
 
     def log_snr(self, t: torch.Tensor | float) -> torch.Tensor:
         """log(alpha^2 / sigma^2) at t (any shape), shifted and clamped; +inf at t = 0."""
-        t = torch.as_tensor(t, dtype=torch.get_default_dtype()) if not isinstance(t, torch.Tensor) else t
-        check_time(t)
+        t = _as_time(t)
         return self._log_snr64(t).to(t.dtype)
 
     def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, sigma) at t (any shape), each shaped like t; alpha(0) = 1, sigma(0) = 0 exactly."""
-        t = torch.as_tensor(t, dtype=torch.get_default_dtype()) if not isinstance(t, torch.Tensor) else t
-        check_time(t)
+        t = _as_time(t)
         lam = self._log_snr64(t)
         return torch.sigmoid(lam).sqrt().to(t.dtype), torch.sigmoid(-lam).sqrt().to(t.dtype)
 

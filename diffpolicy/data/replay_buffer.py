@@ -57,6 +57,15 @@ def is_image_array(dtype: np.dtype, ndim: int) -> bool:
     return np.dtype(dtype) == np.uint8 and ndim == 4
 
 
+def default_chunks(frame: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """Chunk shape of a data array with per-step shape `frame`: one frame per chunk for images,
+    about 256 KiB of consecutive steps otherwise."""
+    if is_image_array(dtype, 1 + len(frame)):
+        return (1, *frame)
+    row_bytes = max(1, np.dtype(dtype).itemsize * int(np.prod(frame, dtype=np.int64)))
+    return (max(1, _LOW_DIM_CHUNK_BYTES // row_bytes), *frame)
+
+
 class StepArray:
     """Lazy read-only view of `data/<key>` limited to the committed steps `[0, n_steps)`.
 
@@ -101,9 +110,12 @@ class StepArray:
             )
         flat = np.where(flat < 0, flat + self._n, flat)
         unique, inverse = np.unique(flat, return_inverse=True)
-        rows = self._array.get_orthogonal_selection((unique,)) if unique.size else (
-            np.empty((0, *self._array.shape[1:]), self.dtype)
-        )
+        if not unique.size:
+            rows = np.empty((0, *self._array.shape[1:]), self.dtype)
+        elif unique[-1] - unique[0] + 1 == unique.size:  # one contiguous run: a plain slice
+            rows = self._array[int(unique[0]) : int(unique[-1]) + 1]
+        else:
+            rows = self._array.get_orthogonal_selection((unique,))
         return rows[inverse].reshape(*indices.shape, *self._array.shape[1:])
 
     def __getitem__(self, index) -> np.ndarray:
@@ -372,7 +384,8 @@ class ReplayBuffer:
                 )
             if value.dtype.kind not in "biuf":
                 raise EpisodeError(
-                    f"{self.path}: data key {key!r} must be numeric or bool, got dtype {value.dtype}"
+                    f"{self.path}: data key {key!r} must be numeric or bool, got dtype "
+                    f"{value.dtype}"
                 )
             if self.n_episodes:
                 self._check_compatible(key, value)
@@ -443,15 +456,9 @@ class ReplayBuffer:
         data = self._group["data"]
         if key in data:
             return data[key]
-        frame = value.shape[1:]
-        if is_image_array(value.dtype, value.ndim):
-            rows = 1
-        else:
-            row_bytes = max(1, value.dtype.itemsize * int(np.prod(frame, dtype=np.int64)))
-            rows = max(1, _LOW_DIM_CHUNK_BYTES // row_bytes)
         return data.create_array(
-            key, shape=(0, *frame), dtype=value.dtype, chunks=(rows, *frame),
-            compressors=self._compressor(),
+            key, shape=(0, *value.shape[1:]), dtype=value.dtype,
+            chunks=default_chunks(value.shape[1:], value.dtype), compressors=self._compressor(),
         )
 
     def _require_meta_array(self, name: str, value: np.ndarray) -> zarr.Array:

@@ -96,6 +96,7 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
     env = make_env(card, **env_overrides)
     try:
         expert = make_expert(card, env)
+        _check_observation(env.reset(seed=int(seed_start))[0], card)  # before anything is written
         buffer = _open_store(out, card, settings, overwrite, env)
         collection = dict(buffer.attrs["collection"])
         discarded = [int(s) for s in collection["discarded_seeds"]]
@@ -116,7 +117,7 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
                     )
                 while seed in attempted:
                     seed += 1
-                data, success, meta = run_episode(env, expert, seed, card)
+                data, success, meta = run_episode(env, expert, seed)
                 attempts += 1
                 attempted.add(seed)
                 if success or not only_success:
@@ -137,14 +138,13 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         env.close()
 
 
-def run_episode(env, expert, seed: int, card: TaskCard) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
+def run_episode(env, expert, seed: int) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
     """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta)."""
     obs, info = env.reset(seed=int(seed))
     expert.reset(int(seed))
     sim = env.unwrapped
     has_state = callable(getattr(sim, "get_state", None))
     meta = {"model_file": sim.model_xml()} if callable(getattr(sim, "model_xml", None)) else {}
-    _check_observation(obs, card)
     columns: dict[str, list] = {key: [] for key in (*obs.keys(), *RESERVED_KEYS)}
     if not has_state:
         del columns["states"]

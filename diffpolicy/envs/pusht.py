@@ -159,11 +159,11 @@ class PushTEnv(gym.Env):
         space.add(block, bar, stem)
         self.space, self.agent, self.block = space, agent, block
 
-    def set_state(self, state) -> None:
+    def set_state(self, state) -> dict[str, np.ndarray]:
         """Place agent and block at `state` = (agent x, agent y, block x, block y, block angle).
 
-        Velocities become zero and no physics step runs, so the next observation is exactly the
-        one recorded with this state.
+        Velocities become zero and no physics step runs, so the returned observation is exactly
+        the one recorded with this state.
         """
         state = np.asarray(state, dtype=np.float64)
         if state.shape != (5,) or not np.all(np.isfinite(state)):
@@ -179,6 +179,7 @@ class PushTEnv(gym.Env):
         self.block.angular_velocity = 0.0
         self.space.reindex_shapes_for_body(self.agent)
         self.space.reindex_shapes_for_body(self.block)
+        return self._observation()
 
     def get_state(self) -> np.ndarray:
         """(agent x, agent y, block x, block y, block angle mod 2 pi) as float64 `(5,)`."""
@@ -205,7 +206,7 @@ class PushTEnv(gym.Env):
                 rng.standard_normal() * 2 * math.pi - math.pi,
             ], dtype=np.float64)
         self.set_state(state)
-        self.space.step(1.0 / SIM_HZ)
+        self.space.step(1.0 / SIM_HZ)  # as Diffusion Policy: separates bodies that start overlapping
         coverage = coverage_of(self.block_pose)
         return self._observation(), self._info(coverage)
 
@@ -236,6 +237,8 @@ class PushTEnv(gym.Env):
 
     def render_frame(self, size: int, draw_action: bool = False) -> np.ndarray:
         """The scene as `(size, size, 3)` uint8 (row = world y, column = world x)."""
+        if self.space is None:
+            raise RuntimeError("PushTEnv.render_frame: call reset() first")
         target = self.latest_action if draw_action else None
         block = local_to_world(T_OUTLINE_LOCAL, self.block_pose)
         return render_scene(size, np.asarray(self.agent.position), block, GOAL_OUTLINE, target)

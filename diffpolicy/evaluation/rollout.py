@@ -9,19 +9,25 @@ finishes, it is reset with the next seed, so `n_envs` only changes speed.
 
 Reproducibility: the initial noise of every chunk comes from a `torch.Generator` of its episode
 (seeded with the episode's seed), so with a deterministic sampler (DDIM eta = 0, Euler flow) each
-episode depends only on its seed; stochastic steps use one more generator seeded with the first
-seed, so they are reproducible for the same seed list and `n_envs`.
+episode depends only on its seed (up to the float rounding of batched inference when `n_envs`
+changes); stochastic steps use one more generator seeded with the first seed. The same seed list
+and `n_envs` give bit-identical results.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from diffpolicy.evaluation.stats import success_rate
 
@@ -198,3 +204,62 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
         summary["mean_coverage"] = float(np.mean(coverages))
     summary["seeds"] = f"{episodes[0].seed}..{episodes[-1].seed}" if episodes else ""
     return summary
+
+
+@dataclass
+class Evaluation:
+    """`evaluate` output: the summary, per-episode results and the written videos."""
+
+    summary: dict[str, Any]
+    episodes: list[EpisodeResult]
+    videos: list[Path]
+
+
+def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: int = 8, videos: int = 0,
+             out_dir: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+             inference_steps: int | None = None, progress: bool = False) -> Evaluation:
+    """Evaluate `policy` on `card`'s environment over seeds `seed_start, ..., seed_start + episodes - 1`.
+
+    With `out_dir`: writes `summary.json`, `episodes.json` (one object per episode) and
+    `videos/episode_<i>_seed_<seed>.mp4` for the first `videos` episodes.
+    """
+    from diffpolicy.envs.tasks import make_env
+    from diffpolicy.evaluation.video import write_video
+
+    if episodes < 1:
+        raise ValueError(f"evaluate: episodes must be >= 1, got {episodes}")
+    overrides = {"render_mode": "rgb_array"} if videos > 0 else {}
+    seeds = list(range(int(seed_start), int(seed_start) + int(episodes)))
+    bar = tqdm(total=len(seeds), desc=f"eval {card.name}", unit="ep", disable=not progress, leave=False)
+    successes = 0
+
+    def on_episode(result: EpisodeResult) -> None:
+        nonlocal successes
+        successes += result.success
+        bar.update(1)
+        bar.set_postfix(success=f"{successes}/{bar.n}")
+
+    try:
+        results, frames = rollout(policy, functools.partial(make_env, card, **overrides), seeds, n_envs=n_envs,
+                                  record=videos, device=device, inference_steps=inference_steps,
+                                  progress=on_episode)
+    finally:
+        bar.close()
+    summary = summarize(results)
+    written: list[Path] = []
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for index in sorted(frames):
+            written.append(write_video(out_dir / "videos" / f"episode_{index:03d}_seed_{seeds[index]}.mp4",
+                                       frames[index], fps=float(card.control_hz)))
+        summary["videos"] = [str(p.relative_to(out_dir)) for p in written]
+        _write_json(out_dir / "episodes.json", [r.to_dict() for r in results])
+        _write_json(out_dir / "summary.json", summary)
+    return Evaluation(summary=summary, episodes=results, videos=written)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)

@@ -51,7 +51,9 @@ def _build(where: str, cls: type, kwargs: dict[str, Any], exclude: Sequence[str]
 def make_backbone(config: Mapping[str, Any], action_dim: int, horizon: int, cond_dim: int) -> nn.Module:
     """`{"type": name, ...}` -> a denoiser `forward(x_t (B, L, D), t (B, L), cond (B, C)) -> (B, L, D)`."""
     if not isinstance(config, Mapping) or "type" not in config:
-        raise NNConfigError(f"make_backbone: config must be a mapping with a 'type' in {sorted(BACKBONES)}, got {config!r}")
+        raise NNConfigError(
+            f"make_backbone: config must be a mapping with a 'type' in {sorted(BACKBONES)}, got {config!r}"
+        )
     kind = config["type"]
     if kind not in BACKBONES:
         raise NNConfigError(f"make_backbone: unknown backbone type {kind!r}; expected one of {sorted(BACKBONES)}")

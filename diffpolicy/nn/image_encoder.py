@@ -95,8 +95,9 @@ class ResNetImageEncoder(nn.Module):
         if images.dim() < 4 or tuple(images.shape[-3:]) != self.image_shape:
             channels = images.shape[-1] if images.dim() else None
             raise NNInputError(
-                f"ResNetImageEncoder: images must have shape (..., H, W, C) = (..., {', '.join(map(str, self.image_shape))}) "
-                f"(channels last, C = 3 RGB), got {tuple(images.shape)} (C = {channels})"
+                f"ResNetImageEncoder: images must have shape (..., H, W, C) = "
+                f"(..., {', '.join(map(str, self.image_shape))}) (channels last, C = 3 RGB), "
+                f"got {tuple(images.shape)} (C = {channels})"
             )
         leading = images.shape[:-3]
         flat = self.crop(images.reshape(-1, *self.image_shape), generator)

@@ -86,7 +86,8 @@ class ObservationEncoder(nn.Module):
             self.image_encoders = nn.ModuleList(image_encoder(key) for key in self.image_keys)
             self._encoder_index = list(range(len(self.image_keys)))
         self.obs_shapes = shapes
-        self.step_dim = (self.state_encoder.step_dim if self.state_encoder else 0) + image_feature_dim * len(self.image_keys)
+        state_dim = self.state_encoder.step_dim if self.state_encoder else 0
+        self.step_dim = state_dim + image_feature_dim * len(self.image_keys)
         self.output_dim = obs_horizon * self.step_dim
 
     def forward(self, obs: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

@@ -29,10 +29,13 @@ class MLPStateEncoder(nn.Module):
     def __init__(self, key_dims: Mapping[str, int], obs_horizon: int, hidden_dims: Sequence[int] = ()):
         super().__init__()
         if not key_dims or any(int(d) < 1 for d in key_dims.values()):
-            raise NNConfigError(f"MLPStateEncoder: key_dims must map at least one key to a size >= 1, got {dict(key_dims)}")
+            raise NNConfigError(
+                f"MLPStateEncoder: key_dims must map at least one key to a size >= 1, got {dict(key_dims)}"
+            )
         if obs_horizon < 1 or any(int(h) < 1 for h in hidden_dims):
             raise NNConfigError(
-                f"MLPStateEncoder: need obs_horizon >= 1 and positive hidden_dims, got {obs_horizon}, {list(hidden_dims)}"
+                f"MLPStateEncoder: need obs_horizon >= 1 and positive hidden_dims, "
+                f"got {obs_horizon}, {list(hidden_dims)}"
             )
         self.keys = sorted(key_dims)
         self.key_dims = {key: int(key_dims[key]) for key in self.keys}
@@ -55,7 +58,8 @@ class MLPStateEncoder(nn.Module):
                 raise NNInputError(f"MLPStateEncoder: observation key {key!r} is missing; got keys {sorted(obs)}")
             value = obs[key]
             expected = (self.obs_horizon, self.key_dims[key])
-            if value.dim() != 3 or tuple(value.shape[1:]) != expected or (parts and value.shape[0] != parts[0].shape[0]):
+            batch_mismatch = bool(parts) and value.shape[0] != parts[0].shape[0]
+            if value.dim() != 3 or tuple(value.shape[1:]) != expected or batch_mismatch:
                 batch = parts[0].shape[0] if parts else "B"
                 raise NNInputError(
                     f"MLPStateEncoder: observation {key!r} must have shape ({batch}, To={expected[0]}, "

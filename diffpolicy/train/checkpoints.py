@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,12 +198,13 @@ class CheckpointManager:
         return self.root / top["name"]
 
     # --------------------------------------------------------------- writing
-    def save(self, step: int, *, policy: Any, groups: dict[str, dict[str, torch.Tensor]],
+    def save(self, step: int, *, export: Callable[[Path], None], groups: dict[str, dict[str, torch.Tensor]],
              meta: dict[str, Any], score: float | None = None) -> Path:
         """Write checkpoint `step` and prune.
 
         Args:
-            policy: the policy to export with `save_pretrained` (the EMA policy).
+            export: writes the deployable policy into the directory it is given (the trainer
+                passes the EMA policy's `save_pretrained`).
             groups: `{group: {name: tensor}}`, one safetensors file per group.
             meta: JSON-able training state (step, data position, RNG, scheduler, ...).
             score: evaluation score (higher is better) used for top-k retention; None if not
@@ -214,7 +216,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        policy.save_pretrained(tmp / POLICY_DIR)
+        export(tmp / POLICY_DIR)
         (tmp / STATE_DIR).mkdir(parents=True)
         for group, tensors in groups.items():
             save_file(tensors, str(tmp / STATE_DIR / f"{group}.safetensors"))
@@ -263,3 +265,29 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"checkpoint state file missing: {path}")
             groups[group] = load_file(str(path))
         return groups, meta
+
+
+def resolve_policy_dir(path: str | os.PathLike) -> Path:
+    """The `save_pretrained` directory that `path` names.
+
+    `path` may be a policy directory (`config.json` + `model.safetensors`), a checkpoint
+    directory (its `policy/`), a run directory (the best-scored checkpoint under `checkpoints/`,
+    else the latest) or a `checkpoints/` folder itself.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    if (path / POLICY_DIR / "config.json").is_file():
+        return path / POLICY_DIR
+    for root in (path / "checkpoints", path):
+        if (root / INDEX_FILE).is_file():
+            best = CheckpointManager(root).best()
+            if best is None:
+                raise CheckpointNotFoundError(f"{root / INDEX_FILE} lists no checkpoint yet")
+            return best / POLICY_DIR
+    raise CheckpointNotFoundError(
+        f"no checkpoint at {path}: expected a policy directory (config.json + model.safetensors), a "
+        f"checkpoint directory (policy/), or a run directory (checkpoints/{INDEX_FILE})"
+    )

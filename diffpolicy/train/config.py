@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from diffpolicy.envs.tasks import TaskCard, load_task
+from diffpolicy.policies.config import PolicyConfig, diffusion_process, flow_process
 from diffpolicy.policies.errors import ConfigError
 
 # ----------------------------------------------------------------------------- generic machinery
@@ -192,7 +194,12 @@ def apply_overrides(config: Any, overrides: list[str] | dict[str, Any]) -> Any:
              else [parse_override(item) for item in overrides])
     for key, value in items:
         text = value if isinstance(value, str) else json.dumps(value)
-        config = _set(config, key.split("."), text, key, config)
+        try:
+            config = _set(config, key.split("."), text, key, config)
+        except ConfigError as exc:
+            if repr(key) in str(exc):
+                raise
+            raise ConfigError(f"override {key}={text}: {exc}") from None  # a section's own check
     return config
 
 
@@ -208,9 +215,228 @@ def from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
-        kwargs[name] = (from_dict(tp, value, f"{where}.{name}")
-                        if isinstance(tp, type) and dataclasses.is_dataclass(tp) else value)
+        if hasattr(tp, "from_dict"):  # a section with its own strict reader (PolicyConfig)
+            kwargs[name] = tp.from_dict(value)
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- the training config
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the demonstrations come from and how they are split.
+
+    path: the zarr ReplayBuffer (default: the card's `dataset.path`).
+    val_fraction: share of episodes held out for the validation loss (split by episode).
+    max_episodes: use only the first N episodes (None: all).
+    split_seed: seed of the train / validation split.
+    num_workers: DataLoader worker processes (0: load in the training process).
+    """
+
+    path: str = ""
+    val_fraction: float = 0.02
+    max_episodes: int | None = None
+    split_seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear warm-up into a cosine decay to 0 (Diffusion Policy's recipe)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    warmup_steps: int = 500
+    grad_clip: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The training loop.
+
+    steps: optimizer steps in total. batch_size: the global batch (split over DDP processes).
+    loss_shards: the global batch is cut into this many interleaved shards, each drawing its noise
+        from its own generator seeded by (seed, step, shard); a DDP process computes the shards
+        of its own samples, so with loss_shards a multiple of the world size the result does not
+        depend on the number of processes. 0: one shard per process.
+    device: "auto" (GPU when present), "cpu", "cuda", "cuda:1", ...
+    bf16: bf16 autocast for the forward pass (GPU only; ignored on CPU).
+    ema_power, ema_max_decay: EMA warm-up (DP: 0.75, 0.9999).
+    log_every: steps between loss logs. checkpoint_every: steps between checkpoints (each one
+        evaluated when eval.episodes > 0). keep_top_k: best checkpoints kept besides the latest.
+    num_threads: torch CPU threads (0: torch's default).
+    """
+
+    steps: int = 3000
+    batch_size: int = 256
+    seed: int = 0
+    loss_shards: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_top_k: int = 3
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation at each checkpoint during training (checkpoint selection).
+
+    episodes: episodes per evaluation (0: no evaluation while training).
+    seed_start: first seed; kept apart from the demonstration seeds and from the held-out seeds
+        of the final evaluation (the card's `eval.seed_start`).
+    n_envs: environments stepped together. inference_steps: None = the policy's default.
+    """
+
+    episodes: int = 20
+    seed_start: int = 200_000
+    n_envs: int = 10
+    inference_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; saved as `config.json` in the run directory."""
+
+    task: str
+    method: Literal["diffusion", "flow"]
+    policy: PolicyConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("train.steps", self.train.steps >= 1), ("train.batch_size", self.train.batch_size >= 1),
+            ("train.loss_shards", self.train.loss_shards >= 0), ("train.log_every", self.train.log_every >= 1),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 1),
+            ("train.keep_top_k", self.train.keep_top_k >= 0), ("optim.lr", self.optim.lr > 0),
+            ("optim.warmup_steps", self.optim.warmup_steps >= 0), ("optim.betas", len(self.optim.betas) == 2),
+            ("data.val_fraction", 0 <= self.data.val_fraction < 1), ("eval.episodes", self.eval.episodes >= 0),
+            ("eval.n_envs", self.eval.n_envs >= 1),
+        ]
+        if self.policy.process.type != self.method:
+            raise ConfigError(f"config key 'policy.process.type' is {self.policy.process.type!r} but the method "
+                              f"(--policy) is {self.method!r}; choose the process with --policy")
+        for key, ok in checks:
+            if not ok:
+                section, name = key.split(".")
+                raise ConfigError(f"config key {key!r} has an invalid value "
+                                  f"{getattr(getattr(self, section), name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["policy"] = self.policy.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Inverse of `to_dict`, strict about unknown keys."""
+        return from_dict(cls, data, where)
+
+    def save(self, path: str | Path) -> None:
+        from diffpolicy.train.checkpoints import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), where=str(path))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+
+
+# ----------------------------------------------------------------------------- building a config
+
+METHODS = ("diffusion", "flow")
+FIXED_KEYS = ("task", "method")  # chosen by --task / --policy, not by overrides
+
+# Small and fast on a 2-core CPU (see the README's main job): a ~4M-parameter temporal U-Net,
+# few deterministic inference steps (DDIM eta = 0 / Euler).
+DEFAULT_BACKBONE: dict[str, Any] = {"type": "unet", "down_dims": [64, 128, 256], "time_embed_dim": 64,
+                                    "kernel_size": 5, "n_groups": 8}
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Diffusion Policy: 100-step squared-cosine DDPM training grid, epsilon prediction, clip to
+    # [-1, 1]; sampled with 10 deterministic DDIM steps (eta = 0) instead of 100 DDPM steps.
+    "diffusion": {"process": diffusion_process(eta=0.0), "inference_steps": 10},
+    # Flow matching on continuous t with 5 Euler steps.
+    "flow": {"process": flow_process(), "inference_steps": 5},
+}
+
+
+def default_policy_config(card: TaskCard, method: str) -> PolicyConfig:
+    """The policy for `card` with the defaults of `method` ("diffusion" or "flow")."""
+    if method not in METHODS:
+        raise ConfigError(f"--policy must be one of {list(METHODS)}, got {method!r}")
+    image_keys = [k for k, spec in card.observation.items() if spec.get("dtype") == "uint8"]
+    encoder: dict[str, Any] = {}
+    if image_keys:  # Diffusion Policy crops 84 of 96 (PushT) / 76 of 84 (robomimic) pixels
+        height, width = card.obs_shapes[image_keys[0]][:2]
+        encoder["crop_shape"] = [round(height * 0.875), round(width * 0.875)]
+    return PolicyConfig(
+        obs_shapes=card.obs_shapes,
+        action_dim=card.action_dim,
+        image_keys=tuple(image_keys),
+        obs_horizon=int(card.horizons["obs"]),
+        pred_horizon=int(card.horizons["pred"]),
+        action_horizon=int(card.horizons["exec"]),
+        backbone=dict(DEFAULT_BACKBONE),
+        encoder=encoder,
+        **METHOD_DEFAULTS[method],
+    )
+
+
+def build_config(task: str | TaskCard, method: str = "diffusion",
+                 overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Method defaults, then the task card (and its optional `train:` overrides), then `overrides`."""
+    card = task if isinstance(task, TaskCard) else load_task(task)
+    config = TrainConfig(task=card.name, method=method, policy=default_policy_config(card, method),
+                         data=DataConfig(path=str(card.dataset["path"])))
+    card_overrides = card.extra.get("train") or {}
+    if not isinstance(card_overrides, dict):
+        raise ConfigError(f"{card.source}: 'train' must be a mapping of dotted keys to values, "
+                          f"got {type(card_overrides).__name__}")
+    try:
+        config = apply_overrides(config, card_overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{card.source}: train: {exc}") from None
+    return apply_cli_overrides(config, overrides)
+
+
+def apply_cli_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
+    """Apply `key=value` command-line overrides; `task` and `method` are refused (use the flags)."""
+    for item in overrides:
+        key = parse_override(item)[0]
+        if key in FIXED_KEYS:
+            raise ConfigError(f"config key {key!r} cannot be overridden; use --{'policy' if key == 'method' else key}")
+    return apply_overrides(config, list(overrides))
+
+
+def config_for_run(task: str | TaskCard, method: str, overrides: list[str] | tuple[str, ...], run_dir: str | Path,
+                   resume: bool, base_overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The config of a run: when resuming a run that saved `config.json`, that config (the task and
+    method must agree); otherwise card + method defaults + `base_overrides`. Then `overrides`."""
+    saved = Path(run_dir) / "config.json"
+    fresh = build_config(task, method, list(base_overrides))
+    if not (resume and saved.is_file()):
+        return apply_cli_overrides(fresh, overrides)
+    config = TrainConfig.load(saved)
+    if (fresh.task, fresh.method) != (config.task, config.method):
+        raise ConfigError(f"{saved}: the run in {run_dir} trains task {config.task!r} with --policy "
+                          f"{config.method}, not {fresh.task!r} with {fresh.method}; resume it with those flags")
+    return apply_cli_overrides(config, overrides)

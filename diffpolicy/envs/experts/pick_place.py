@@ -5,13 +5,15 @@ An expert is a list of `Waypoint`s made at the first `act` after `reset(seed)` b
 the current simulator state, re-evaluated every step, so the expert tracks objects that move
 (closed loop). The action drives the OSC pose controller toward the target:
 
-- position: the error to the target, capped at the episode's speed (metres per step), divided by
-  the controller's output scale (0.05 m per unit action);
+- position: `gain` times the error to the target, capped at the episode's speed (the largest
+  goal offset commanded per step, metres; the arm covers about a quarter of it per step), divided
+  by the controller's output scale (0.05 m per unit action);
 - orientation: the world-frame axis-angle from the current gripper orientation to "pointing down
   at yaw", capped at `max_turn` radians per step, divided by the controller's 0.5 rad scale;
 - gripper: the waypoint's command, -1 open, +1 closed.
 
-A waypoint is done when the gripper is within `tol` of its target and within `yaw_tol` of its yaw
+A waypoint with `xy_first` moves only horizontally while its horizontal error exceeds that
+tolerance (inserting, descending onto small objects). A waypoint is done when the gripper is within `tol` of its target and within `yaw_tol` of its yaw
 for `hold` consecutive steps, or after `timeout` steps. If a waypoint's `abort_if` becomes true
 (e.g. the object slipped out of the hand) the expert plans again from the current state, at most
 `max_replans` times; after the last waypoint it keeps holding it.
@@ -52,6 +54,7 @@ class Waypoint:
     timeout: int = 120
     speed: float | None = None
     abort_if: Callable[[], bool] | None = None
+    xy_first: float | None = None  # if set: hold the height until the horizontal error is below it
 
 
 def down_rotation(yaw: float) -> np.ndarray:
@@ -131,19 +134,22 @@ class WaypointExpert:
 
     Args:
         env: the task's env (a `RobosuiteEnv`, possibly wrapped).
-        speed: range of the per-episode top speed in metres per step, drawn uniformly.
-        max_turn: top rotation per step (radians).
+        speed: range of the per-episode cap on the commanded goal offset (metres per step), drawn
+            uniformly; a waypoint's own `speed` overrides it (slow, careful phases).
+        gain: proportional gain on the position error (the OSC goal is `gain * error` ahead).
+        max_turn: top commanded rotation per step (radians).
         max_replans: how many times a failed grasp may be retried in one episode.
     """
 
     env_name = ""
 
-    def __init__(self, env: Any, speed: tuple[float, float] = (0.012, 0.022), max_turn: float = 0.2,
-                 max_replans: int = 3):
+    def __init__(self, env: Any, speed: tuple[float, float] = (0.025, 0.045), gain: float = 2.0,
+                 max_turn: float = 0.2, max_replans: int = 3):
         if not 0 < speed[0] <= speed[1] <= OSC_POS_SCALE:
             raise ValueError(f"{type(self).__name__}: speed must be a range within (0, {OSC_POS_SCALE}], got {speed}")
         self.scene = RobosuiteScene(env, self.env_name)
         self.speed_range = (float(speed[0]), float(speed[1]))
+        self.gain = float(gain)
         self.max_turn = float(max_turn)
         self.max_replans = int(max_replans)
         self.reset(None)
@@ -190,7 +196,10 @@ class WaypointExpert:
     def _drive(self, waypoint: Waypoint) -> np.ndarray:
         scene = self.scene
         speed = self.speed if waypoint.speed is None else waypoint.speed
-        move = cap_norm(waypoint.target() - scene.eef_pos(), speed)
+        error = waypoint.target() - scene.eef_pos()
+        if waypoint.xy_first is not None and np.linalg.norm(error[:2]) > waypoint.xy_first:
+            error[2] = 0.0
+        move = cap_norm(self.gain * error, speed)
         current = scene.eef_rot()
         yaw = nearest_equivalent(waypoint.yaw(), scene.eef_yaw(), 2 * np.pi)
         turn = cap_norm(rotation_error(down_rotation(yaw), current), self.max_turn)

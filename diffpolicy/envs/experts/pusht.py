@@ -39,8 +39,8 @@ from diffpolicy.envs.pusht import (AGENT_RADIUS, BLOCK_COG_LOCAL, GOAL_POSE, T_O
 BLOCK_MOMENT = 3000.0
 
 
-def wrap_angle(angle: float) -> float:
-    """`angle` wrapped to [-pi, pi)."""
+def wrap_angle(angle):
+    """`angle` (a float or an array, radians) wrapped to [-pi, pi)."""
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
@@ -63,6 +63,7 @@ class ContactSet:
     entry_angle: np.ndarray
     edge_start: np.ndarray  # (8, 2) first corner of each edge
     edge_dir: np.ndarray    # (8, 2) unit direction of each edge
+    edge_normal: np.ndarray  # (8, 2) outward unit normal of each edge
 
 
 def build_contacts(spacing: float, corner_margin: float, clearance: float, orbit_radius: float) -> ContactSet:
@@ -77,13 +78,14 @@ def build_contacts(spacing: float, corner_margin: float, clearance: float, orbit
     # A corner is concave when the outline turns against its orientation there.
     turn = np.cross(np.roll(dirs, 1, axis=0), dirs) * orientation
     concave = turn < 0
-    edge, s_all, touch, normal = [], [], [], []
+    edge, s_all, touch, normal, edge_normal = [], [], [], [], []
     for i in range(n_edges):
         d = dirs[i]
         n = np.array([d[1], -d[0]])
         midpoint = outline[i] + d * lengths[i] / 2
         if polygon.contains(shapely.Point(midpoint + n)):
             n = -n
+        edge_normal.append(n)
         start = AGENT_RADIUS + clearance if concave[i] else corner_margin
         end = AGENT_RADIUS + clearance if concave[(i + 1) % n_edges] else corner_margin
         for s in np.arange(start, lengths[i] - end + 1e-9, spacing):
@@ -100,6 +102,7 @@ def build_contacts(spacing: float, corner_margin: float, clearance: float, orbit
     return ContactSet(
         edge=np.array(edge), s=np.array(s_all), touch=touch, normal=normal, lever=lever, entry_k=entry_k,
         entry_angle=np.arctan2(exit_point[:, 1], exit_point[:, 0]), edge_start=outline.copy(), edge_dir=dirs,
+        edge_normal=np.array(edge_normal),
     )
 
 
@@ -179,7 +182,6 @@ class PushTExpert:
         goal = np.asarray(GOAL_POSE)
         self.goal_cog = local_to_world(BLOCK_COG_LOCAL, goal)
         self.goal_angle = float(goal[2])
-        self.rng = np.random.default_rng()
         self.reset()
 
     # ------------------------------------------------------------------ public API
@@ -189,7 +191,6 @@ class PushTExpert:
         self.phase = "plan"            # plan -> travel -> push -> plan ...
         self.edge = -1
         self.path: Path | None = None
-        self.contact = -1
         self.last_target: np.ndarray | None = None
         self.best_cost, self.stale_steps = math.inf, 0
         self.banned_until = np.zeros(len(self.contacts.edge_start), dtype=int)
@@ -215,6 +216,7 @@ class PushTExpert:
 
     # ------------------------------------------------------------------ planning
     def _error(self, pose: np.ndarray) -> tuple[np.ndarray, float]:
+        """(goal cog - cog) `(2,)` and the wrapped angle error to the goal."""
         cog = local_to_world(BLOCK_COG_LOCAL, pose)
         return self.goal_cog - cog, wrap_angle(self.goal_angle - float(pose[2]))
 
@@ -234,6 +236,7 @@ class PushTExpert:
         return depth, reduction
 
     def _agent_local(self, pose: np.ndarray, agent: np.ndarray) -> np.ndarray:
+        """The disk centre in the block frame."""
         return (agent - pose[:2]) @ rotation(float(pose[2]))
 
     def _travel_lengths(self, agent_local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,11 +244,16 @@ class PushTExpert:
         c = self.contacts
         offset = agent_local - BLOCK_COG_LOCAL
         radius = float(np.hypot(*offset))
-        angle = wrap_angle_array(c.entry_angle - math.atan2(offset[1], offset[0]))
+        angle = wrap_angle(c.entry_angle - math.atan2(offset[1], offset[0]))
         length = abs(self.orbit_radius - radius) + self.orbit_radius * np.abs(angle) + c.entry_k
         return length, angle
 
-    def _scores(self, pose, agent, current_edge: int):
+    def _scores(self, pose, agent, current_edge: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per contact `(K,)`: predicted cost reduction per expected step, and the best depth.
+
+        Travel to a contact on `current_edge` (the edge being pushed, -1 for none) is the slide
+        along it; to any other contact, the way round the orbit.
+        """
         c = self.contacts
         e_pos, e_ang = self._error(pose)
         depth, reduction = self._push_model(pose, e_pos, e_ang)
@@ -268,7 +276,7 @@ class PushTExpert:
         best = float(score.max())
         candidates = np.flatnonzero(score >= self.choice_band * best) if best > 0 else np.arange(len(score))
         k = int(self.rng.choice(candidates))
-        self.contact, self.edge = k, int(self.contacts.edge[k])
+        self.edge = int(self.contacts.edge[k])
         direction = self._orbit_direction(pose, agent, k)
         self.path, orbits = self._travel_path(pose, agent, k, direction)
         self.phase = "travel"
@@ -333,18 +341,17 @@ class PushTExpert:
         """Target for pushing on the current edge, or None when the edge should be left."""
         c = self.contacts
         agent_local = self._agent_local(pose, agent)
-        touching = (agent_local - c.edge_start[self.edge]) @ c.normal[c.edge == self.edge][0] < AGENT_RADIUS + 1.5
+        touching = (agent_local - c.edge_start[self.edge]) @ c.edge_normal[self.edge] < AGENT_RADIUS + 1.5
         if self._no_progress(pose, touching):
             self.banned_until[self.edge] = self.step_count + self.ban_steps
             return None
         score, depth = self._scores(pose, agent, current_edge=self.edge)
-        on_edge = self.contacts.edge == self.edge
+        on_edge = c.edge == self.edge
         edge_scores = np.where(on_edge, score, 0.0)
         k = int(np.argmax(edge_scores))
         other_best = float(np.where(on_edge, 0.0, score).max())
         if edge_scores[k] <= 0 or depth[k] < 0.5 or other_best > self.switch_ratio * edge_scores[k]:
             return None
-        self.contact = k
         rot = rotation(float(pose[2]))
         touch = local_to_world(c.touch[k], pose)
         return touch - (c.normal[k] @ rot.T) * min(float(depth[k]), self.max_depth)
@@ -355,17 +362,13 @@ class PushTExpert:
         Catches pushes the first-order model gets wrong (the disk riding round a corner and
         spinning the block) and a block pinned against a wall.
         """
-        e_pos, e_ang = self._error(pose)
-        cost = float(e_pos @ e_pos + (self.rho * e_ang) ** 2)
         if not touching:
             return False
+        e_pos, e_ang = self._error(pose)
+        cost = float(e_pos @ e_pos + (self.rho * e_ang) ** 2)
         if cost < self.best_cost - self.min_improvement:
             self.best_cost, self.stale_steps = cost, 0
         else:
             self.stale_steps += 1
         return self.stale_steps >= self.patience
 
-
-def wrap_angle_array(angle: np.ndarray) -> np.ndarray:
-    """Element-wise `wrap_angle`."""
-    return (angle + math.pi) % (2 * math.pi) - math.pi

@@ -32,10 +32,11 @@ class CanExpert(WaypointExpert):
         yaw = constant(grasp_yaw)
         above = float(rng.uniform(0.06, 0.14))
         grip_height = float(rng.uniform(0.005, 0.02))
-        carry_z = bin_floor + float(rng.uniform(0.22, 0.32))
-        drop = goal[:2] + rng.uniform(-0.04, 0.04, size=2)
-        release_z = bin_floor + float(rng.uniform(0.085, 0.12))
-        via = np.array([*(rng.uniform(0.3, 0.7) * (goal[:2] - can_pos()[:2]) + can_pos()[:2]
+        carry_z = bin_floor + float(rng.uniform(0.2, 0.26))
+        # The compartment's near corner: its far side is at the edge of the Panda's reach.
+        drop = goal[:2] - [0.0975, 0.1225] + rng.uniform([0.03, 0.04], [0.09, 0.1])
+        release_z = bin_floor + 0.07 + grip_height + float(rng.uniform(0.0, 0.03))
+        via = np.array([*(rng.uniform(0.3, 0.7) * (drop - can_pos()[:2]) + can_pos()[:2]
                           + [rng.uniform(-0.1, 0.05), 0.0]), carry_z + rng.uniform(0.0, 0.08)])
 
         def not_held() -> bool:
@@ -48,14 +49,14 @@ class CanExpert(WaypointExpert):
         return [
             Waypoint("above", lambda: can_pos() + [0.0, 0.0, above], yaw, -1.0, tol=0.015),
             Waypoint("descend", lambda: can_pos() + [0.0, 0.0, grip_height], yaw, -1.0, tol=0.006, hold=2,
-                     speed=0.012),
+                     speed=0.02),
             Waypoint("grasp", lambda: can_pos() + [0.0, 0.0, grip_height], yaw, 1.0, tol=1.0, yaw_tol=np.pi,
                      hold=8),
             Waypoint("lift", lambda: np.array([*scene.eef_pos()[:2], carry_z]), yaw, 1.0, tol=0.02,
                      yaw_tol=np.pi, abort_if=not_held),
             Waypoint("via", constant(via), yaw, 1.0, tol=0.04, yaw_tol=np.pi, abort_if=not_held),
             Waypoint("carry", over(drop, carry_z), yaw, 1.0, tol=0.015, yaw_tol=np.pi, abort_if=not_held),
-            Waypoint("lower", over(drop, release_z), yaw, 1.0, tol=0.01, yaw_tol=np.pi, speed=0.012,
+            Waypoint("lower", over(drop, release_z), yaw, 1.0, tol=0.01, yaw_tol=np.pi, speed=0.02,
                      abort_if=not_held),
             Waypoint("release", over(drop, release_z), yaw, -1.0, tol=1.0, yaw_tol=np.pi, hold=6),
             Waypoint("retreat", over(drop, release_z + 0.15), yaw, -1.0, tol=0.01, yaw_tol=np.pi, timeout=400),

@@ -49,7 +49,7 @@ class LiftExpert(WaypointExpert):
         waypoints += [
             Waypoint("above", lambda: cube_pos() + [0.0, 0.0, above], yaw, -1.0, tol=0.015),
             Waypoint("descend", lambda: cube_pos() + [0.0, 0.0, depth], yaw, -1.0, tol=0.006, hold=2,
-                     speed=0.012),
+                     speed=0.02),
             Waypoint("grasp", lambda: cube_pos() + [0.0, 0.0, depth], yaw, 1.0, tol=1.0, yaw_tol=np.pi,
                      hold=8),
             Waypoint("lift", lift_target, yaw, 1.0, tol=0.01, yaw_tol=np.pi, timeout=400, abort_if=not_held),

@@ -1,0 +1,158 @@
+"""`collect` and `diffpolicy collect`: the stored episodes, resuming, success filtering, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+import diffpolicy.envs.collect as collect_module
+from diffpolicy.cli import main
+from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.envs.collect import CollectError, collect
+from diffpolicy.envs.pusht import PushTEnv
+from diffpolicy.envs.tasks import CARDS_DIR, TaskCardError, load_task
+
+
+def short_pusht_card(tmp_path, max_episode_steps: int) -> str:
+    """The pusht card with a shorter time limit, so that some seeds fail (seed 0 needs > 100 steps)."""
+    raw = yaml.safe_load((CARDS_DIR / "pusht.yaml").read_text())
+    raw["name"] = "pusht_short"
+    raw["max_episode_steps"] = max_episode_steps
+    path = tmp_path / "pusht_short.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_collect_writes_whole_episodes_that_replay(tmp_path):
+    out = tmp_path / "pusht.zarr"
+    summary = collect("pusht", episodes=3, out=out, seed_start=5, progress=False)
+    assert (summary.episodes, summary.new_episodes, summary.attempted) == (3, 3, 3)
+    buffer = ReplayBuffer.open(out)
+    assert buffer.keys() == ["action", "agent_pos", "keypoints", "reward", "states"]
+    np.testing.assert_array_equal(buffer.episode_meta("seed"), [5, 6, 7])
+    assert buffer.episode_meta("success").tolist() == [True, True, True] and summary.successes == 3
+    assert buffer.attrs["task"] == "pusht" and buffer.attrs["task_card"]["horizons"] == {"obs": 2, "pred": 16, "exec": 8}
+    settings = buffer.attrs["collection"]
+    assert settings["seed_start"] == 5 and settings["only_success"] is False and settings["discarded_seeds"] == []
+    assert buffer["action"].dtype == np.float32 and buffer["states"].shape == (buffer.n_steps, 5)
+
+    env, replay = PushTEnv(), PushTEnv()
+    for index, seed in enumerate([5, 6, 7]):
+        episode = buffer.get_episode(index)
+        obs, info = env.reset(seed=seed)
+        for t, action in enumerate(episode["action"]):  # the actions replayed from the seed
+            np.testing.assert_array_equal(episode["keypoints"][t], obs["keypoints"])
+            np.testing.assert_array_equal(episode["agent_pos"][t], obs["agent_pos"])
+            np.testing.assert_array_equal(episode["states"][t], info["state"])
+            np.testing.assert_array_equal(replay.set_state(episode["states"][t])["keypoints"], obs["keypoints"])
+            obs, reward, terminated, _, info = env.step(action)
+            assert episode["reward"][t] == np.float32(reward)
+        assert terminated and info["is_success"]  # a stored episode ends at its success
+
+
+def test_collect_resumes_after_an_interruption_without_repeating_seeds(tmp_path, monkeypatch):
+    out = tmp_path / "pusht.zarr"
+    real_run_episode = collect_module.run_episode
+    calls = []
+
+    def interrupted_on_third(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run_episode(*args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "run_episode", interrupted_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        collect("pusht", episodes=4, out=out, progress=False)
+    assert ReplayBuffer.open(out).episode_meta("seed").tolist() == [0, 1]
+    monkeypatch.setattr(collect_module, "run_episode", real_run_episode)
+
+    summary = collect("pusht", episodes=4, out=out, progress=False)
+    assert summary.new_episodes == 2 and summary.new_attempts == 2
+    assert ReplayBuffer.open(out).episode_meta("seed").tolist() == [0, 1, 2, 3]
+    again = collect("pusht", episodes=4, out=out, progress=False)  # already complete: nothing to do
+    assert again.new_attempts == 0 and again.episodes == 4
+
+
+def test_only_success_keeps_successes_and_resumes_past_discarded_seeds(tmp_path):
+    card = short_pusht_card(tmp_path, max_episode_steps=100)
+    out = tmp_path / "short.zarr"
+    first = collect(card, episodes=2, out=out, only_success=True, progress=False)
+    buffer = ReplayBuffer.open(out)
+    kept = buffer.episode_meta("seed").tolist()
+    discarded = buffer.attrs["collection"]["discarded_seeds"]
+    assert buffer.episode_meta("success").all() and len(kept) == 2
+    assert 0 in discarded  # seed 0 needs more than 100 steps
+    assert sorted(kept + discarded) == list(range(first.attempted))  # every seed once, none skipped
+    assert first.successes == 2 and first.success_rate == pytest.approx(2 / first.attempted)
+
+    second = collect(card, episodes=3, out=out, only_success=True, progress=False)
+    buffer = ReplayBuffer.open(out)
+    seeds = buffer.episode_meta("seed").tolist()
+    all_discarded = buffer.attrs["collection"]["discarded_seeds"]
+    assert seeds[:2] == kept and len(seeds) == 3 and buffer.episode_meta("success").all()
+    assert sorted(seeds + all_discarded) == list(range(second.attempted))
+    assert second.new_attempts == second.attempted - first.attempted
+
+    with_failures = collect(card, episodes=2, out=tmp_path / "all.zarr", progress=False)
+    assert ReplayBuffer.open(tmp_path / "all.zarr").episode_meta("success").tolist()[0] is False
+    assert with_failures.attempted == 2
+
+
+def test_only_success_gives_up_after_max_attempts_leaving_a_valid_store(tmp_path):
+    card = short_pusht_card(tmp_path, max_episode_steps=3)  # nobody succeeds in 3 steps
+    out = tmp_path / "never.zarr"
+    with pytest.raises(CollectError, match="max_attempts"):
+        collect(card, episodes=1, out=out, only_success=True, max_attempts=2, progress=False)
+    buffer = ReplayBuffer.open(out)
+    assert buffer.n_episodes == 0 and buffer.attrs["collection"]["discarded_seeds"] == [0, 1]
+
+
+def test_collect_refuses_to_resume_with_other_settings(tmp_path):
+    out = tmp_path / "pusht.zarr"
+    collect("pusht", episodes=1, out=out, progress=False)
+    with pytest.raises(CollectError, match="only_success"):
+        collect("pusht", episodes=2, out=out, only_success=True, progress=False)
+    with pytest.raises(CollectError, match="task"):
+        collect("pusht_image", episodes=2, out=out, progress=False)
+    collect("pusht", episodes=1, out=out, seed_start=9, overwrite=True, progress=False)
+    assert ReplayBuffer.open(out).episode_meta("seed").tolist() == [9]
+
+
+def test_collect_image_task_stores_frames_and_states(tmp_path):
+    out = tmp_path / "img.zarr"
+    collect("pusht_image", episodes=1, out=out, seed_start=4, progress=False)
+    buffer = ReplayBuffer.open(out)
+    assert buffer.keys() == ["action", "agent_pos", "image", "reward", "states"]
+    images = np.asarray(buffer["image"][:])
+    assert images.dtype == np.uint8 and images.shape == (buffer.n_steps, 96, 96, 3)
+    env = PushTEnv(obs_type="image")
+    for t in (0, buffer.n_steps // 2, buffer.n_steps - 1):
+        np.testing.assert_array_equal(env.set_state(buffer["states"][t])["image"], images[t])
+
+
+def test_bad_requests_raise_clear_errors(tmp_path):
+    with pytest.raises(TaskCardError, match="known tasks: .*pusht"):
+        collect("no_such_task", episodes=1, out=tmp_path / "x.zarr", progress=False)
+    with pytest.raises(CollectError, match="episodes must be a positive integer"):
+        collect("pusht", episodes=0, out=tmp_path / "x.zarr", progress=False)
+    raw = yaml.safe_load((CARDS_DIR / "pusht.yaml").read_text())
+    raw["observation"]["keypoints"]["shape"] = [16]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(TaskCardError, match=r"observation.keypoints has shape \[16\] in the card.*\[18\]"):
+        collect(str(bad), episodes=1, out=tmp_path / "bad.zarr", progress=False)
+    assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "bad.zarr").exists()
+
+
+def test_cli_collects_and_reports_unknown_tasks_without_a_traceback(tmp_path, capsys):
+    out = tmp_path / "cli.zarr"
+    assert main(["collect", "--task", "pusht", "--episodes", "1", "--out", str(out), "--no-progress"]) == 0
+    assert "1 episodes (1 new)" in capsys.readouterr().out
+    assert ReplayBuffer.open(out).n_episodes == 1
+    assert main(["collect", "--task", "no_such_task", "--episodes", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'no_such_task'" in err and "pusht" in err and "Traceback" not in err
+    assert load_task("pusht").dataset == {"episodes": 200, "path": "datasets/pusht.zarr",
+                                         "only_success": True, "seed_start": 0}
