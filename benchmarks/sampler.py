@@ -10,7 +10,7 @@ Paths, all with To=2, Tp=16 and the same random window indices:
   batched   sampler.sample_batch(indices) in batches of 256
 Memory: tracemalloc peak during each path (a separate pass with tracing on) and the process RSS.
 
-    python benchmarks/sampler.py            # default, about 2-3 minutes on 2 shared cores
+    python benchmarks/sampler.py            # default: about 1 min of CPU time (longer wall time when shared)
     python benchmarks/sampler.py --quick    # smaller datasets and fewer windows
 """
 
@@ -150,7 +150,7 @@ def bench(name: str, path: Path, obs_keys: list[str], n_windows: int, n_baseline
         "baseline loop": (lambda idx: consume(run_baseline(sampler, arrays, ends, idx)),
                           n_baseline),
         "per-item": (lambda idx: consume(sampler[int(i)] for i in idx),
-                     min(n_windows, 4 * n_baseline)),
+                     min(n_windows, 2 * n_baseline)),
         f"batched B={BATCH}": (lambda idx: consume(sampler.sample_batch(b)
                                                    for b in idx.reshape(-1, BATCH)), n_windows),
     }
@@ -158,7 +158,7 @@ def bench(name: str, path: Path, obs_keys: list[str], n_windows: int, n_baseline
     label = f"{name} ({buffer.n_steps} steps, {size:.0f} MiB raw)"
     rows = []
     for path_name, (run, count) in paths.items():
-        rates = measure(run, indices[:count], traced=min(count, 2 * BATCH))
+        rates = measure(run, indices[:count], traced=min(count, BATCH))
         rows.append((label, path_name, *rates))
     base = rows[0]
     return [(*row[:2], row[2], row[2] / base[2], row[3], row[3] / base[3], row[4]) for row in rows]
@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     episodes, frames = (200, 4000) if args.quick else (2000, 20000)
-    n_windows, n_baseline = (2048, 256) if args.quick else (16384, 1024)
+    n_windows, n_baseline = (1024, 128) if args.quick else (8192, 512)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,7 +180,7 @@ def main() -> None:
         image_keys = image_dataset(Path(tmp) / "image.zarr", frames, rng)
         print(f"wrote datasets in {time.perf_counter() - begin:.1f} s")
         rows += bench("state", Path(tmp) / "state.zarr", state_keys, n_windows, n_baseline, rng)
-        rows += bench("image", Path(tmp) / "image.zarr", image_keys, n_windows // 4,
+        rows += bench("image", Path(tmp) / "image.zarr", image_keys, n_windows // 8,
                       n_baseline // 2, rng)
     print(f"\nTo={OBS_HORIZON}, Tp={PRED_HORIZON}; ratios are over the baseline loop on the same "
           "dataset; CPU rates count every thread of this process")
@@ -188,7 +188,7 @@ def main() -> None:
           f"{'ratio':>8} {'peak traced MiB':>16}")
     for label, path, rate, ratio, cpu_rate, cpu_ratio, peak in rows:
         print(f"{label:<36} {path:<14} {rate:>10.0f} {ratio:>7.1f}x {cpu_rate:>10.0f} "
-              f"{cpu_ratio:>7.1f}x {peak:>16.1f}")
+              f"{cpu_ratio:>7.1f}x {peak:>16.2f}")
     current, peak = rss_mib()
     print(f"\nprocess RSS now {current:.0f} MiB, peak {peak:.0f} MiB")
 

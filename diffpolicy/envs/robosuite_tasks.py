@@ -20,9 +20,11 @@ resets. The gymnasium TimeLimit comes from the task card (`make_env`), not from 
   a numpy Generator also held by every placement sampler. `reset(seed=...)` hands gymnasium's
   `np_random` to all of them, so a seed fixes the initial state and unseeded resets continue the
   same stream.
-- `get_state() -> (1 + nq + nv,)` float64 is the flattened MuJoCo state as robomimic stores it
-  (time, qpos, qvel); `set_state(state)` restores it and returns the observation it gives;
-  `model_xml()` is the MJCF XML of the loaded model.
+- Observations are computed by this wrapper from the simulator state after each step (robosuite's
+  own are sampled early in the step and partly one sample stale), so they are an exact function of
+  the state: `get_state() -> (1 + nq + nv,)` float64 is the flattened MuJoCo state as robomimic
+  stores it (time, qpos, qvel), and `set_state(state)` restores it and returns the same
+  observation the step returned. `model_xml()` is the MJCF XML of the loaded model.
 """
 
 from __future__ import annotations
@@ -158,10 +160,11 @@ class RobosuiteEnv(gymnasium.Env):
         self.make_kwargs = robosuite_kwargs(obs_type, image_size, self.camera_names, render_mode, **env_kwargs)
         self._env = robosuite.make(env_name, **self.make_kwargs)
         self.metadata = {**self.metadata, "render_fps": int(self.make_kwargs["control_freq"])}
-
-        raw = self._env.reset()
+        self._take_over_observables()
+        self._env.reset()
+        self._model_xml = self._env.sim.model.get_xml()
         self._configure_renderer()
-        obs = self._convert(raw)
+        obs = self._observe()
         space = {
             key: spaces.Box(-np.inf, np.inf, shape=obs[key].shape, dtype=np.float32) for key in LOW_DIM_KEYS
         }
@@ -196,8 +199,11 @@ class RobosuiteEnv(gymnasium.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         _share_rng(self._env, self.np_random)
-        obs = self._convert(self._env.reset())
-        self._configure_renderer()  # a hard reset (if asked for) makes a new render context
+        self._env.reset()
+        obs = self._observe()
+        if self._env.hard_reset:  # a hard reset reloads the model and makes a new render context
+            self._model_xml = self._env.sim.model.get_xml()
+            self._configure_renderer()
         return obs, {"is_success": bool(self._env._check_success())}
 
     def step(self, action: np.ndarray):
@@ -208,10 +214,13 @@ class RobosuiteEnv(gymnasium.Env):
             )
         if not np.all(np.isfinite(action)):
             raise ValueError(f"{self.env_name} step: action has non-finite entries: {action}")
-        raw, reward, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
+        _, reward, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
+        # With lite physics the last substep leaves positions one substep behind qpos; recompute
+        # them so observations and the success check are functions of `get_state()`.
+        self._env.sim.forward()
         success = bool(self._env._check_success())
         terminated = success and self.terminate_on_success
-        return self._convert(raw), float(reward), terminated, False, {"is_success": success}
+        return self._observe(), float(reward), terminated, False, {"is_success": success}
 
     def render(self) -> np.ndarray | None:
         """The agentview camera as uint8 `(H, W, 3)` when `render_mode="rgb_array"`."""
@@ -240,11 +249,15 @@ class RobosuiteEnv(gymnasium.Env):
             )
         self._env.sim.set_state_from_flattened(state)
         self._env.sim.forward()
-        return self._convert(self._env._get_observations(force_update=True))
+        return self._observe()
 
     def model_xml(self) -> str:
-        """The MJCF XML of the loaded model (robomimic's per-episode `model_file`)."""
-        return self._env.sim.model.get_xml()
+        """The MJCF XML of the loaded model (robomimic's per-episode `model_file`).
+
+        MuJoCo can only save the *last model loaded in the process*, so the XML is captured right
+        after this env loads its model; asking the simulator later could return another env's.
+        """
+        return self._model_xml
 
     # ------------------------------------------------------------------ helpers
     def _configure_renderer(self) -> None:
@@ -257,9 +270,31 @@ class RobosuiteEnv(gymnasium.Env):
         context.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         context.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
 
-    def _convert(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        obs = {key: np.asarray(raw[key], dtype=np.float32) for key in LOW_DIM_KEYS[:-1]}
-        obs["object"] = np.asarray(raw["object-state"], dtype=np.float32)
-        for key in self.image_keys:
-            obs[key] = np.ascontiguousarray(raw[key][::-1])
+    def _take_over_observables(self) -> None:
+        """Compute observations from the simulator state ourselves; robosuite computes none.
+
+        robosuite samples its observables at the first physics substep of a control step (not its
+        end), and its relative-pose object sensors read the *previous* sample of the object pose
+        from a cache, so its observations are not a function of the state `get_state()` returns.
+        Here every observation is computed from the current state after the step (two passes over
+        the sensors, so cached inputs are fresh) and images are rendered once per step.
+        """
+        observables = self._env._observables
+        self._sensors = [(name, obs) for name, obs in observables.items()
+                         if obs.is_enabled() and obs.modality != "image"]
+        self._object_sensors = [name for name, obs in self._sensors if obs.modality == "object" and obs.is_active()]
+        for observable in observables.values():
+            observable.set_enabled(False)
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        cache: dict[str, np.ndarray] = {}
+        for _ in range(2):  # relative-pose sensors read other sensors' values from the cache
+            for name, observable in self._sensors:
+                cache[name] = np.asarray(observable._sensor(cache))
+        obs = {key: cache[key].astype(np.float32) for key in LOW_DIM_KEYS[:-1]}
+        obs["object"] = np.concatenate([np.ravel(cache[name]) for name in self._object_sensors]).astype(np.float32)
+        height, width = self.make_kwargs["camera_heights"], self.make_kwargs["camera_widths"]
+        for camera, key in zip(self.camera_names, self.image_keys):
+            frame = self._env.sim.render(width=width, height=height, camera_name=camera)
+            obs[key] = np.ascontiguousarray(frame[::-1])
         return obs

@@ -13,6 +13,7 @@ squared-cosine schedule, epsilon prediction, clipping to [-1, 1]; 100 inference 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +38,14 @@ def _int(path: str, value: Any, minimum: int | None = None) -> int:
     return value
 
 
-def _float(path: str, value: Any, minimum: float | None = None, strictly: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(path, "a number", value)
+def _float(path: str, value: Any, minimum: float | None = None, strictly: bool = False,
+           maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, "a finite number", value)
     if minimum is not None and (value < minimum or (strictly and value == minimum)):
         raise _fail(path, f"a number {'>' if strictly else '>='} {minimum}", value)
+    if maximum is not None and value > maximum:
+        raise _fail(path, f"a number <= {maximum}", value)
     return float(value)
 
 
@@ -91,7 +95,7 @@ class ProcessConfig:
         prediction: diffusion only: what the network predicts, "epsilon" | "sample" | "v".
         train_steps: discrete training grid (t = k / train_steps, k = 1..train_steps, DDPM style);
             None trains on continuous t ~ U(0, 1).
-        eta: diffusion only: 1 = DDPM ancestral steps, 0 = deterministic DDIM.
+        eta: diffusion only, in [0, 1]: 1 = DDPM ancestral steps, 0 = deterministic DDIM.
         clip: clip the x0 prediction (diffusion) or the final sample (flow) to [-clip, clip] in
             normalized units; None disables clipping.
         step_std: flow only: explicit Gaussian std of each Euler step (ReinFlow-style); None = ODE.
@@ -115,7 +119,7 @@ class ProcessConfig:
             _spec("process.schedule", self.schedule, "name")
             _choice("process.schedule.name", self.schedule["name"], tuple(sorted(SCHEDULES)))
             _choice("process.prediction", self.prediction, PREDICTIONS)
-            _float("process.eta", self.eta, 0.0)
+            _float("process.eta", self.eta, 0, maximum=1)
             if self.step_std is not None:
                 raise _fail("process.step_std", "null for type 'diffusion' (eta sets the step noise)", self.step_std)
         else:
@@ -123,11 +127,11 @@ class ProcessConfig:
                 if getattr(self, name) is not None:
                     raise _fail(f"process.{name}", "null for type 'flow' (diffusion-only setting)", getattr(self, name))
             if self.step_std is not None:
-                _float("process.step_std", self.step_std, 0.0)
+                _float("process.step_std", self.step_std, 0)
         if self.train_steps is not None:
             _int("process.train_steps", self.train_steps, 1)
         if self.clip is not None:
-            _float("process.clip", self.clip, 0.0, strictly=True)
+            _float("process.clip", self.clip, 0, strictly=True)
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "process") -> ProcessConfig:
@@ -163,7 +167,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         _choice("loss.weighting", self.weighting, WEIGHTINGS)
-        _float("loss.min_snr_gamma", self.min_snr_gamma, 0.0, strictly=True)
+        _float("loss.min_snr_gamma", self.min_snr_gamma, 0, strictly=True)
         if not isinstance(self.mask_padding, bool):
             raise _fail("loss.mask_padding", "a bool", self.mask_padding)
 

@@ -35,12 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 from tqdm import tqdm
 
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.data.sequence_sampler import SequenceSampler, split_episodes
-from diffpolicy.data.torch_dataset import WindowDataset
 from diffpolicy.envs.tasks import TaskCard, load_task
 from diffpolicy.evaluation.rollout import evaluate
 from diffpolicy.nn.ema import EMA
@@ -156,17 +155,38 @@ def fit_normalizer(buffer: ReplayBuffer, train_mask: np.ndarray, config: TrainCo
     return Normalizer.fit(data, image_keys=policy.image_keys)
 
 
-def window_dataset(buffer: ReplayBuffer, mask: np.ndarray, config: TrainConfig) -> WindowDataset:
+class BatchedWindows(Dataset):
+    """Training windows fetched a whole batch at a time: `dataset[indices]` -> the policy's batch
+    `{"obs": {key: (B, To, ...)}, "action": (B, Tp, Da) float32, "action_is_pad": (B, Tp)}`.
+
+    One `SequenceSampler.sample_batch` gather per key; used with a `BatchSampler` as the
+    DataLoader's sampler and `batch_size=None` (splitting batches into per-window items and
+    collating them back costs more than the gather itself for low-dim data).
+    """
+
+    def __init__(self, sampler: SequenceSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
+        batch = self.sampler.sample_batch(np.asarray(indices, dtype=np.int64))
+        return {"obs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch["obs"].items()},
+                "action": torch.from_numpy(np.ascontiguousarray(batch["action"], dtype=np.float32)),
+                "action_is_pad": torch.from_numpy(batch["action_is_pad"])}
+
+
+def window_dataset(buffer: ReplayBuffer, mask: np.ndarray, config: TrainConfig) -> BatchedWindows:
     policy = config.policy
-    sampler = SequenceSampler(buffer, list(policy.obs_shapes), policy.obs_horizon, policy.pred_horizon,
-                              action_horizon=policy.action_horizon, episode_mask=mask)
-    return WindowDataset(sampler)
+    return BatchedWindows(SequenceSampler(buffer, list(policy.obs_shapes), policy.obs_horizon, policy.pred_horizon,
+                                          action_horizon=policy.action_horizon, episode_mask=mask))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The policy's batch keys on `device` (`obs_is_pad` is dropped: the policy takes no obs mask)."""
+    """A batch on `device`."""
     return {"obs": {k: v.to(device, non_blocking=True) for k, v in batch["obs"].items()},
-            "action": batch["action"].to(device, non_blocking=True).float(),
+            "action": batch["action"].to(device, non_blocking=True),
             "action_is_pad": batch["action_is_pad"].to(device, non_blocking=True)}
 
 
@@ -291,7 +311,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, ctx
     writer = _tensorboard(run_dir / "tb", step) if ctx.is_main else None
 
     sampler = ResumableDistributedSampler(dataset, ctx, seed=tc.seed)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+    loader = DataLoader(dataset, sampler=BatchSampler(sampler, local_batch, drop_last=True), batch_size=None,
                         num_workers=config.data.num_workers, pin_memory=ctx.device.type == "cuda",
                         generator=torch.Generator().manual_seed(tc.seed))
 
@@ -359,7 +379,7 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, ctx
 
 
 def checkpoint(run_dir: Path, config: TrainConfig, card: TaskCard, manager: CheckpointManager,
-               position: tuple[int, int, int], learner: Learner, val_dataset: WindowDataset | None, writer,
+               position: tuple[int, int, int], learner: Learner, val_dataset: BatchedWindows | None, writer,
                device: torch.device) -> Path:
     """Validation loss and evaluation of the EMA policy, then an atomic checkpoint (rank 0 only).
 
@@ -418,13 +438,12 @@ def restore_training_state(checkpoint_dir: Path, learner: Learner) -> tuple[int,
 
 
 @torch.no_grad()
-def validation_loss(policy: ChunkPolicy, dataset: WindowDataset, config: TrainConfig, device: torch.device) -> float:
+def validation_loss(policy: ChunkPolicy, dataset: BatchedWindows, config: TrainConfig, device: torch.device) -> float:
     """Mean denoising loss on up to `VAL_BATCHES` validation batches, with fixed noise."""
     size = min(config.train.batch_size, len(dataset))
     losses = []
     for i in range(min(VAL_BATCHES, len(dataset) // size)):
-        rows = list(range(i * size, (i + 1) * size))
-        batch = to_device(torch.utils.data.default_collate(dataset.__getitems__(rows)), device)
+        batch = to_device(dataset[list(range(i * size, (i + 1) * size))], device)
         losses.append(float(policy.compute_loss(batch, generator=shard_generator(config.train.seed, i, 0, VALIDATION_STREAM))))
     return float(np.mean(losses)) if losses else float("nan")
 

@@ -130,7 +130,8 @@ class RobosuiteScene:
 class WaypointExpert:
     """Base class of the robosuite experts: `reset(seed)`, `act(obs) -> (7,)` action in [-1, 1].
 
-    Subclasses set `env_name` and implement `plan(rng) -> list[Waypoint]`.
+    Subclasses set `env_name` and implement `plan(rng) -> list[Waypoint]`; a plan records its random
+    choices (the demonstration's mode: grasp yaw, final orientation, ...) in `self.decisions`.
 
     Args:
         env: the task's env (a `RobosuiteEnv`, possibly wrapped).
@@ -159,6 +160,7 @@ class WaypointExpert:
         self.rng = np.random.default_rng(seed)
         self.speed = float(self.rng.uniform(*self.speed_range))
         self.waypoints: list[Waypoint] | None = None
+        self.decisions: dict[str, float] = {}
         self.index = 0
         self.steps_in_waypoint = 0
         self.steps_at_target = 0

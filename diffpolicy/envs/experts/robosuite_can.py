@@ -39,6 +39,8 @@ class CanExpert(WaypointExpert):
         via = np.array([*(rng.uniform(0.3, 0.7) * (drop - can_pos()[:2]) + can_pos()[:2]
                           + [rng.uniform(-0.1, 0.05), 0.0]), carry_z + rng.uniform(0.0, 0.08)])
 
+        self.decisions = {"grasp_yaw": grasp_yaw, "drop_x": float(drop[0]), "drop_y": float(drop[1])}
+
         def not_held() -> bool:
             offset = can_pos() - scene.eef_pos()
             return float(np.linalg.norm(offset[:2])) > 0.03 or abs(offset[2] + grip_height) > 0.03

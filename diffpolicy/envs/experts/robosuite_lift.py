@@ -32,6 +32,9 @@ class LiftExpert(WaypointExpert):
         above = float(rng.uniform(0.05, 0.14))
         depth = float(rng.uniform(-0.006, 0.004))
         lift = float(rng.uniform(0.08, 0.16))
+        # 0: fingers close on the cube's +-y faces (along its x axis), 1: on its +-x faces.
+        face = int(round(((grasp_yaw - body_yaw(scene.body_rot(cube))) % np.pi) / (np.pi / 2))) % 2
+        self.decisions = {"grasp_face": face, "approach_height": above}
         waypoints = []
         if rng.random() < 0.5:
             side = rng.uniform(-0.08, 0.08, size=2)

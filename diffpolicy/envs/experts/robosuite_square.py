@@ -66,6 +66,7 @@ class SquareExpert(WaypointExpert):
         turns = {yaw: nearest_equivalent(yaw - start_yaw, 0.0, 2 * np.pi) for yaw in REACHABLE_NUT_YAWS}
         options = [yaw for yaw, turn in turns.items() if abs(turn) <= MAX_NUT_TURN]
         final_nut_yaw = float(options[int(rng.integers(len(options)))])
+        self.decisions = {"final_nut_yaw": final_nut_yaw, "grasp_along_handle": along}
 
         def carry_yaw() -> float:
             turn = nearest_equivalent(final_nut_yaw - nut_yaw(), 0.0, 2 * np.pi)
