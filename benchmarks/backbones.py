@@ -44,7 +44,8 @@ def make_policy(backbone: dict, seed: int = 0) -> ChunkPolicy:
     """A PushT-shaped chunk policy with the given backbone spec (stats fit on uniform data)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    normalizer = Normalizer.fit({"action": rng.uniform(0, 512, (256, DA)), "state": rng.uniform(0, 512, (256, OBS_DIM))})
+    normalizer = Normalizer.fit({"action": rng.uniform(0, 512, (256, DA)),
+                                 "state": rng.uniform(0, 512, (256, OBS_DIM))})
     config = PolicyConfig(obs_shapes={"state": (OBS_DIM,)}, action_dim=DA, obs_horizon=TO, pred_horizon=TP,
                           action_horizon=8, process=diffusion_process(), backbone=backbone)
     return ChunkPolicy(config, normalizer)

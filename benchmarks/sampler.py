@@ -10,7 +10,7 @@ Paths, all with To=2, Tp=16 and the same random window indices:
   batched   sampler.sample_batch(indices) in batches of 256
 Memory: tracemalloc peak during each path (a separate pass with tracing on) and the process RSS.
 
-    python benchmarks/sampler.py            # default: about 1 min of CPU time (longer wall time when shared)
+    python benchmarks/sampler.py            # default: about 1 min of CPU time on an idle core
     python benchmarks/sampler.py --quick    # smaller datasets and fewer windows
 """
 

@@ -183,7 +183,8 @@ def test_pickle_offered_as_weights_is_refused_unopened(saved, writer):
     else:
         weights.write_bytes(pickle.dumps({"trap": _Trap(trap)}, protocol=4))
     _rehash(directory)
-    with pytest.raises(PickleRefusedError, match=r"model.safetensors is a pickle / torch.save archive.*never unpickles"):
+    message = r"model.safetensors is a pickle / torch.save archive.*never unpickles"
+    with pytest.raises(PickleRefusedError, match=message):
         ChunkPolicy.from_pretrained(directory)
     assert not trap.exists()
 

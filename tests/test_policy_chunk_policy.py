@@ -22,7 +22,8 @@ from policy_helpers import B, DA, DS, TO, TP, make_batch, make_config, make_norm
 
 # ---------------------------------------------------------------------------- loss
 @pytest.mark.parametrize("kind, weighting, mask_padding", [
-    ("diffusion", "uniform", False), ("diffusion", "min_snr", True), ("flow", "min_snr", False), ("flow", "uniform", True),
+    ("diffusion", "uniform", False), ("diffusion", "min_snr", True),
+    ("flow", "min_snr", False), ("flow", "uniform", True),
 ])
 def test_compute_loss_equals_hand_computation(kind, weighting, mask_padding):
     policy = make_policy(kind, loss=LossConfig(weighting=weighting, mask_padding=mask_padding))

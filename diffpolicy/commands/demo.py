@@ -5,13 +5,14 @@ The synthetic task: from a start near (0, -1) reach the goal (0, 1) past a disk 
 otherwise; the action chunk is Tp 2-D waypoints along the way. A diffusion and a flow-matching
 `ChunkPolicy` and an MSE regressor (same data, same observation) are trained, then sampled; the
 table reports per model the fraction of chunks passing left, passing right, or in between (where
-no demonstration goes), the fraction colliding with the obstacle, and the training time. The regressor learns the conditional mean, which runs between
-the modes, straight through the obstacle.
+no demonstration goes), the fraction colliding with the obstacle, and the training time. The
+regressor learns the conditional mean, which runs between the modes, through the obstacle.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 
@@ -175,7 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.p_left <= 1.0:
-        raise SystemExit(f"--p-left must be in [0, 1], got {args.p_left}")
+        print(f"diffpolicy demo: --p-left must be in [0, 1], got {args.p_left}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     data = make_bimodal_data(args.demos, args.p_left, args.horizon, rng)

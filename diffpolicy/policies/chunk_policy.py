@@ -134,7 +134,8 @@ class ChunkPolicy(nn.Module):
         Args:
             batch: `{"obs": {key: (B, To, ...)}, "action": (B, Tp, Da), "action_is_pad": (B, Tp)
                 bool (optional)}` in data units.
-            generator: source of t, the noise and the encoder's random crops.
+            generator: source of every random draw, in this order: the encoder's random crops
+                (image keys, train mode), t `(B,)` by `torch.rand`, the noise `(B, Tp, Da)`.
 
         Each example gets one level t for its whole chunk (continuous, or on the training grid of
         `config.process.train_steps`). Padded actions count unless `config.loss.mask_padding`.

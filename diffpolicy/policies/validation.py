@@ -45,7 +45,8 @@ def check_observations(obs: Any, config: PolicyConfig, batch_size: int | None = 
             raise ObservationDtypeError(f"obs[{key!r}]: expected a torch.Tensor, got {type(value).__name__}")
         is_image = key in config.image_keys
         if is_image and value.dtype != torch.uint8:
-            raise ObservationDtypeError(f"obs[{key!r}]: image observations must be uint8 in [0, 255], got {value.dtype}")
+            raise ObservationDtypeError(
+                f"obs[{key!r}]: image observations must be uint8 in [0, 255], got {value.dtype}")
         if not is_image and not value.is_floating_point():
             raise ObservationDtypeError(f"obs[{key!r}]: low-dim observations must be floating point, got {value.dtype}")
         shape = tuple(value.shape)
