@@ -106,7 +106,7 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
             if column == "params":
                 text = f"{value / 1e6:.2f}M"
             elif column == "train it/s":
-                text = f"{value:.1f}"
+                text = f"{value:.3g}"
             else:
                 text = f"{value * 1e3:.2f}"
             cells.append(f"{text} ({ratio:.3f}x)")

@@ -6,6 +6,7 @@ robosuite envs take a second or more to build, so each is built once per module 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -98,6 +99,10 @@ def rollout(env, expert, seed: int, max_steps: int = 400):
     return observations, states, info
 
 
+def without_content_type(xml: str) -> str:
+    return re.sub(r' content_type="[^"]*"', "", xml)
+
+
 # ---------------------------------------------------------------- env contract
 @pytest.mark.parametrize("name", list(OBJECT_DIMS))
 def test_cards_match_env_spaces(cards, envs, name):
@@ -182,7 +187,9 @@ def test_replaying_states_reproduces_observations(envs):
     try:
         # MuJoCo saves only the last loaded model: the env must keep its own XML.
         assert env.unwrapped.model_xml() == xml and 'name="Can_can_mesh"' in xml
-        assert rebuilt.state_dim == env.unwrapped.state_dim
+        # The build is seeded, so it is the same model; MuJoCo writes mesh `content_type` attributes
+        # only for the first load of a mesh file in a process, so compare without them.
+        assert without_content_type(rebuilt.model_xml()) == without_content_type(xml)
         rebuilt.reset(seed=99)  # somewhere else entirely
         for t, (state, recorded) in enumerate(zip(states, observations)):
             replayed = rebuilt.set_state(state)
@@ -227,7 +234,7 @@ def test_old_env_args_rebuild_an_env_that_moves_like_ours(envs):
     old = make_env_from_env_args(OLD_LIFT_ENV_ARGS)
     try:
         controller = old.robosuite_env.robots[0].part_controllers["right"]
-        assert type(controller).__name__ == "OSC" and controller.input_type == "delta"
+        assert type(controller).__name__ == "OperationalSpaceController" and controller.input_type == "delta"
         np.testing.assert_allclose(controller.kp, 150)
         assert old.obs_type == "low_dim" and set(old.observation_space.spaces) == set(LOW_DIM_KEYS)
         actions = np.random.default_rng(0).uniform(-1, 1, size=(10, 7))

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from diffpolicy.core.guidance import GuidedInpainting
+from diffpolicy.core.guidance import GuidedInpainting, PrefixInpainting
 from diffpolicy.core.losses import min_snr_weight
 from diffpolicy.policies import (
     ChunkPolicy,
@@ -111,14 +111,34 @@ def test_sample_is_reproducible_from_the_generator(kind):
 @pytest.mark.parametrize("kind", ["diffusion", "flow"])
 def test_tokens_started_at_t0_return_x_init(kind):
     policy = make_policy(kind).eval()
-    x_init = 150 + 80 * torch.randn(B, TP, DA, generator=torch.Generator().manual_seed(1))  # beyond the clip range too
+    committed = 150 + 80 * torch.randn(B, TP, DA, generator=torch.Generator().manual_seed(1))  # beyond the clip range too
     t_start = torch.ones(B, TP)
     t_start[:, :3] = 0.0
     t_start[0, 4] = 0.0
-    out = policy.sample(make_obs(), x_init=x_init, t_start=t_start, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(B, TP, DA, generator=torch.Generator().manual_seed(3))
     kept = t_start == 0
-    torch.testing.assert_close(out[kept], x_init[kept], rtol=1e-6, atol=1e-4)
-    assert (out[~kept] - x_init[~kept]).abs().min() > 1e-3
+    x_init = torch.where(kept[..., None], policy.normalize_action(committed), noise)
+    out = policy.sample(make_obs(), x_init=x_init, t_start=t_start, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out[kept], committed[kept], rtol=1e-6, atol=1e-4)
+    assert (out[~kept] - committed[~kept]).abs().min() > 1e-3
+    # the other tokens are ordinary samples: clipped into the action range [100, 200]
+    assert bool(((out[~kept] >= 100 - 1e-4) & (out[~kept] <= 200 + 1e-4)).all())
+
+
+def test_x_init_is_the_initial_noise():
+    policy = make_policy("flow").eval()  # deterministic Euler steps: only the initial noise matters
+    noise = torch.randn(B, TP, DA, generator=torch.Generator().manual_seed(8))
+    given = policy.sample(make_obs(), x_init=noise, generator=torch.Generator().manual_seed(9))
+    drawn = policy.sample(make_obs(), generator=torch.Generator().manual_seed(8))  # draws the same noise first
+    torch.testing.assert_close(given, drawn, rtol=0, atol=0)
+
+
+def test_flow_clipping_leaves_a_hard_prefix_alone():
+    policy = make_policy("flow").eval()
+    prefix = torch.full((B, 2, DA), 1.5)  # outside the clip range [-1, 1] in normalized units
+    out = policy.sample(make_obs(), guidance=PrefixInpainting(prefix), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[:, :2], policy.unnormalize_action(prefix))
+    assert bool((out[:, 2:] <= 200 + 1e-4).all())
 
 
 def test_partial_start_level_needs_x_init():

@@ -15,8 +15,8 @@ from train_helpers import TINY, make_pusht_dataset
 from diffpolicy.train.config import build_config
 from diffpolicy.train.trainer import RunDirectoryError, train
 
-STEPS = 300
-OVERRIDES = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=50", "train.log_every=10"]
+STEPS = 120
+OVERRIDES = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=20", "train.log_every=10"]
 
 
 @pytest.fixture(scope="module")

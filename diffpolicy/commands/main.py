@@ -109,8 +109,7 @@ def run(args: argparse.Namespace) -> int:
         print("diffpolicy main: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
 
-    first_obs = {k: np.asarray(collected_obs) for k, collected_obs in _first_history(dataset, policy).items()}
-    chunk_ms = inference_ms(policy, first_obs)
+    chunk_ms = inference_ms(policy, _first_history(dataset, policy))
     seconds["total"] = time.perf_counter() - started
     summary = {
         **evaluation.summary,

@@ -16,7 +16,9 @@ resets. The gymnasium TimeLimit comes from the task card (`make_env`), not from 
   (as robomimic demonstrations do).
 - Rendering: shadows and reflections are off by default (`full_render_quality=False`): under
   software EGL the reflective table re-renders the scene and costs more than half of a frame.
-- Seeding: robosuite draws object placements and the robot's initial joint noise from `env.rng`,
+- Seeding: robosuite draws some model properties when it builds the env (Lift: the cube's size)
+  from its `seed` keyword, fixed to 0 by default so every build has the same model. It draws
+  object placements and the robot's initial joint noise from `env.rng`,
   a numpy Generator also held by every placement sampler. `reset(seed=...)` hands gymnasium's
   `np_random` to all of them, so a seed fixes the initial state and unseeded resets continue the
   same stream.
@@ -86,6 +88,9 @@ def robosuite_kwargs(
         "hard_reset": False,
         "horizon": 1_000_000,  # robosuite's own horizon is unused: ignore_done, TimeLimit from the card
         "renderer": "mujoco",
+        # Seeds robosuite's model building (Lift draws its cube size then), so every build of a task
+        # has the same model; episodes are seeded separately by `reset(seed=...)`.
+        "seed": 0,
     }
     kwargs.update(env_kwargs)
     kwargs.update(

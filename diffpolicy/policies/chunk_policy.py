@@ -185,6 +185,8 @@ class ChunkPolicy(nn.Module):
                              guidance=guidance, generator=generator, record=record)
         clip = self.config.process.clip
         if self.config.process.type == "flow" and clip is not None:
+            if guidance is not None:  # prepare is pure; it may pin tokens (a hard prefix) at t = 0
+                _, levels = guidance.prepare(x_init, levels)
             moved = (levels > 0).unsqueeze(-1)
             result.x0 = torch.where(moved, result.x0.clamp(-clip, clip), result.x0)
         return result
@@ -203,17 +205,18 @@ class ChunkPolicy(nn.Module):
 
         Args:
             steps: denoising steps (default `config.inference_steps`).
-            x_init: `(B, Tp, Da)` in data units: the chunk at level t_start (warm start); it is
-                normalized with the action stats. Default: noise at t = 1.
-            t_start: float, `(B,)` or `(B, Tp)` per-token start levels; tokens at 0 come back as
-                x_init (up to the float round trip of normalization).
+            x_init: `(B, Tp, Da)` the sampler's state at level t_start, in normalized units as the
+                core sampler takes it: standard normal noise where t_start = 1, a renoised guess
+                (`process.corrupt(normalize_action(guess), t, noise)`) for a warm start, clean
+                `normalize_action(actions)` where t_start = 0. Default: noise drawn from `generator`.
+            t_start: float, `(B,)` or `(B, Tp)` per-token start levels (default 1); tokens at 0
+                come back as `unnormalize_action(x_init)` there.
             guidance: a core `Guidance` (works in normalized units); gradient-based guidance can
                 enable grad inside (this runs under `no_grad`, not `inference_mode`).
             generator: source of the initial noise and every step's noise.
         """
         cond = self.encode_obs(obs, generator)
-        x_norm = None if x_init is None else self.normalize_action(x_init)
-        result = self.sample_normalized(cond, steps, x_norm, t_start, guidance, generator)
+        result = self.sample_normalized(cond, steps, x_init, t_start, guidance, generator)
         return self.unnormalize_action(result.x0)
 
     # ------------------------------------------------------------------ checkpoints

@@ -44,6 +44,7 @@ from diffpolicy.envs.tasks import TaskCard, load_task
 from diffpolicy.evaluation.rollout import evaluate
 from diffpolicy.nn.ema import EMA
 from diffpolicy.policies import ChunkPolicy, Normalizer
+from diffpolicy.policies.errors import ConfigError
 from diffpolicy.train.checkpoints import (
     CheckpointManager,
     capture_rng_state,
@@ -275,12 +276,12 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, ctx
     val_dataset = window_dataset(buffer, val_mask, config) if val_mask.any() else None
     shards = tc.loss_shards or ctx.world_size
     if shards % ctx.world_size or tc.batch_size % shards:
-        raise ValueError(f"train.loss_shards={shards} must be a multiple of the {ctx.world_size} processes and "
+        raise ConfigError(f"train.loss_shards={shards} must be a multiple of the {ctx.world_size} processes and "
                          f"divide train.batch_size={tc.batch_size}")
     local_batch = tc.batch_size // ctx.world_size
     batches_per_epoch = len(dataset) // tc.batch_size
     if batches_per_epoch == 0:
-        raise ValueError(f"{config.data.path}: {len(dataset)} training windows, fewer than one batch "
+        raise ConfigError(f"{config.data.path}: {len(dataset)} training windows, fewer than one batch "
                          f"(train.batch_size={tc.batch_size}); lower train.batch_size or collect more episodes")
 
     # --- model, EMA, optimizer, schedule (same seed on every process; DDP checks it)
@@ -348,12 +349,11 @@ def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, ctx
 
         if step % tc.log_every == 0 or step == tc.steps:
             mean_loss = float(all_reduce_mean(loss_sum / loss_count, ctx))
-            loss_count_logged = loss_count
+            steps_per_s = loss_count / max(1e-9, time.perf_counter() - interval_start)
             loss_sum.zero_()
             loss_count = 0
             if ctx.is_main:
                 lr = learner.scheduler.get_last_lr()[0]
-                steps_per_s = loss_count_logged / max(1e-9, time.perf_counter() - interval_start)
                 log_row(run_dir, writer, {"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": steps_per_s})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
 

@@ -100,7 +100,6 @@ class RobosuiteScene:
         self.sim = self.rs.sim
         robot = self.rs.robots[0]
         self.eef_site = robot.eef_site_id["right"]
-        self.gripper = robot.gripper["right"]
 
     def eef_pos(self) -> np.ndarray:
         return np.array(self.sim.data.site_xpos[self.eef_site])
@@ -120,11 +119,6 @@ class RobosuiteScene:
 
     def site_pos(self, name: str) -> np.ndarray:
         return np.array(self.sim.data.site_xpos[self.sim.model.site_name2id(name)])
-
-    def finger_gap(self) -> float:
-        """Opening of the gripper: sum of the two finger joint positions' magnitudes (m)."""
-        qpos = self.sim.data.qpos[self.rs.robots[0]._ref_gripper_joint_pos_indexes["right"]]
-        return float(np.sum(np.abs(qpos)))
 
 
 class WaypointExpert:

@@ -33,8 +33,10 @@ class CanExpert(WaypointExpert):
         above = float(rng.uniform(0.06, 0.14))
         grip_height = float(rng.uniform(0.005, 0.02))
         carry_z = bin_floor + float(rng.uniform(0.2, 0.26))
-        # The compartment's near corner: its far side is at the edge of the Panda's reach.
-        drop = goal[:2] - [0.0975, 0.1225] + rng.uniform([0.03, 0.04], [0.09, 0.1])
+        # Near the compartment's corner closest to the robot: beyond it the Panda cannot keep the
+        # gripper pointing down that low. The can (radius ~3.3 cm) stays clear of the walls.
+        corner = goal[:2] - [0.0975, 0.1225]
+        drop = corner + rng.uniform([0.035, 0.035], [0.065, 0.07])
         release_z = bin_floor + 0.07 + grip_height + float(rng.uniform(0.0, 0.03))
         via = np.array([*(rng.uniform(0.3, 0.7) * (drop - can_pos()[:2]) + can_pos()[:2]
                           + [rng.uniform(-0.1, 0.05), 0.0]), carry_z + rng.uniform(0.0, 0.08)])

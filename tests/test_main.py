@@ -1,0 +1,34 @@
+"""`diffpolicy main` end to end with tiny settings: collect, train, evaluate, report; and resume."""
+
+import json
+
+from train_helpers import TINY
+
+from diffpolicy.cli import main
+
+
+def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
+    out, dataset = tmp_path / "main", tmp_path / "pusht.zarr"
+    argv = ["main", "--out", str(out), "--dataset", str(dataset), "--demos", "3", "--eval-episodes", "2",
+            "--no-progress", *TINY]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "[4/4] report" in stdout and "success" in stdout and "ms per chunk" in stdout
+
+    report = (out / "report.md").read_text()
+    assert "success rate (95 % Wilson CI)" in report and "mean_coverage" in report
+    assert "![learning curve](learning_curve.png)" in report
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    video = "eval/videos/episode_000_seed_100000.mp4"
+    assert f"]({video})" in report and (out / video).stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["episodes"] == 2 and summary["training steps"] == 20 and summary["demonstrations"] == 3
+    assert summary["seeds"] == "100000..100001"
+    episodes = json.loads((out / "eval" / "episodes.json").read_text())
+    assert [e["seed"] for e in episodes] == [100000, 100001]
+
+    # a second run resumes: nothing new to collect, training already at its last step
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "(resuming)" in stdout
+    assert json.loads((out / "summary.json").read_text())["training steps"] == 20
