@@ -86,17 +86,18 @@ def lift_image_env():
 
 
 def rollout(env, expert, seed: int, max_steps: int = 400):
-    """Expert episode on `env`: observations, flat states (one per observation), final info."""
+    """Expert episode on `env`: observations, flat states (one per observation), final info, rewards."""
     obs, info = env.reset(seed=seed)
     expert.reset(seed)
-    observations, states = [obs], [env.unwrapped.get_state()]
+    observations, states, rewards = [obs], [env.unwrapped.get_state()], []
     for _ in range(max_steps):
-        obs, _, terminated, truncated, info = env.step(expert.act(obs))
+        obs, reward, terminated, truncated, info = env.step(expert.act(obs))
         observations.append(obs)
         states.append(env.unwrapped.get_state())
+        rewards.append(reward)
         if terminated or truncated:
             break
-    return observations, states, info
+    return observations, states, info, rewards
 
 
 def without_content_type(xml: str) -> str:
@@ -181,7 +182,7 @@ def test_seeded_reset_is_reproducible(envs, name):
 # ---------------------------------------------------------------- state replay
 def test_replaying_states_reproduces_observations(envs):
     env = envs["can"]
-    observations, states, _ = rollout(env, CanExpert(env), seed=3, max_steps=60)
+    observations, states, *_ = rollout(env, CanExpert(env), seed=3, max_steps=60)
     xml = env.unwrapped.model_xml()
     rebuilt = make_env_from_env_args(env_args_for(env))
     try:
@@ -283,9 +284,11 @@ def test_expert_succeeds(cards, envs, name, seeds):
     env = envs[name]
     expert = make_expert(cards[name], env)
     for seed in seeds:
-        observations, _, info = rollout(env, expert, seed)
+        observations, _, info, rewards = rollout(env, expert, seed)
         assert info["is_success"], f"{name} expert failed on seed {seed} at stage {expert.stage!r}"
         assert len(observations) - 1 < 400
+        # sparse reward: 1 exactly at success (the episode ends there), 0 before
+        assert rewards[-1] == 1.0 and not any(rewards[:-1])
 
 
 def test_expert_actions_are_bounded_and_seeded(envs):

@@ -219,10 +219,12 @@ class RobosuiteEnv(gymnasium.Env):
             )
         if not np.all(np.isfinite(action)):
             raise ValueError(f"{self.env_name} step: action has non-finite entries: {action}")
-        _, reward, _, _ = self._env.step(np.clip(action, -1.0, 1.0))
+        action = np.clip(action, -1.0, 1.0)
+        self._env.step(action)
         # With lite physics the last substep leaves positions one substep behind qpos; recompute
-        # them so observations and the success check are functions of `get_state()`.
+        # them so observations, reward and success are functions of `get_state()`.
         self._env.sim.forward()
+        reward = self._env.reward(action)
         success = bool(self._env._check_success())
         terminated = success and self.terminate_on_success
         return self._observe(), float(reward), terminated, False, {"is_success": success}
