@@ -1,8 +1,7 @@
 """The `diffpolicy` command line: one subcommand per module in `diffpolicy.commands`.
 
-Each command module defines `register(subparsers)`, which adds its parser and sets
-`func=<callable taking the parsed args>`. Modules are imported lazily so that `--help`
-stays fast and a command's heavy dependencies load only when it runs.
+Each command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+lazily so that `--help` stays fast and a command's heavy dependencies load only when it runs.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ through `LearnedExpert`, so the reached return is the return of the demonstrator
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -194,7 +195,7 @@ def train_expert(
     train_env = make_env(card)
     policy = "MultiInputPolicy"
     model = algorithm_class(spec.algorithm)(policy, train_env, seed=spec.seed, device="cpu", verbose=0,
-                                            **spec.hyperparameters)
+                                            **copy.deepcopy(spec.hyperparameters))  # SB3 edits policy_kwargs
     log(f"[{card.name}] training {spec.algorithm.upper()} to eval return {spec.target_return:g} "
         f"(at most {spec.max_steps} steps, evaluated every {spec.eval_every}) -> {model_path}")
     model.learn(total_timesteps=spec.max_steps, callback=EvaluateAndStop())

@@ -107,6 +107,12 @@ class RobosuiteScene:
     def eef_rot(self) -> np.ndarray:
         return np.array(self.sim.data.site_xmat[self.eef_site]).reshape(3, 3)
 
+    def wrist_angle(self) -> float:
+        """The last arm joint (Panda joint 7, range +-2.9 rad). With the gripper pointing down,
+        turning the gripper's yaw by `d` moves it by about `-d`."""
+        robot = self.rs.robots[0]
+        return float(self.sim.data.qpos[robot._ref_joint_pos_indexes[-1]])
+
     def eef_yaw(self) -> float:
         """Yaw of the finger axis (the gripper site's x axis)."""
         return body_yaw(self.eef_rot())

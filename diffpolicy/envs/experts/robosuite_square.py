@@ -28,6 +28,7 @@ HANDLE_SITE = "SquareNut_handle_site"
 NUT_HALF_HEIGHT = 0.01
 REACHABLE_NUT_YAWS = (np.pi / 2, np.pi, -np.pi / 2)  # handle pointing left, at the robot, right
 MAX_NUT_TURN = 2.0  # radians; at least two of the three yaws are always within it
+MAX_WRIST = 2.5  # radians: Panda joint 7 stops at +-2.9
 
 
 class SquareExpert(WaypointExpert):
@@ -55,16 +56,22 @@ class SquareExpert(WaypointExpert):
             axis = scene.body_rot(nut)[:, 0]
             return scene.site_pos(HANDLE_SITE) + along * axis
 
-        grasp_yaw = constant(grasp_yaw_choices(nut_yaw() + np.pi / 2, np.pi, scene.eef_yaw())[0])
+        grasp_yaw_value = grasp_yaw_choices(nut_yaw() + np.pi / 2, np.pi, scene.eef_yaw())[0]
+        grasp_yaw = constant(grasp_yaw_value)
+        wrist_after_grasp = scene.wrist_angle() - (grasp_yaw_value - scene.eef_yaw())
         above = float(rng.uniform(0.06, 0.12))
         grip_height = float(rng.uniform(0.0, 0.005))
         carry_z = peg_top + float(rng.uniform(0.08, 0.14))
 
         # The peg is square to the world axes, so the nut fits at yaw 0, 90, 180 or 270 degrees; at 0
         # the handle (and the hand) would be beyond the peg, out of the Panda's reach.
+        # Turning the nut turns the wrist joint the other way; keep it clear of its limit.
         start_yaw = nut_yaw()
         turns = {yaw: nearest_equivalent(yaw - start_yaw, 0.0, 2 * np.pi) for yaw in REACHABLE_NUT_YAWS}
-        options = [yaw for yaw, turn in turns.items() if abs(turn) <= MAX_NUT_TURN]
+        wrist = {yaw: abs(wrist_after_grasp - turn) for yaw, turn in turns.items()}
+        options = [yaw for yaw, turn in turns.items() if abs(turn) <= MAX_NUT_TURN and wrist[yaw] <= MAX_WRIST]
+        if not options:
+            options = [min(wrist, key=wrist.get)]
         final_nut_yaw = float(options[int(rng.integers(len(options)))])
         self.decisions = {"final_nut_yaw": final_nut_yaw, "grasp_along_handle": along}
 
