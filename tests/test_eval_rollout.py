@@ -82,6 +82,38 @@ def test_history_and_chunk_execution():
     assert np.array_equal(second, np.stack(ActionLog.observations[ta - to + 1: ta + 1]))
 
 
+class DemoReplayPolicy:
+    """Test double: replays a recorded demonstration, chunk c holding actions c*Ta - (To-1) ... of it."""
+
+    def __init__(self, config, actions):
+        self.config, self.actions, self.calls = config, torch.as_tensor(actions), 0
+
+    def eval(self):
+        return self
+
+    def sample(self, obs, steps=None, x_init=None, generator=None):
+        start = self.calls * self.config.action_horizon - (self.config.obs_horizon - 1)
+        rows = (start + torch.arange(self.config.pred_horizon)).clamp(0, len(self.actions) - 1)
+        self.calls += 1
+        return self.actions[rows][None]
+
+
+def test_replaying_a_demonstration_through_the_chunk_loop_reproduces_it(tmp_path):
+    """Executed action t of the rollout is demonstration action t: the expert's success comes back."""
+    from train_helpers import make_pusht_dataset
+
+    from diffpolicy.data.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer.open(make_pusht_dataset(tmp_path / "demo.zarr", episodes=1))
+    demo = buffer.get_episode(0)
+    assert bool(buffer.episode_meta("success")[0])
+    card = load_task("pusht")
+    policy = DemoReplayPolicy(build_config("pusht", "flow").policy, demo["action"])
+    results, _ = rollout(policy, functools.partial(make_env, card), [int(buffer.episode_meta("seed")[0])], n_envs=1)
+    assert results[0].success and results[0].length == len(demo["action"])
+    assert results[0].episode_return == pytest.approx(float(demo["reward"].sum()), rel=1e-6)
+
+
 def _short_env(card, steps):
     from gymnasium.wrappers import TimeLimit
 

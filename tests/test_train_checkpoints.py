@@ -44,6 +44,14 @@ def test_keeps_top_k_by_score_plus_latest(tmp_path):
     assert torch.equal(groups["model"]["w"], torch.full((2,), 50.0)) and meta["step"] == 50
 
 
+def test_list_scores_rank_lexicographically(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_top_k=1)
+    for step, score in [(10, [0.0, 0.4]), (20, [0.0, 0.2]), (30, [0.1, 0.0]), (40, [0.0, 0.9])]:
+        save(manager, step, score)
+    assert manager.best().name == "step_00000030"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000030", "step_00000040"]
+
+
 def test_without_scores_only_the_latest_survives(tmp_path):
     manager = CheckpointManager(tmp_path, keep_top_k=3)
     for step in (1, 2, 3):

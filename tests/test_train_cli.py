@@ -82,3 +82,13 @@ def test_existing_run_needs_resume(tmp_path, dataset, capsys):
     assert code == 0 and "trained 20 steps" in stdout
     code, _, err = run_cli(capsys, *flags, "--policy", "flow", "--resume")
     assert code == 2 and "with --policy diffusion" in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "main"])
+def test_help_renders(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0 and f"diffpolicy {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert command in capsys.readouterr().out

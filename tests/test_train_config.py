@@ -33,13 +33,13 @@ def test_image_task_gets_image_keys_and_a_crop():
 def test_overrides_are_typed():
     config = build_config("pusht", "flow", ["optim.lr=3e-4", "train.steps=1e4", "train.bf16=false",
                                             "optim.betas=[0.9, 0.99]", "optim.grad_clip=none",
-                                            "policy.backbone.down_dims=[32, 64]", "eval.inference_steps=3"])
+                                            "policy.backbone.num_blocks=2", "eval.inference_steps=3"])
     assert config.optim.lr == 3e-4 and isinstance(config.optim.lr, float)
     assert config.train.steps == 10000 and isinstance(config.train.steps, int)
     assert config.train.bf16 is False
     assert config.optim.betas == [0.9, 0.99]
     assert config.optim.grad_clip is None
-    assert config.policy.backbone["down_dims"] == [32, 64]
+    assert config.policy.backbone["num_blocks"] == 2
     assert config.eval.inference_steps == 3
 
 
@@ -52,7 +52,7 @@ def test_a_whole_dict_can_be_replaced():
     ("optim.lrr=1e-3", "optim.lr"),
     ("lr=1e-3", "optim.lr"),
     ("train.step=5", "train.steps"),
-    ("policy.backbone.down_dim=[8]", "policy.backbone.down_dims"),
+    ("policy.backbone.hiden_dim=8", "policy.backbone.hidden_dim"),
 ])
 def test_unknown_key_lists_close_matches(override, close):
     with pytest.raises(ConfigError, match="unknown config key") as info:
@@ -66,7 +66,8 @@ def test_unknown_key_lists_close_matches(override, close):
     ("optim.lr=fast", "float"),
     ("train.bf16=maybe", "bool"),
     ("optim.betas=0.9", "list"),
-    ("policy.backbone.down_dims=[a, b]", "int"),
+    ("optim.betas=[a, b]", "float"),
+    ("policy.backbone.hidden_dim=wide", "int"),
 ])
 def test_wrong_type_names_key_type_and_value(override, expected):
     key, value = override.split("=", 1)
@@ -84,13 +85,13 @@ def test_invalid_overrides_are_refused(override):
 
 
 def test_json_round_trip_and_resume_config(tmp_path):
-    config = build_config("pusht", "flow", ["train.steps=77", "policy.backbone.down_dims=[16, 32]"])
+    config = build_config("pusht", "flow", ["train.steps=77", "policy.backbone.hidden_dim=16"])
     config.save(tmp_path / "config.json")
     assert TrainConfig.load(tmp_path / "config.json") == config
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 77
     # resuming takes the saved config (not the defaults), then applies the new overrides
     resumed = config_for_run("pusht", "flow", ["train.steps=100"], tmp_path, resume=True)
-    assert resumed.train.steps == 100 and resumed.policy.backbone["down_dims"] == [16, 32]
+    assert resumed.train.steps == 100 and resumed.policy.backbone["hidden_dim"] == 16
     with pytest.raises(ConfigError, match="--policy"):
         config_for_run("pusht", "diffusion", [], tmp_path, resume=True)
 

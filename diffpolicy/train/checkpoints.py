@@ -160,6 +160,12 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _rank(entry: dict[str, Any]) -> tuple[list[float], int]:
+    """Sort key of an index entry: its score as a list (lexicographic), then its step."""
+    score = entry["score"]
+    return (list(score) if isinstance(score, list) else [score]), entry["step"]
+
+
 class CheckpointManager:
     """Writes checkpoints under `root` atomically and keeps the top-k by score plus the latest."""
 
@@ -194,12 +200,11 @@ class CheckpointManager:
         scored = [c for c in self.read_index()["checkpoints"] if c["score"] is not None]
         if not scored:
             return self.latest()
-        top = max(scored, key=lambda c: (c["score"], c["step"]))
-        return self.root / top["name"]
+        return self.root / max(scored, key=_rank)["name"]
 
     # --------------------------------------------------------------- writing
     def save(self, step: int, *, export: Callable[[Path], None], groups: dict[str, dict[str, torch.Tensor]],
-             meta: dict[str, Any], score: float | None = None) -> Path:
+             meta: dict[str, Any], score: float | list[float] | None = None) -> Path:
         """Write checkpoint `step` and prune.
 
         Args:
@@ -207,8 +212,9 @@ class CheckpointManager:
                 passes the EMA policy's `save_pretrained`).
             groups: `{group: {name: tensor}}`, one safetensors file per group.
             meta: JSON-able training state (step, data position, RNG, scheduler, ...).
-            score: evaluation score (higher is better) used for top-k retention; None if not
-                evaluated (then the checkpoint survives only while it is the latest).
+            score: evaluation score (higher is better; a list is compared lexicographically, e.g.
+                success rate then coverage) used for top-k retention; None if not evaluated
+                (then the checkpoint survives only while it is the latest).
         """
         self.root.mkdir(parents=True, exist_ok=True)
         name = checkpoint_name(step)
@@ -233,8 +239,7 @@ class CheckpointManager:
         entries = [c for c in index["checkpoints"] if c["name"] != name]
         entries.append({"name": name, "step": step, "score": score})
         entries.sort(key=lambda c: c["step"])
-        scored = sorted((c for c in entries if c["score"] is not None),
-                        key=lambda c: (c["score"], c["step"]), reverse=True)
+        scored = sorted((c for c in entries if c["score"] is not None), key=_rank, reverse=True)
         keep = {c["name"] for c in scored[: self.keep_top_k]} | {name}
         kept = [c for c in entries if c["name"] in keep]
         atomic_write_text(self.root / INDEX_FILE, json.dumps({"latest": name, "checkpoints": kept}, indent=1))

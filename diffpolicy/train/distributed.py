@@ -62,19 +62,10 @@ def setup_distributed(device: str = "auto") -> DistContext:
 
 
 def teardown_distributed() -> None:
-    """Leave the process group (no-op when none was joined)."""
+    """Leave the process group (no-op when none was joined). No barrier: after an error on one
+    rank the others must not wait for it."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
-
-
-def broadcast_object(value, ctx: DistContext):
-    """Rank 0's `value` on every rank (identity in a single process)."""
-    if not ctx.enabled:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -13,7 +13,8 @@ The recipe is Diffusion Policy's: AdamW, linear warm-up into a cosine decay, gra
 an EMA of the weights (evaluated and exported), bf16 autocast on GPUs only. The normalizer is
 fitted on the training split. Every `checkpoint_every` steps the EMA policy is evaluated in the
 environment (`eval.episodes` > 0) and a checkpoint is written; the best `keep_top_k` by success
-rate and the latest are kept.
+rate (ties broken by mean coverage, or by mean return where the task has no coverage) and the
+latest are kept.
 
 Exact resume: the noise of each step comes from generators seeded by (seed, step, shard), the
 data order from `DistributedSampler`'s (seed + epoch) permutation and the saved position inside
@@ -399,8 +400,9 @@ def checkpoint(run_dir: Path, config: TrainConfig, card: TaskCard, manager: Chec
                           n_envs=config.eval.n_envs, device=device,
                           inference_steps=config.eval.inference_steps)
         summary = result.summary
-        score = summary["success_rate"]["rate"]
-        row.update({"eval/success_rate": score, "eval/mean_return": summary["mean_return"],
+        rate = summary["success_rate"]["rate"]
+        score = [rate, summary.get("mean_coverage", summary["mean_return"])]  # coverage breaks ties
+        row.update({"eval/success_rate": rate, "eval/mean_return": summary["mean_return"],
                     "eval/mean_length": summary["mean_length"]})
         if "mean_coverage" in summary:
             row["eval/mean_coverage"] = summary["mean_coverage"]
