@@ -22,31 +22,32 @@ COMMANDS: list[tuple[str, str, str]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: it only picks the command; each command parses its own arguments."""
     parser = argparse.ArgumentParser(
         prog="diffpolicy",
         description="Diffusion and flow-matching action-chunk policies for robots.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module, help_text in COMMANDS:
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        sub_parser.set_defaults(_module=module)
+    for name, _, help_text in COMMANDS:
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    known, _ = parser.parse_known_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
-    if known.command is None:
+    if not argv or argv[0].startswith("-"):
+        parser.parse_args(argv)  # handles --help and reports unknown options
         parser.print_help()
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(f"diffpolicy.commands.{known._module}")
-    command_parser = argparse.ArgumentParser(
-        prog=f"diffpolicy {known.command}",
-        description=next(h for n, _, h in COMMANDS if n == known.command),
-    )
+        return 2
+    name, rest = argv[0], argv[1:]
+    parser.parse_args([name])  # an unknown command exits 2 with the list of commands
+    module_name, help_text = next((m, h) for n, m, h in COMMANDS if n == name)
+    module = importlib.import_module(f"diffpolicy.commands.{module_name}")
+    command_parser = argparse.ArgumentParser(prog=f"diffpolicy {name}", description=help_text)
     module.add_arguments(command_parser)
-    args = command_parser.parse_args(argv[1:])
+    # Intermixed: `train --task pusht a=1 --resume b=2` mixes options and key=value overrides.
+    args = command_parser.parse_intermixed_args(rest)
     return int(module.run(args) or 0)
 
 

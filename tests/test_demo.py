@@ -3,7 +3,6 @@ them into the obstacle."""
 
 import numpy as np
 import pytest
-import torch
 
 from diffpolicy.cli import main
 from diffpolicy.commands.demo import (

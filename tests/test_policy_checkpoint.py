@@ -95,14 +95,14 @@ def test_crash_while_writing_keeps_the_old_checkpoint_whole(saved, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint_module, "_fsync", crash)  # after the weights file is written
+    monkeypatch.setattr(checkpoint_module, "fsync_file", crash)  # after the weights file is written
     with pytest.raises(OSError, match="disk full"):
         make_policy("flow", seed=1).save_pretrained(directory)
     assert {name: (directory / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(directory.parent)) == ["ckpt"]
     monkeypatch.undo()
     fresh = directory.parent / "fresh"
-    monkeypatch.setattr(checkpoint_module, "_fsync", crash)
+    monkeypatch.setattr(checkpoint_module, "fsync_file", crash)
     with pytest.raises(OSError):
         policy.save_pretrained(fresh)
     assert not fresh.exists()

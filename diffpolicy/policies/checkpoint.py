@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffpolicy.fsutil import fsync_dir, fsync_file
 from diffpolicy.policies.errors import CheckpointError, CheckpointNotFoundError, PickleRefusedError
 
 FORMAT_VERSION = 1
@@ -86,11 +87,11 @@ def write_checkpoint(
         weights_path = staging / WEIGHTS_FILE
         save_file({name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()},
                   str(weights_path))
-        _fsync(weights_path)
+        fsync_file(weights_path)
         header["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_of(weights_path)}
         config_path = staging / CONFIG_FILE
         config_path.write_text(json.dumps(header, indent=2, allow_nan=False) + "\n")
-        _fsync(config_path)
+        fsync_file(config_path)
         os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
         for path in (weights_path, config_path):
             os.chmod(path, 0o644)
@@ -105,27 +106,14 @@ def _swap_into_place(staging: Path, target: Path) -> None:
     """Rename `staging` to `target`, moving an existing checkpoint aside first and deleting it after."""
     if not target.exists():
         os.rename(staging, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rmdir(old)
     os.rename(target, old)
     os.rename(staging, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_of(path: str | os.PathLike) -> str:

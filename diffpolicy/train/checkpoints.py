@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffpolicy.fsutil import atomic_write_text, fsync_dir, fsync_tree
 from diffpolicy.policies.errors import CheckpointError, CheckpointNotFoundError
 
 STATE_FORMAT_VERSION = 1
@@ -36,35 +37,6 @@ INDEX_FILE = "index.json"
 POLICY_DIR = "policy"
 STATE_DIR = "state"
 STATE_JSON = "state.json"
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and `os.replace` (atomic on POSIX)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -229,11 +201,11 @@ class CheckpointManager:
         state_meta = {"format_version": STATE_FORMAT_VERSION, "step": step, "score": score,
                       "groups": sorted(groups), **meta}
         (tmp / STATE_DIR / STATE_JSON).write_text(json.dumps(state_meta))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # re-saving a step (e.g. after a resume that repeats it)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
         index = self.read_index()
         entries = [c for c in index["checkpoints"] if c["name"] != name]

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from diffpolicy.envs.tasks import TaskCard, load_task
+from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.policies.config import PolicyConfig, diffusion_process, flow_process
 from diffpolicy.policies.errors import ConfigError
 
@@ -344,8 +345,6 @@ class TrainConfig:
         return from_dict(cls, data, where)
 
     def save(self, path: str | Path) -> None:
-        from diffpolicy.train.checkpoints import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1))
 
     @classmethod
