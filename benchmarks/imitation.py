@@ -23,7 +23,7 @@ checkpoint; evaluation results are cached under `--out`, the policy's by checkpo
 expert's per seed (`<task>_expert_outcomes.json`, dropped when the expert's code or card changes).
 Training time is the sum of the wall time of every training session of the run (`train_time.json`).
 
-    python benchmarks/imitation.py --task lift --episodes-demo 150 --train-steps 6000 \
+    python benchmarks/imitation.py --task lift --episodes-demo 150 --train-steps 8000 --set optim.lr=3e-4 \
         --set 'policy.backbone={type: mlp, hidden_dim: 512, num_blocks: 3, time_embed_dim: 32}'
     python benchmarks/imitation.py --task pusht --methods flow --eval-episodes 100
 """
