@@ -36,7 +36,6 @@ import importlib.util
 import inspect
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,10 +48,12 @@ import torch  # noqa: E402
 
 from diffpolicy.envs.collect import collect  # noqa: E402
 from diffpolicy.envs.tasks import TaskCard, load_task, make_env, make_expert  # noqa: E402
+from diffpolicy.evaluation.latency import chunk_latency_ms  # noqa: E402
 from diffpolicy.evaluation.rollout import evaluate  # noqa: E402
 from diffpolicy.evaluation.stats import SuccessRate, success_rate  # noqa: E402
 from diffpolicy.policies import ChunkPolicy  # noqa: E402
-from diffpolicy.train.checkpoints import CheckpointManager, atomic_write_text, resolve_policy_dir  # noqa: E402
+from diffpolicy.fsutil import atomic_write_text  # noqa: E402
+from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir  # noqa: E402
 from diffpolicy.train.config import METHODS, config_for_run  # noqa: E402
 from diffpolicy.train.trainer import train  # noqa: E402
 
@@ -170,25 +171,16 @@ def evaluate_expert(card: TaskCard, path: Path, episodes: int, seed: int) -> Suc
     return success_rate([outcomes[str(s)] for s in range(seed, seed + episodes)])
 
 
-def chunk_latency_ms(policy: ChunkPolicy, card: TaskCard, seed: int, repeats: int, warmup: int = 5) -> float:
-    """Median wall ms of `policy.sample` for one real observation (batch 1, default steps)."""
+def first_observation_latency_ms(policy: ChunkPolicy, card: TaskCard, seed: int, repeats: int) -> float:
+    """`chunk_latency_ms` for the env's first observation at `seed`, repeated over the To history."""
     env = make_env(card)
     try:
         obs, _ = env.reset(seed=seed)
     finally:
         env.close()
     to = policy.config.obs_horizon
-    batch = {k: torch.as_tensor(np.stack([obs[k]] * to))[None] for k in policy.config.obs_shapes}
-    generator = torch.Generator().manual_seed(seed)
-    policy.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            policy.sample(batch, generator=generator)
-            if i >= warmup:
-                times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    history = {k: np.stack([obs[k]] * to) for k in policy.config.obs_shapes}
+    return chunk_latency_ms(policy, history, repeats=repeats, warmup=5, seed=seed)
 
 
 # ----------------------------------------------------------------------------- table
@@ -280,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         policy = ChunkPolicy.from_pretrained(policy_dir)
         policy_rate = evaluate_policy(policy, card, run_dir / "eval" / f"{policy_dir.parent.name}_seed{eval_seed}"
                                       f"_n{args.eval_episodes}", args.eval_episodes, eval_seed, args.n_envs)
-        latency = chunk_latency_ms(policy, card, eval_seed, args.latency_repeats)
+        latency = first_observation_latency_ms(policy, card, eval_seed, args.latency_repeats)
         ratio = policy_rate.rate / expert.rate if expert.rate > 0 else None
         results.append({
             "task": card.name, "method": method, "demos": demos, "train_steps": timing["steps"],

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from diffpolicy.data.errors import DataFormatError
 from diffpolicy.envs.collect import CollectError, collect
 from diffpolicy.envs.tasks import TaskCardError, load_task
+from diffpolicy.evaluation.latency import chunk_latency_ms
 from diffpolicy.evaluation.report import write_report
 from diffpolicy.evaluation.rollout import evaluate
 from diffpolicy.policies import ChunkPolicy
@@ -55,18 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--videos", type=int, default=1, help="rollout videos in the report (default: 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides")
-
-
-def inference_ms(policy: ChunkPolicy, dataset_obs: dict[str, np.ndarray], repeats: int = 20) -> float:
-    """Median wall time (ms) to infer one chunk for one observation history (batch 1)."""
-    obs = {k: torch.as_tensor(v[None]) for k, v in dataset_obs.items()}
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(repeats + 2):
-        start = time.perf_counter()
-        policy.sample(obs, generator=generator)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[2:]) * 1000)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print("diffpolicy main: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
 
-    chunk_ms = inference_ms(policy, _first_history(dataset, policy))
+    chunk_ms = chunk_latency_ms(policy, _first_history(dataset, policy))
     seconds["total"] = time.perf_counter() - started
     summary = {
         **evaluation.summary,
