@@ -46,7 +46,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffpolicy.envs.collect import collect  # noqa: E402
+from diffpolicy.envs.collect import collect, recipe_settings  # noqa: E402
 from diffpolicy.envs.tasks import TaskCard, load_task, make_env, make_expert  # noqa: E402
 from diffpolicy.evaluation.latency import chunk_latency_ms  # noqa: E402
 from diffpolicy.evaluation.rollout import evaluate  # noqa: E402
@@ -88,9 +88,7 @@ def rate_from_dict(d: dict[str, Any]) -> SuccessRate:
 
 def ensure_dataset(card: TaskCard, episodes: int, path: Path) -> None:
     """Extend (or create) the store at `path` until it holds `episodes` expert episodes."""
-    recipe = card.dataset
-    summary = collect(card, episodes=episodes, out=path, seed_start=int(recipe.get("seed_start", 0)),
-                      only_success=bool(recipe.get("only_success", False)), progress=sys.stderr.isatty())
+    summary = collect(card, episodes=episodes, out=path, progress=sys.stderr.isatty(), **recipe_settings(card))
     print(f"dataset {path}: {summary.episodes} episodes ({summary.new_episodes} new, {summary.seconds:.0f} s)",
           flush=True)
 

@@ -156,3 +156,63 @@ def test_cli_collects_and_reports_unknown_tasks_without_a_traceback(tmp_path, ca
     assert "unknown task 'no_such_task'" in err and "pusht" in err and "Traceback" not in err
     assert load_task("pusht").dataset == {"episodes": 200, "path": "datasets/pusht.zarr",
                                          "only_success": True, "seed_start": 0}
+
+
+def test_action_noise_executes_perturbed_actions_and_records_the_experts(tmp_path):
+    """DART: the env runs the noisy action, the store keeps the expert's clean action for that state."""
+    from diffpolicy.envs.experts.pusht import PushTExpert
+
+    out = tmp_path / "dart.zarr"
+    collect("pusht", episodes=1, out=out, seed_start=3, action_noise=0.05, progress=False)
+    buffer = ReplayBuffer.open(out)
+    assert buffer.attrs["collection"]["action_noise"] == 0.05
+    episode = buffer.get_episode(0)
+
+    env = PushTEnv()
+    obs, _ = env.reset(seed=3)
+    expert = PushTExpert(env)
+    expert.reset(3)
+    noise = np.random.default_rng([3, collect_module.NOISE_STREAM])
+    scale = 0.05 * (512.0 - 0.0) / 2
+    gaps = []
+    for t, recorded in enumerate(episode["action"]):
+        np.testing.assert_array_equal(episode["agent_pos"][t], obs["agent_pos"])
+        action = expert.act(obs).astype(np.float32)
+        np.testing.assert_array_equal(recorded, action)  # the label is the expert's own action
+        executed = np.clip(action + scale * noise.standard_normal(2), 0.0, 512.0).astype(np.float32)
+        gaps.append(np.abs(executed - action).max())
+        obs, *_ = env.step(executed)
+    assert np.mean(gaps) > 5.0  # the executed actions really were perturbed (std 12.8 px)
+
+
+def test_action_noise_per_dimension_and_bad_values(tmp_path):
+    out = tmp_path / "dims.zarr"
+    collect("pusht", episodes=1, out=out, action_noise=[0.0, 0.0], progress=False)  # zero: clean expert
+    clean = collect("pusht", episodes=1, out=tmp_path / "clean.zarr", progress=False)
+    np.testing.assert_array_equal(ReplayBuffer.open(out)["states"][:], ReplayBuffer.open(clean.path)["states"][:])
+    for bad in (-0.1, float("nan"), [0.1, 0.1, 0.1], [[0.1]]):
+        with pytest.raises(CollectError, match="action_noise must be one finite number >= 0 or 2 of them"):
+            collect("pusht", episodes=1, out=tmp_path / "bad.zarr", action_noise=bad, progress=False)
+    assert not (tmp_path / "bad.zarr").exists()
+    with pytest.raises(CollectError, match="action_noise"):  # a store made without noise is not resumed with it
+        collect("pusht", episodes=2, out=tmp_path / "clean.zarr", action_noise=0.1, progress=False)
+
+
+def test_stores_made_before_action_noise_existed_still_resume(tmp_path):
+    out = tmp_path / "old.zarr"
+    collect("pusht", episodes=1, out=out, progress=False)
+    buffer = ReplayBuffer.open(out, mode="a")
+    collection = dict(buffer.attrs["collection"])
+    del collection["action_noise"]  # as stores written before the setting existed
+    buffer.attrs["collection"] = collection
+    assert collect("pusht", episodes=2, out=out, progress=False).episodes == 2
+
+
+def test_cli_takes_action_noise(tmp_path, capsys):
+    out = tmp_path / "cli_dart.zarr"
+    assert main(["collect", "--task", "pusht", "--episodes", "1", "--out", str(out), "--no-progress",
+                 "--action-noise", "0.02", "0.03"]) == 0
+    assert ReplayBuffer.open(out).attrs["collection"]["action_noise"] == [0.02, 0.03]
+    assert main(["collect", "--task", "pusht", "--episodes", "1", "--out", str(tmp_path / "x.zarr"),
+                 "--action-noise", "-1"]) == 2
+    assert "action_noise must be one finite number >= 0" in capsys.readouterr().err

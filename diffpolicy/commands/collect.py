@@ -2,6 +2,7 @@
 
     diffpolicy collect --task pusht                      # the card's dataset recipe
     diffpolicy collect --task pusht --episodes 50 --out datasets/pusht_small.zarr --seed-start 0
+    diffpolicy collect --task pusht --action-noise 0.05 --out datasets/pusht_dart.zarr   # DART noise
 
 Unset options come from the task card's `dataset` section. Rerunning the same command on an
 existing store resumes it (seeds not yet attempted); `--overwrite` starts it afresh.
@@ -13,7 +14,7 @@ import argparse
 import sys
 
 from diffpolicy.data.errors import DataFormatError
-from diffpolicy.envs.collect import CollectError, collect
+from diffpolicy.envs.collect import CollectError, collect, recipe_settings
 from diffpolicy.envs.tasks import TaskCardError, load_task
 
 
@@ -24,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-start", type=int, default=None, help="first seed (card: dataset.seed_start, else 0)")
     parser.add_argument("--only-success", action=argparse.BooleanOptionalAction, default=None,
                         help="keep only successful episodes (card: dataset.only_success)")
+    parser.add_argument("--action-noise", type=float, nargs="+", default=None, metavar="SIGMA",
+                        help="DART: execute the expert's action plus N(0, SIGMA * half-range) noise and record the "
+                             "clean action; one SIGMA or one per action dimension (card: dataset.action_noise, else 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -32,13 +36,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         card = load_task(args.task)
         recipe = card.dataset
+        settings = recipe_settings(card)
+        given = {"seed_start": args.seed_start, "only_success": args.only_success, "action_noise": args.action_noise}
+        settings.update({name: value for name, value in given.items() if value is not None})
         summary = collect(
             card,
             episodes=args.episodes if args.episodes is not None else int(recipe["episodes"]),
             out=args.out if args.out is not None else recipe["path"],
-            seed_start=args.seed_start if args.seed_start is not None else int(recipe.get("seed_start", 0)),
-            only_success=args.only_success if args.only_success is not None else bool(recipe.get("only_success", False)),
             overwrite=args.overwrite,
+            **settings,
             progress=not args.no_progress,
         )
     except (TaskCardError, CollectError, DataFormatError, FileExistsError, FileNotFoundError) as err:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from diffpolicy.data.errors import DataFormatError
-from diffpolicy.envs.collect import CollectError, collect
+from diffpolicy.envs.collect import CollectError, collect, recipe_settings
 from diffpolicy.envs.tasks import TaskCardError, load_task
 from diffpolicy.evaluation.latency import chunk_latency_ms
 from diffpolicy.evaluation.report import write_report
@@ -66,9 +66,8 @@ def run(args: argparse.Namespace) -> int:
         dataset = Path(args.dataset or card.dataset["path"])
         demos = args.demos if args.demos is not None else int(card.dataset["episodes"])
         print(f"[1/4] collecting {demos} {card.name} demonstrations into {dataset}", flush=True)
-        collected = collect(card, episodes=demos, out=dataset, seed_start=int(card.dataset.get("seed_start", 0)),
-                            only_success=bool(card.dataset.get("only_success", False)),
-                            progress=not args.no_progress)
+        collected = collect(card, episodes=demos, out=dataset, progress=not args.no_progress,
+                            **recipe_settings(card))
         seconds["collect"] = time.perf_counter() - started
 
         run_dir = out / "train"

@@ -15,6 +15,15 @@ with episode meta `seed` and `success` (`info["is_success"]` at any step), plus 
 card as `task_card`), the collection settings (`collection`), and robomimic `env_args` for
 robosuite tasks.
 
+Action noise (DART, Laskey et al. 2017): with `action_noise` = sigma > 0 the env executes
+`clip(a + sigma * (high - low) / 2 * n)` with n ~ N(0, I) drawn from a generator seeded by the
+episode's seed, while the store records the expert's own action `a`. The expert, acting closed-loop,
+then corrects the perturbation, so the demonstrations show recoveries from states near its path
+that a clean expert never visits, the states an imitating policy drifts into. `sigma` is one
+fraction of the action half-range for every dimension or one per dimension (0 leaves a dimension,
+e.g. a gripper, unperturbed). Replaying the stored actions then no longer reproduces the episode;
+the stored `states` still do.
+
 Resuming: seeds run upward from `seed_start`, skipping every seed already attempted, which is the
 `seed` meta of the stored episodes plus `collection.discarded_seeds` (failures dropped by
 `only_success`, recorded as they happen). Rerunning the same call after an interruption therefore
@@ -27,6 +36,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,10 @@ from diffpolicy.envs.tasks import TaskCard, TaskCardError, load_task, make_env, 
 
 RESERVED_KEYS = ("action", "reward", "states")
 # Settings that must match to resume a store; a store made otherwise needs overwrite=True.
-RESUME_SETTINGS = ("task", "seed_start", "only_success", "env_overrides")
+RESUME_SETTINGS = ("task", "seed_start", "only_success", "env_overrides", "action_noise")
+# Settings added after stores were first made, with the value those stores were collected with.
+SETTING_DEFAULTS = {"action_noise": 0.0}
+NOISE_STREAM = 7  # generator of the executed action noise: default_rng([seed, NOISE_STREAM])
 
 
 class CollectError(ValueError):
@@ -66,7 +79,8 @@ class CollectSummary:
 
 def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_start: int = 0,
             only_success: bool = False, overwrite: bool = False, env_overrides: dict[str, Any] | None = None,
-            max_attempts: int | None = None, progress: bool = True) -> CollectSummary:
+            max_attempts: int | None = None, action_noise: float | Sequence[float] = 0.0,
+            progress: bool = True) -> CollectSummary:
     """Run the card's expert until the store at `out` holds `episodes` episodes.
 
     Args:
@@ -79,6 +93,8 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         env_overrides: env kwargs over the card's (e.g. `{"obs_type": "image"}`), JSON values.
         max_attempts: most seeds this call may attempt (default 3 * episodes + 20); reaching it
             with the store still short raises CollectError (the store stays valid to resume).
+        action_noise: DART noise std as a fraction of the action half-range, one float or one per
+            action dimension, >= 0 (see the module docstring); 0 executes the expert's actions.
         progress: show a tqdm bar with the running success rate.
     """
     card = card if isinstance(card, TaskCard) else load_task(card)
@@ -88,8 +104,9 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         raise CollectError(f"collect: seed_start must be a non-negative integer, got {seed_start!r}")
     env_overrides = dict(env_overrides or {})
     max_attempts = 3 * int(episodes) + 20 if max_attempts is None else int(max_attempts)
+    noise_scale = action_noise_scale(action_noise, card)
     settings = {"task": card.name, "seed_start": int(seed_start), "only_success": bool(only_success),
-                "env_overrides": env_overrides}
+                "env_overrides": env_overrides, "action_noise": _setting_value(action_noise)}
     out = Path(out)
     started = time.perf_counter()
 
@@ -117,7 +134,7 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
                     )
                 while seed in attempted:
                     seed += 1
-                data, success, meta = run_episode(env, expert, seed)
+                data, success, meta = run_episode(env, expert, seed, noise_scale)
                 attempts += 1
                 attempted.add(seed)
                 if success or not only_success:
@@ -138,8 +155,41 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         env.close()
 
 
-def run_episode(env, expert, seed: int) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
-    """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta)."""
+def action_noise_scale(action_noise: float | Sequence[float], card: TaskCard) -> np.ndarray | None:
+    """`(Da,)` noise std in action units for `action_noise` (fractions of the half-range), None for 0."""
+    fractions = np.atleast_1d(np.asarray(action_noise, dtype=np.float64))
+    low, high = (np.broadcast_to(np.asarray(card.action[k], dtype=np.float64), (card.action_dim,))
+                 for k in ("low", "high"))
+    if fractions.ndim != 1 or fractions.shape[0] not in (1, card.action_dim) or not np.isfinite(fractions).all() \
+            or (fractions < 0).any():
+        raise CollectError(f"collect {card.name}: action_noise must be one finite number >= 0 or "
+                           f"{card.action_dim} of them (one per action dimension), got {action_noise!r}")
+    if not fractions.any():
+        return None
+    return np.broadcast_to(fractions, (card.action_dim,)) * (high - low) / 2
+
+
+def _setting_value(action_noise: float | Sequence[float]) -> float | list[float]:
+    """The JSON value recorded in the store's `collection.action_noise`."""
+    values = np.atleast_1d(np.asarray(action_noise, dtype=np.float64)).tolist()
+    return values[0] if len(values) == 1 else values
+
+
+def recipe_settings(card: TaskCard) -> dict[str, Any]:
+    """The card's `dataset` recipe as `collect` keyword arguments (seed_start, only_success, action_noise)."""
+    recipe = card.dataset
+    return {"seed_start": int(recipe.get("seed_start", 0)), "only_success": bool(recipe.get("only_success", False)),
+            "action_noise": recipe.get("action_noise", 0.0)}
+
+
+def run_episode(env, expert, seed: int, noise_scale: np.ndarray | None = None
+                ) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
+    """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta).
+
+    With `noise_scale (Da,)` (action units) the env executes the expert's action plus Gaussian
+    noise of that std, clipped to the action space; the data records the expert's action.
+    """
+    noise = None if noise_scale is None else np.random.default_rng([int(seed), NOISE_STREAM])
     obs, info = env.reset(seed=int(seed))
     expert.reset(int(seed))
     sim = env.unwrapped
@@ -156,7 +206,11 @@ def run_episode(env, expert, seed: int) -> tuple[dict[str, np.ndarray], bool, di
         if has_state:
             columns["states"].append(np.asarray(sim.get_state(), dtype=np.float64))
         action = np.asarray(expert.act(obs), dtype=action_dtype)
-        obs, reward, terminated, truncated, info = env.step(action)
+        executed = action
+        if noise is not None:
+            perturbed = action + noise_scale * noise.standard_normal(action.shape)
+            executed = np.clip(perturbed, env.action_space.low, env.action_space.high).astype(action_dtype)
+        obs, reward, terminated, truncated, info = env.step(executed)
         columns["action"].append(action)
         columns["reward"].append(np.float32(reward))
         success = success or bool(info.get("is_success", False))
@@ -187,7 +241,7 @@ def _open_store(out: Path, card: TaskCard, settings: dict[str, Any], overwrite: 
     """Create the store (with its attrs) or open it for resuming after checking its settings."""
     if out.exists() and not overwrite:
         buffer = ReplayBuffer.open(out, mode="a")
-        recorded = dict(buffer.attrs.get("collection") or {})
+        recorded = {**SETTING_DEFAULTS, **dict(buffer.attrs.get("collection") or {})}
         for name in RESUME_SETTINGS:
             if name not in recorded:
                 raise CollectError(f"{out}: not a store made by `collect` (attrs.collection.{name} is missing); "

@@ -13,7 +13,8 @@ Card fields (see `envs/*.yaml`):
     control_hz, max_episode_steps
     success:     {metric: info key, threshold: float | null}
     expert:      {entry_point: "module:Class", kwargs: {...}}
-    dataset:     {episodes: N, path: datasets/<name>.zarr, only_success: bool, seed_start: 0}
+    dataset:     {episodes: N, path: datasets/<name>.zarr, only_success: bool, seed_start: 0,
+                  action_noise: 0 (optional; DART noise, see `envs.collect`)}
     eval:        {episodes: N, seed_start: 100000}
 """
 
