@@ -103,7 +103,7 @@ def train_run(card: TaskCard, method: str, run_dir: Path, overrides: list[str]) 
     sessions = read_json(times_path) or []
     checkpoints = run_dir / "checkpoints"
     resume = checkpoints.is_dir() and CheckpointManager(checkpoints).latest() is not None
-    config = config_for_run(card.name, method, overrides, run_dir, resume)
+    config = config_for_run(card, method, overrides, run_dir, resume)
 
     def done_steps() -> int:
         index = CheckpointManager(checkpoints).read_index() if checkpoints.is_dir() else {"checkpoints": []}
@@ -114,7 +114,7 @@ def train_run(card: TaskCard, method: str, run_dir: Path, overrides: list[str]) 
         print(f"train {run_dir}: steps {start_step} -> {config.train.steps}", flush=True)
         start = time.perf_counter()
         try:
-            train(config, run_dir, resume=resume, progress=sys.stderr.isatty())
+            train(config, run_dir, resume=resume, progress=sys.stderr.isatty(), card=card)
         finally:
             end_step = done_steps()
             if end_step > start_step:

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[2/4] training {args.policy} for {config.train.steps} steps into {run_dir}"
               + (" (resuming)" if resume else ""), flush=True)
         mark = time.perf_counter()
-        result = train(config, run_dir, resume=resume, progress=not args.no_progress)
+        result = train(config, run_dir, resume=resume, progress=not args.no_progress, card=card)
         seconds["train"] = time.perf_counter() - mark
 
         policy_dir = resolve_policy_dir(run_dir)

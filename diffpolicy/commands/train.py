@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from diffpolicy.data.errors import DataFormatError
-from diffpolicy.envs.tasks import TaskCardError
+from diffpolicy.envs.tasks import TaskCardError, load_task
 from diffpolicy.policies.errors import CheckpointError, ConfigError, NormalizerError
 from diffpolicy.train.config import METHODS, config_for_run
 from diffpolicy.train.trainer import DatasetMismatchError, DatasetMissingError, RunDirectoryError, train
@@ -40,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out or f"runs/{Path(args.task).stem}_{args.policy}")
     is_main = int(os.environ.get("RANK", "0")) == 0
     try:
-        config = config_for_run(args.task, args.policy, args.overrides, run_dir, args.resume)
-        result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
+        card = load_task(args.task)
+        config = config_for_run(card, args.policy, args.overrides, run_dir, args.resume)
+        result = train(config, run_dir, resume=args.resume, progress=not args.no_progress, card=card)
     except USER_ERRORS as err:
         print(f"diffpolicy train: error: {err}", file=sys.stderr)
         return 2

@@ -249,21 +249,29 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True) -> TrainResult:
-    """Train `config` into `run_dir` (resuming the latest checkpoint there when `resume`)."""
+          progress: bool = True, card: TaskCard | None = None) -> TrainResult:
+    """Train `config` into `run_dir` (resuming the latest checkpoint there when `resume`).
+
+    `card`: the task card of `config.task` when it is not one of `envs/` (a card given by path);
+    by default `load_task(config.task)`.
+    """
     run_dir = Path(run_dir)
+    card = load_task(config.task) if card is None else card
+    if card.name != config.task:
+        raise ConfigError(f"train: the config trains task {config.task!r} but the card given is {card.name!r} "
+                          f"({card.source})")
     ctx = setup_distributed(config.train.device)
     try:
-        return _train(config, run_dir, resume, progress, ctx)
+        return _train(config, card, run_dir, resume, progress, ctx)
     finally:
         teardown_distributed()
 
 
-def _train(config: TrainConfig, run_dir: Path, resume: bool, progress: bool, ctx: DistContext) -> TrainResult:
+def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, progress: bool,
+           ctx: DistContext) -> TrainResult:
     tc = config.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
-    card = load_task(config.task)
     manager = CheckpointManager(run_dir / "checkpoints", keep_top_k=tc.keep_top_k)
     latest = manager.latest() if (run_dir / "checkpoints").exists() else None
     if latest is not None and not resume:
