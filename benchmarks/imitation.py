@@ -16,7 +16,7 @@ Table (printed, and written to `<out>/<task>_imitation.{json,md}`; it also lists
 for the task by earlier calls with the same `--out`, from `<out>/<task>_<method>_result.json`):
   task, method, demos, train steps, policy success [95 % Wilson], expert success [95 % Wilson],
   ratio policy / expert, target ratio (PushT and Lift 0.9, Can 0.8; Square: reported as is),
-  met? (ratio >= target), training wall time, ms per chunk (target <= 80 ms).
+  met? (ratio >= target), training wall and process CPU time, ms per chunk (target <= 80 ms).
 
 Every stage resumes: the dataset is extended, not rebuilt; training continues from the latest
 checkpoint; evaluation results are cached under `--out`, the policy's by checkpoint and seeds, the
@@ -94,10 +94,13 @@ def ensure_dataset(card: TaskCard, episodes: int, path: Path) -> None:
 
 
 def train_run(card: TaskCard, method: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Train (or resume) `run_dir` to its configured steps; returns `{"steps", "seconds", "sessions"}`.
+    """Train (or resume) `run_dir` to its configured steps; returns `{"steps", "seconds", "cpu_seconds",
+    "sessions"}`.
 
-    The wall time of every session that advanced the run is appended to `run_dir/train_time.json`
-    (also when interrupted), so the total is the time this run took on this machine.
+    The wall time and the process CPU time of every session that advanced the run are appended to
+    `run_dir/train_time.json` (also when interrupted), so the totals are what this run took on this
+    machine. CPU time does not grow while other jobs hold the cores; it is None when a session did
+    not record it.
     """
     times_path = run_dir / "train_time.json"
     sessions = read_json(times_path) or []
@@ -112,7 +115,7 @@ def train_run(card: TaskCard, method: str, run_dir: Path, overrides: list[str]) 
     start_step = done_steps()
     if start_step < config.train.steps:
         print(f"train {run_dir}: steps {start_step} -> {config.train.steps}", flush=True)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             train(config, run_dir, resume=resume, progress=sys.stderr.isatty(), card=card)
         finally:
@@ -120,9 +123,12 @@ def train_run(card: TaskCard, method: str, run_dir: Path, overrides: list[str]) 
             if end_step > start_step:
                 sessions.append({"from_step": start_step, "to_step": end_step,
                                  "seconds": time.perf_counter() - start,
+                                 "cpu_seconds": time.process_time() - start_cpu,
                                  "threads": torch.get_num_threads()})
                 write_json(times_path, sessions)
-    return {"steps": done_steps(), "seconds": sum(s["seconds"] for s in sessions), "sessions": len(sessions)}
+    cpu = [s.get("cpu_seconds") for s in sessions]
+    return {"steps": done_steps(), "seconds": sum(s["seconds"] for s in sessions),
+            "cpu_seconds": None if None in cpu else sum(cpu), "sessions": len(sessions)}
 
 
 def evaluate_policy(policy: ChunkPolicy, card: TaskCard, out_dir: Path, episodes: int, seed: int,
@@ -185,11 +191,16 @@ def first_observation_latency_ms(policy: ChunkPolicy, card: TaskCard, seed: int,
 
 
 COLUMNS = ("task", "method", "demos", "steps", "policy success [95% CI]", "expert success [95% CI]",
-           "ratio", "target", "met?", "train time", "ms/chunk")
+           "ratio", "target", "met?", "train wall / CPU", "ms/chunk")
 
 
 def _fmt_rate(r: SuccessRate) -> str:
     return f"{r.rate:.2f} [{r.low:.2f}, {r.high:.2f}] ({r.successes}/{r.n})"
+
+
+def _fmt_train_time(r: dict[str, Any]) -> str:
+    cpu = r.get("train_cpu_seconds")
+    return f"{r['train_seconds'] / 60:.1f} / " + ("?" if cpu is None else f"{cpu / 60:.1f}") + " min"
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
@@ -200,7 +211,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
         met = "n/a" if target is None or ratio is None else ("yes" if ratio >= target else "no")
         rows.append([r["task"], r["method"], str(r["demos"]), str(r["train_steps"]), _fmt_rate(policy),
                      _fmt_rate(expert), "n/a" if ratio is None else f"{ratio:.2f}",
-                     "as is" if target is None else f"{target:.2f}", met, f"{r['train_seconds'] / 60:.1f} min",
+                     "as is" if target is None else f"{target:.2f}", met, _fmt_train_time(r),
                      f"{r['ms_per_chunk']:.1f}"])
     return rows
 
@@ -277,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint": str(policy_dir), "eval_seeds": f"{eval_seed}..{eval_seed + args.eval_episodes - 1}",
             "policy_success": policy_rate.to_dict(), "expert_success": expert.to_dict(), "ratio": ratio,
             "target_ratio": TARGET_RATIO.get(card.name), "train_seconds": timing["seconds"],
+            "train_cpu_seconds": timing["cpu_seconds"],
             "train_sessions": timing["sessions"], "threads": args.threads,
             "inference_steps": policy.config.inference_steps, "ms_per_chunk": latency,
             "latency_target_ms": LATENCY_TARGET_MS,
@@ -288,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     earlier = [read_json(out / f"{card.name}_{m}_result.json") for m in METHODS if m not in ran]
     results = sorted(results + [r for r in earlier if r is not None], key=lambda r: METHODS.index(r["method"]))
     print(format_table(results))
-    print(f"train time: wall time on this CPU with {args.threads} torch thread(s); ms/chunk: median "
-          f"policy.sample at batch 1 (target <= {LATENCY_TARGET_MS:.0f} ms)")
+    print(f"train wall / CPU: wall time and process CPU time of training with {args.threads} torch thread(s); "
+          f"ms/chunk: median policy.sample at batch 1 (target <= {LATENCY_TARGET_MS:.0f} ms)")
     write_json(out / f"{card.name}_imitation.json", {"command": sys.argv, "results": results})
     (out / f"{card.name}_imitation.md").write_text(markdown_table(results) + "\n")
     return 0
