@@ -36,6 +36,7 @@ import importlib.util
 import inspect
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -233,6 +234,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- main
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, help="task card name or path (envs/<task>.yaml)")
@@ -255,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
     torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's kill ends a session like Ctrl-C: timing kept
     card = load_task(args.task)
     demos = args.episodes_demo or int(card.dataset["episodes"])
     dataset = Path(args.dataset or card.dataset["path"])
