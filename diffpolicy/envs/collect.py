@@ -104,9 +104,12 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         raise CollectError(f"collect: seed_start must be a non-negative integer, got {seed_start!r}")
     env_overrides = dict(env_overrides or {})
     max_attempts = 3 * int(episodes) + 20 if max_attempts is None else int(max_attempts)
-    noise_scale = action_noise_scale(action_noise, card)
+    noise_fractions = action_noise_fractions(action_noise, card)
+    noise_scale = noise_std(noise_fractions, card)
+    recorded_noise = noise_fractions.tolist()
     settings = {"task": card.name, "seed_start": int(seed_start), "only_success": bool(only_success),
-                "env_overrides": env_overrides, "action_noise": _setting_value(action_noise)}
+                "env_overrides": env_overrides,
+                "action_noise": recorded_noise[0] if len(recorded_noise) == 1 else recorded_noise}
     out = Path(out)
     started = time.perf_counter()
 
@@ -155,24 +158,23 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         env.close()
 
 
-def action_noise_scale(action_noise: float | Sequence[float], card: TaskCard) -> np.ndarray | None:
-    """`(Da,)` noise std in action units for `action_noise` (fractions of the half-range), None for 0."""
+def action_noise_fractions(action_noise: float | Sequence[float], card: TaskCard) -> np.ndarray:
+    """`action_noise` as a validated `(1,)` or `(Da,)` array of fractions of the action half-range."""
     fractions = np.atleast_1d(np.asarray(action_noise, dtype=np.float64))
-    low, high = (np.broadcast_to(np.asarray(card.action[k], dtype=np.float64), (card.action_dim,))
-                 for k in ("low", "high"))
     if fractions.ndim != 1 or fractions.shape[0] not in (1, card.action_dim) or not np.isfinite(fractions).all() \
             or (fractions < 0).any():
         raise CollectError(f"collect {card.name}: action_noise must be one finite number >= 0 or "
                            f"{card.action_dim} of them (one per action dimension), got {action_noise!r}")
+    return fractions
+
+
+def noise_std(fractions: np.ndarray, card: TaskCard) -> np.ndarray | None:
+    """`(Da,)` noise std in action units for `fractions` of the half-range; None when all are 0."""
     if not fractions.any():
         return None
+    low, high = (np.broadcast_to(np.asarray(card.action[k], dtype=np.float64), (card.action_dim,))
+                 for k in ("low", "high"))
     return np.broadcast_to(fractions, (card.action_dim,)) * (high - low) / 2
-
-
-def _setting_value(action_noise: float | Sequence[float]) -> float | list[float]:
-    """The JSON value recorded in the store's `collection.action_noise`."""
-    values = np.atleast_1d(np.asarray(action_noise, dtype=np.float64)).tolist()
-    return values[0] if len(values) == 1 else values
 
 
 def recipe_settings(card: TaskCard) -> dict[str, Any]:
