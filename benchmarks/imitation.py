@@ -7,20 +7,22 @@ For each method (diffusion, flow) on one task card:
      there) on this CPU with `--threads` torch threads; no evaluation while training, so the final
      EMA checkpoint is the one evaluated (no checkpoint selection on any seed);
   3. the final policy runs `--eval-episodes` episodes on held-out seeds `--eval-seed ...`
-     (default: the card's `eval.seed_start`, 100 000), and the expert runs the very same seeds
+     (default: the card's `eval.seed_start`, 100 000) with `--inference-steps` denoising steps per
+     chunk and, for diffusion, `--eta` (defaults: the checkpoint's), and the expert runs the very same seeds
      (`benchmarks/experts.py`'s episode loop);
-  4. inference latency: median wall ms of `policy.sample` for one observation (batch 1, the
-     checkpoint's default denoising steps) over `--latency-repeats` calls after warm-up.
+  4. inference latency: median wall ms of `policy.sample` for one observation (batch 1, the same
+     denoising steps) over `--latency-repeats` calls after warm-up.
 
 Table (printed, and written to `<out>/<task>_imitation.{json,md}`; it also lists methods benchmarked
 for the task by earlier calls with the same `--out`, from `<out>/<task>_<method>_result.json`):
-  task, method, demos, train steps, policy success [95 % Wilson], expert success [95 % Wilson],
+  task, method, demos, train steps, inference steps, policy success [95 % Wilson], expert success [95 % Wilson],
   ratio policy / expert, target ratio (PushT and Lift 0.9, Can 0.8; Square: reported as is),
   met? (ratio >= target), training wall and process CPU time, ms per chunk (target <= 80 ms).
 
 Every stage resumes: the dataset is extended, not rebuilt; training continues from the latest
-checkpoint; evaluation results are cached under `--out`, the policy's by checkpoint and seeds, the
-expert's per seed (`<task>_expert_outcomes.json`, dropped when the expert's code or card changes).
+checkpoint; evaluation results are cached under `--out`, the policy's by checkpoint, seeds and
+sampling settings, the expert's per seed (`<task>_expert_outcomes.json`, dropped when the expert's code
+or card changes).
 Training time is the sum of the wall time of every training session of the run (`train_time.json`).
 
     python benchmarks/imitation.py --task lift --episodes-demo 150 --train-steps 8000 --set optim.lr=3e-4 \
@@ -134,10 +136,12 @@ def train_run(card: TaskCard, method: str, run_dir: Path, overrides: list[str]) 
 
 def evaluate_policy(policy: ChunkPolicy, card: TaskCard, out_dir: Path, episodes: int, seed: int,
                     n_envs: int) -> SuccessRate:
-    """Success of `policy` on seeds `seed .. seed + episodes - 1` (cached in `out_dir/summary.json`)."""
+    """Success of `policy` (with its sampling settings) on seeds `seed .. seed + episodes - 1` (cached in
+    `out_dir/summary.json`)."""
     summary = read_json(out_dir / "summary.json")
     if summary is None:
-        print(f"evaluate {out_dir} ({episodes} episodes from seed {seed})", flush=True)
+        print(f"evaluate {out_dir} ({episodes} episodes from seed {seed}, "
+              f"{policy.config.inference_steps} inference steps)", flush=True)
         summary = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=n_envs, out_dir=out_dir,
                            progress=sys.stderr.isatty()).summary
     return rate_from_dict(summary["success_rate"])
@@ -191,8 +195,8 @@ def first_observation_latency_ms(policy: ChunkPolicy, card: TaskCard, seed: int,
 # ----------------------------------------------------------------------------- table
 
 
-COLUMNS = ("task", "method", "demos", "steps", "policy success [95% CI]", "expert success [95% CI]",
-           "ratio", "target", "met?", "train wall / CPU", "ms/chunk")
+COLUMNS = ("task", "method", "demos", "train steps", "inference steps", "policy success [95% CI]",
+           "expert success [95% CI]", "ratio", "target", "met?", "train wall / CPU", "ms/chunk")
 
 
 def _fmt_rate(r: SuccessRate) -> str:
@@ -210,7 +214,8 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
         policy, expert = rate_from_dict(r["policy_success"]), rate_from_dict(r["expert_success"])
         ratio, target = r["ratio"], r["target_ratio"]
         met = "n/a" if target is None or ratio is None else ("yes" if ratio >= target else "no")
-        rows.append([r["task"], r["method"], str(r["demos"]), str(r["train_steps"]), _fmt_rate(policy),
+        rows.append([r["task"], r["method"], str(r["demos"]), str(r["train_steps"]),
+                     str(r["inference_steps"]), _fmt_rate(policy),
                      _fmt_rate(expert), "n/a" if ratio is None else f"{ratio:.2f}",
                      "as is" if target is None else f"{target:.2f}", met, _fmt_train_time(r),
                      f"{r['ms_per_chunk']:.1f}"])
@@ -249,15 +254,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="training config override for every method (repeatable), e.g. optim.lr=3e-4")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--eval-seed", type=int, default=None, help="first held-out seed (card: eval.seed_start)")
+    parser.add_argument("--inference-steps", type=int, default=None,
+                        help="denoising steps per chunk in evaluation and latency (default: the checkpoint's)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="diffusion only: DDIM stochasticity in evaluation and latency (default: the checkpoint's)")
     parser.add_argument("--n-envs", type=int, default=10, help="environments stepped together in evaluation")
     parser.add_argument("--latency-repeats", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for training and inference")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args(argv)
-    for name in ("episodes_demo", "train_steps", "eval_episodes", "n_envs", "latency_repeats", "threads"):
+    for name in ("episodes_demo", "train_steps", "eval_episodes", "inference_steps", "n_envs", "latency_repeats",
+                 "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
+        parser.error(f"--eta must be in [0, 1], got {args.eta}")
 
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's kill ends a session like Ctrl-C: timing kept
@@ -285,8 +297,15 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         policy_dir = resolve_policy_dir(run_dir)
         policy = ChunkPolicy.from_pretrained(policy_dir)
-        policy_rate = evaluate_policy(policy, card, run_dir / "eval" / f"{policy_dir.parent.name}_seed{eval_seed}"
-                                      f"_n{args.eval_episodes}", args.eval_episodes, eval_seed, args.n_envs)
+        trained = policy.config
+        eta = args.eta if method == "diffusion" else None
+        policy.set_sampling(inference_steps=args.inference_steps, eta=eta)
+        steps = policy.config.inference_steps
+        eval_dir = f"{policy_dir.parent.name}_seed{eval_seed}_n{args.eval_episodes}"
+        eval_dir += "" if steps == trained.inference_steps else f"_steps{steps}"
+        eval_dir += "" if policy.config.process == trained.process else f"_eta{eta:g}"
+        policy_rate = evaluate_policy(policy, card, run_dir / "eval" / eval_dir, args.eval_episodes, eval_seed,
+                                      args.n_envs)
         latency = first_observation_latency_ms(policy, card, eval_seed, args.latency_repeats)
         ratio = policy_rate.rate / expert.rate if expert.rate > 0 else None
         results.append({
@@ -296,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "target_ratio": TARGET_RATIO.get(card.name), "train_seconds": timing["seconds"],
             "train_cpu_seconds": timing["cpu_seconds"],
             "train_sessions": timing["sessions"], "threads": args.threads,
-            "inference_steps": policy.config.inference_steps, "ms_per_chunk": latency,
+            "inference_steps": steps,
+            "eta": policy.config.process.eta, "ms_per_chunk": latency,
             "latency_target_ms": LATENCY_TARGET_MS,
         })
         write_json(out / f"{card.name}_{method}_result.json", results[-1])

@@ -176,6 +176,25 @@ def test_eval_missing_checkpoint(tmp_path, capsys):
     assert code == 2 and "expected a policy directory" in err
 
 
+def test_eval_eta_overrides_the_diffusion_sampler(tmp_path, checkpoint, capsys):
+    summaries = {}
+    for eta in ("0", "1"):
+        code, _, _ = run_cli(capsys, "eval", "--checkpoint", str(checkpoint), "--episodes", "1", "--seed", "100000",
+                             "--eta", eta, "--out", str(tmp_path / eta), "--no-progress")
+        assert code == 0
+        summaries[eta] = json.loads((tmp_path / eta / "episodes.json").read_text())
+    assert summaries["0"] != summaries["1"]  # the same initial noise, other steps
+
+
+def test_eval_bad_eta(tmp_path, checkpoint, capsys):
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(checkpoint), "--eta", "2")
+    assert code == 2 and "--eta" in err and "'process.eta': expected a number <= 1" in err
+    flow = tmp_path / "flow"
+    untrained_policy("flow").save_pretrained(flow, metadata={"task": "pusht", "method": "flow"})
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(flow), "--eta", "0.5")
+    assert code == 2 and "only diffusion processes have eta" in err
+
+
 def test_eval_bad_counts(checkpoint, capsys):
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(checkpoint), "--episodes", "0")
     assert code == 2 and "--episodes must be >= 1" in err

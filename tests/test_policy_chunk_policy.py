@@ -10,6 +10,7 @@ from diffpolicy.core.guidance import GuidedInpainting, PrefixInpainting
 from diffpolicy.core.losses import min_snr_weight
 from diffpolicy.policies import (
     ChunkPolicy,
+    ConfigError,
     LossConfig,
     Normalizer,
     NormalizerError,
@@ -123,6 +124,42 @@ def test_tokens_started_at_t0_return_x_init(kind):
     assert (out[~kept] - committed[~kept]).abs().min() > 1e-3
     # the other tokens are ordinary samples: clipped into the action range [100, 200]
     assert bool(((out[~kept] >= 100 - 1e-4) & (out[~kept] <= 200 + 1e-4)).all())
+
+
+def test_set_sampling_switches_diffusion_between_stochastic_and_deterministic_steps(tmp_path):
+    policy = make_policy("diffusion").eval()  # eta = 1 (DDPM steps)
+    noise = torch.randn(B, TP, DA, generator=torch.Generator().manual_seed(8))
+
+    def draw(step_seed):
+        return policy.sample(make_obs(), x_init=noise, generator=torch.Generator().manual_seed(step_seed))
+
+    assert not torch.allclose(draw(1), draw(2))  # step noise matters
+    policy.set_sampling(eta=0.0)
+    torch.testing.assert_close(draw(1), draw(2), rtol=0, atol=0)  # DDIM: only x_init matters
+    policy.save_pretrained(tmp_path / "p")
+    assert ChunkPolicy.from_pretrained(tmp_path / "p").config.process.eta == 0.0
+
+
+def test_set_sampling_steps_sets_the_default_number_of_denoiser_calls():
+    policy = make_policy("flow").eval()
+    calls = []
+    policy.backbone.register_forward_hook(lambda *_: calls.append(1))
+    policy.set_sampling(inference_steps=3)
+    policy.sample(make_obs(), generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3 and policy.config.inference_steps == 3
+
+
+@pytest.mark.parametrize("kind, settings, message", [
+    ("flow", {"eta": 0.0}, "only diffusion processes have eta"),
+    ("diffusion", {"eta": 1.5}, "'process.eta': expected a number <= 1"),
+    ("diffusion", {"inference_steps": 0}, "'inference_steps': expected an integer >= 1"),
+])
+def test_bad_sampling_settings_are_named_and_change_nothing(kind, settings, message):
+    policy = make_policy(kind)
+    before = policy.config
+    with pytest.raises(ConfigError, match=message):
+        policy.set_sampling(**settings)
+    assert policy.config is before
 
 
 def test_x_init_is_the_initial_noise():

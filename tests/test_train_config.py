@@ -21,7 +21,7 @@ def test_card_and_method_defaults():
         assert (config.policy.obs_horizon, config.policy.pred_horizon, config.policy.action_horizon) == (2, 16, 8)
         assert config.data.path == card.dataset["path"]
     diffusion = build_config("pusht", "diffusion").policy.process
-    assert (diffusion.eta, diffusion.prediction, diffusion.train_steps) == (0.0, "epsilon", 100)
+    assert (diffusion.eta, diffusion.prediction, diffusion.train_steps) == (1.0, "epsilon", 100)
 
 
 def test_image_task_gets_image_keys_and_a_crop():

@@ -20,7 +20,7 @@ from pathlib import Path
 from diffpolicy.envs.tasks import TaskCard, TaskCardError, load_task
 from diffpolicy.evaluation.rollout import evaluate
 from diffpolicy.policies import ChunkPolicy
-from diffpolicy.policies.errors import CheckpointError
+from diffpolicy.policies.errors import CheckpointError, ConfigError
 from diffpolicy.train.checkpoints import resolve_policy_dir
 from diffpolicy.train.distributed import resolve_device
 
@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default: <checkpoint>/eval_seed<S>_n<N>)")
     parser.add_argument("--n-envs", type=int, default=10, help="environments stepped together")
     parser.add_argument("--inference-steps", type=int, default=None, help="denoising steps (default: the policy's)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="diffusion only: DDIM stochasticity in [0, 1], 1 = DDPM steps (default: the policy's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -75,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         if args.videos < 0:
             raise UsageError(f"--videos must be >= 0, got {args.videos}")
         policy, card, policy_dir = load_policy_for_task(args.checkpoint, args.task)
+        if args.eta is not None:
+            try:
+                policy.set_sampling(eta=args.eta)
+            except ConfigError as err:
+                raise UsageError(f"--eta: {err}") from None
         episodes = args.episodes if args.episodes is not None else int(card.eval["episodes"])
         seed = args.seed if args.seed is not None else int(card.eval["seed_start"])
         out = Path(args.out) if args.out else policy_dir.parent / f"eval_seed{seed}_n{episodes}"

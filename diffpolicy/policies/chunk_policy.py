@@ -8,6 +8,7 @@ public boundary (`compute_loss` batches, `sample` inputs and outputs).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -218,6 +219,22 @@ class ChunkPolicy(nn.Module):
         cond = self.encode_obs(obs, generator)
         result = self.sample_normalized(cond, steps, x_init, t_start, guidance, generator)
         return self.unnormalize_action(result.x0)
+
+    def set_sampling(self, inference_steps: int | None = None, eta: float | None = None) -> None:
+        """Change how `sample` draws chunks, keeping the weights: the default number of denoising
+        steps, and (diffusion only) the DDIM stochasticity eta in [0, 1] (1 = DDPM ancestral steps,
+        0 = deterministic). None keeps a setting. Invalid values raise `ConfigError` naming the key;
+        `save_pretrained` then writes the new settings.
+        """
+        process = self.config.process
+        if eta is not None:
+            if process.type != "diffusion":
+                raise ConfigError(f"process.eta: only diffusion processes have eta; this policy's process is "
+                                  f"{process.type!r}, got eta={eta!r}")
+            process = dataclasses.replace(process, eta=eta)
+        steps = self.config.inference_steps if inference_steps is None else inference_steps
+        self.config = dataclasses.replace(self.config, process=process, inference_steps=steps)
+        self.process = make_process(process)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:

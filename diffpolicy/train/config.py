@@ -368,10 +368,12 @@ FIXED_KEYS = ("task", "method")  # chosen by --task / --policy, not by overrides
 DEFAULT_BACKBONE: dict[str, Any] = {"type": "mlp", "hidden_dim": 512, "num_blocks": 3, "time_embed_dim": 32}
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     # Diffusion Policy: 100-step squared-cosine DDPM training grid, epsilon prediction, clip to
-    # [-1, 1]; sampled with 10 deterministic DDIM steps (eta = 0) instead of 100 DDPM steps.
-    "diffusion": {"process": diffusion_process(eta=0.0), "inference_steps": 10},
-    # Flow matching on continuous t with 5 Euler steps.
-    "flow": {"process": flow_process(), "inference_steps": 5},
+    # [-1, 1]; sampled with 10 strided DDPM steps (eta = 1) instead of 100. Stochastic steps beat
+    # deterministic DDIM (eta = 0) on validation seeds: Can 36/40 vs 28/40, PushT 11/50 vs 4/50.
+    "diffusion": {"process": diffusion_process(), "inference_steps": 10},
+    # Flow matching on continuous t with 20 Euler steps: on PushT (validation seeds) 5 steps gave
+    # 31/50 successes, 10 gave 39/50, 20 gave 45/50 with the same checkpoint (README, Imitation).
+    "flow": {"process": flow_process(), "inference_steps": 20},
 }
 
 
