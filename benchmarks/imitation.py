@@ -54,7 +54,7 @@ from diffpolicy.envs.tasks import TaskCard, load_task, make_env, make_expert  # 
 from diffpolicy.evaluation.latency import chunk_latency_ms  # noqa: E402
 from diffpolicy.evaluation.rollout import evaluate  # noqa: E402
 from diffpolicy.evaluation.stats import SuccessRate, success_rate  # noqa: E402
-from diffpolicy.policies import ChunkPolicy  # noqa: E402
+from diffpolicy.policies import ChunkPolicy, PolicyConfig  # noqa: E402
 from diffpolicy.fsutil import atomic_write_text  # noqa: E402
 from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir  # noqa: E402
 from diffpolicy.train.config import METHODS, config_for_run  # noqa: E402
@@ -132,6 +132,13 @@ def train_run(card: TaskCard, method: str, run_dir: Path, overrides: list[str]) 
     cpu = [s.get("cpu_seconds") for s in sessions]
     return {"steps": done_steps(), "seconds": sum(s["seconds"] for s in sessions),
             "cpu_seconds": None if None in cpu else sum(cpu), "sessions": len(sessions)}
+
+
+def sampling_suffix(trained: PolicyConfig, sampled: PolicyConfig) -> str:
+    """Evaluation-directory suffix naming the sampling settings that differ from the checkpoint's
+    (`""` when none do, so results cached before these options existed stay valid)."""
+    suffix = "" if sampled.inference_steps == trained.inference_steps else f"_steps{sampled.inference_steps}"
+    return suffix + ("" if sampled.process == trained.process else f"_eta{sampled.process.eta:g}")
 
 
 def evaluate_policy(policy: ChunkPolicy, card: TaskCard, out_dir: Path, episodes: int, seed: int,
@@ -298,12 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         policy_dir = resolve_policy_dir(run_dir)
         policy = ChunkPolicy.from_pretrained(policy_dir)
         trained = policy.config
-        eta = args.eta if method == "diffusion" else None
-        policy.set_sampling(inference_steps=args.inference_steps, eta=eta)
-        steps = policy.config.inference_steps
-        eval_dir = f"{policy_dir.parent.name}_seed{eval_seed}_n{args.eval_episodes}"
-        eval_dir += "" if steps == trained.inference_steps else f"_steps{steps}"
-        eval_dir += "" if policy.config.process == trained.process else f"_eta{eta:g}"
+        policy.set_sampling(inference_steps=args.inference_steps, eta=args.eta if method == "diffusion" else None)
+        eval_dir = (f"{policy_dir.parent.name}_seed{eval_seed}_n{args.eval_episodes}"
+                    + sampling_suffix(trained, policy.config))
         policy_rate = evaluate_policy(policy, card, run_dir / "eval" / eval_dir, args.eval_episodes, eval_seed,
                                       args.n_envs)
         latency = first_observation_latency_ms(policy, card, eval_seed, args.latency_repeats)
@@ -315,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             "target_ratio": TARGET_RATIO.get(card.name), "train_seconds": timing["seconds"],
             "train_cpu_seconds": timing["cpu_seconds"],
             "train_sessions": timing["sessions"], "threads": args.threads,
-            "inference_steps": steps,
-            "eta": policy.config.process.eta, "ms_per_chunk": latency,
+            "inference_steps": policy.config.inference_steps, "eta": policy.config.process.eta,
+            "ms_per_chunk": latency,
             "latency_target_ms": LATENCY_TARGET_MS,
         })
         write_json(out / f"{card.name}_{method}_result.json", results[-1])
