@@ -186,9 +186,11 @@ def test_eval_eta_overrides_the_diffusion_sampler(tmp_path, checkpoint, capsys):
     assert summaries["0"] != summaries["1"]  # the same initial noise, other steps
 
 
-def test_eval_bad_eta(tmp_path, checkpoint, capsys):
+def test_eval_bad_sampling_settings(tmp_path, checkpoint, capsys):
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(checkpoint), "--eta", "2")
     assert code == 2 and "--eta" in err and "'process.eta': expected a number <= 1" in err
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(checkpoint), "--inference-steps", "0")
+    assert code == 2 and "'inference_steps': expected an integer >= 1, got 0" in err
     flow = tmp_path / "flow"
     untrained_policy("flow").save_pretrained(flow, metadata={"task": "pusht", "method": "flow"})
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(flow), "--eta", "0.5")

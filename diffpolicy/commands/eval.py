@@ -77,11 +77,10 @@ def run(args: argparse.Namespace) -> int:
         if args.videos < 0:
             raise UsageError(f"--videos must be >= 0, got {args.videos}")
         policy, card, policy_dir = load_policy_for_task(args.checkpoint, args.task)
-        if args.eta is not None:
-            try:
-                policy.set_sampling(eta=args.eta)
-            except ConfigError as err:
-                raise UsageError(f"--eta: {err}") from None
+        try:
+            policy.set_sampling(inference_steps=args.inference_steps, eta=args.eta)
+        except ConfigError as err:
+            raise UsageError(f"--inference-steps / --eta: {err}") from None
         episodes = args.episodes if args.episodes is not None else int(card.eval["episodes"])
         seed = args.seed if args.seed is not None else int(card.eval["seed_start"])
         out = Path(args.out) if args.out else policy_dir.parent / f"eval_seed{seed}_n{episodes}"
@@ -91,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--device: {err}") from None
         result = evaluate(policy.to(device), card, episodes=episodes, seed_start=seed, n_envs=args.n_envs,
                           videos=min(args.videos, episodes), out_dir=out, device=device,
-                          inference_steps=args.inference_steps, progress=not args.no_progress)
+                          progress=not args.no_progress)
     except (CheckpointError, TaskMismatchError, TaskCardError, UsageError) as err:
         print(f"diffpolicy eval: error: {err}", file=sys.stderr)
         return 2

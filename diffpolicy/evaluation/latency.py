@@ -11,14 +11,13 @@ import torch
 
 
 def chunk_latency_ms(policy: Any, history: dict[str, np.ndarray], repeats: int = 20, warmup: int = 2,
-                     seed: int = 0, steps: int | None = None) -> float:
-    """Median wall ms to infer one chunk at batch 1.
+                     seed: int = 0) -> float:
+    """Median wall ms to infer one chunk at batch 1 with the policy's default denoising steps.
 
     Args:
         policy: a `ChunkPolicy`.
         history: one observation history `{key: (To, ...)}`.
         repeats: timed calls; warmup: untimed calls first (allocation, caches).
-        steps: denoising steps per chunk (None: the policy's default).
     """
     obs = {key: torch.as_tensor(value)[None] for key, value in history.items()}
     generator = torch.Generator().manual_seed(seed)
@@ -26,7 +25,7 @@ def chunk_latency_ms(policy: Any, history: dict[str, np.ndarray], repeats: int =
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()
-        policy.sample(obs, steps=steps, generator=generator)
+        policy.sample(obs, generator=generator)
         if i >= warmup:
             times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
