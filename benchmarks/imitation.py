@@ -8,21 +8,22 @@ For each method (diffusion, flow) on one task card:
      EMA checkpoint is the one evaluated (no checkpoint selection on any seed);
   3. the final policy runs `--eval-episodes` episodes on held-out seeds `--eval-seed ...`
      (default: the card's `eval.seed_start`, 100 000) with `--inference-steps` denoising steps per
-     chunk and, for diffusion, `--eta` (defaults: the checkpoint's), and the expert runs the very same seeds
-     (`benchmarks/experts.py`'s episode loop);
+     chunk and, for diffusion, `--eta` (defaults: the checkpoint's), and the expert runs the very
+     same seeds (`benchmarks/experts.py`'s episode loop);
   4. inference latency: median wall ms of `policy.sample` for one observation (batch 1, the same
      denoising steps) over `--latency-repeats` calls after warm-up.
 
 Table (printed, and written to `<out>/<task>_imitation.{json,md}`; it also lists methods benchmarked
 for the task by earlier calls with the same `--out`, from `<out>/<task>_<method>_result.json`):
-  task, method, demos, train steps, inference steps, policy success [95 % Wilson], expert success [95 % Wilson],
-  ratio policy / expert, target ratio (PushT and Lift 0.9, Can 0.8; Square: reported as is),
-  met? (ratio >= target), training wall and process CPU time, ms per chunk (target <= 80 ms).
+  task, method, demos, train steps, inference steps, policy success [95 % Wilson],
+  expert success [95 % Wilson], ratio policy / expert, target ratio (PushT and Lift 0.9, Can 0.8;
+  Square: reported as is), met? (ratio >= target), training wall and process CPU time, ms per chunk
+  (target <= 80 ms).
 
 Every stage resumes: the dataset is extended, not rebuilt; training continues from the latest
 checkpoint; evaluation results are cached under `--out`, the policy's by checkpoint, seeds and
-sampling settings, the expert's per seed (`<task>_expert_outcomes.json`, dropped when the expert's code
-or card changes).
+sampling settings, the expert's per seed (`<task>_expert_outcomes.json`, dropped when the expert's
+code or card changes).
 Training time is the sum of the wall time of every training session of the run (`train_time.json`).
 
     python benchmarks/imitation.py --task lift --episodes-demo 150 --train-steps 8000 --set optim.lr=3e-4 \
