@@ -116,3 +116,28 @@ def test_card_train_section_overrides_defaults(tmp_path):
     path.write_text(yaml.safe_dump(card))
     with pytest.raises(ConfigError, match="pusht_tuned.yaml"):
         build_config(str(path), "diffusion")
+
+
+def test_card_train_section_per_method(tmp_path):
+    card = yaml.safe_load(open(load_task("pusht").source))
+    card["train"] = {"train.steps": 1234, "diffusion": {"policy.process.prediction": "sample", "train.steps": 99},
+                     "flow": {"policy.inference_steps": 7}}
+    path = tmp_path / "pusht_tuned.yaml"
+    path.write_text(yaml.safe_dump(card))
+    diffusion, flow = build_config(str(path), "diffusion"), build_config(str(path), "flow")
+    assert (diffusion.train.steps, diffusion.policy.process.prediction, diffusion.policy.inference_steps) == (99, "sample", 10)
+    assert (flow.train.steps, flow.policy.process.prediction, flow.policy.inference_steps) == (1234, None, 7)
+
+
+@pytest.mark.parametrize("section, match", [
+    ({"diffusion": 3}, "'diffusion' must be a mapping"),
+    ({"flow": {"policy.process.prediction": "sample"}}, "process.prediction"),  # a diffusion-only key
+])
+def test_card_train_section_per_method_bad_input(tmp_path, section, match):
+    card = yaml.safe_load(open(load_task("pusht").source))
+    card["train"] = section
+    path = tmp_path / "pusht_tuned.yaml"
+    path.write_text(yaml.safe_dump(card))
+    with pytest.raises(ConfigError, match=match) as info:
+        build_config(str(path), "flow")
+    assert "pusht_tuned.yaml" in str(info.value)

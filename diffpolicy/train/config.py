@@ -4,7 +4,8 @@ A `TrainConfig` is a tree of dataclasses. It is built in three layers:
 
 1. method defaults (`--policy diffusion|flow`): process, inference steps, network size;
 2. the task card: horizons, observation keys, action dimension, dataset path, episode length,
-   and the card's optional `train:` mapping of dotted overrides (task-specific tuning);
+   and the card's optional `train:` mapping of dotted overrides (task-specific tuning), with
+   optional `diffusion:` / `flow:` sub-mappings that apply to that method only;
 3. command-line overrides `section.key=value` with dotted keys, e.g. `optim.lr=3e-4`,
    `policy.backbone.hidden_dim=256`.
 
@@ -405,15 +406,26 @@ def build_config(task: str | TaskCard, method: str = "diffusion",
     card = task if isinstance(task, TaskCard) else load_task(task)
     config = TrainConfig(task=card.name, method=method, policy=default_policy_config(card, method),
                          data=DataConfig(path=str(card.dataset["path"])))
-    card_overrides = card.extra.get("train") or {}
-    if not isinstance(card_overrides, dict):
-        raise ConfigError(f"{card.source}: 'train' must be a mapping of dotted keys to values, "
-                          f"got {type(card_overrides).__name__}")
     try:
-        config = apply_overrides(config, card_overrides)
+        config = apply_overrides(config, card_train_overrides(card, method))
     except ConfigError as exc:
         raise ConfigError(f"{card.source}: train: {exc}") from None
     return apply_cli_overrides(config, overrides)
+
+
+def card_train_overrides(card: TaskCard, method: str) -> dict[str, Any]:
+    """The card's `train:` overrides for `method`: its dotted keys, then those of its `<method>:`
+    sub-mapping (settings of one method only, e.g. `diffusion: {policy.process.prediction: sample}`)."""
+    section = card.extra.get("train") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{card.source}: 'train' must be a mapping of dotted keys to values, "
+                          f"got {type(section).__name__}")
+    for name in METHODS:
+        if name in section and not isinstance(section[name], dict):
+            raise ConfigError(f"{card.source}: train: {name!r} must be a mapping of dotted keys to values "
+                              f"for --policy {name}, got {type(section[name]).__name__}")
+    common = {key: value for key, value in section.items() if key not in METHODS}
+    return {**common, **section.get(method, {})}
 
 
 def apply_cli_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
