@@ -20,8 +20,9 @@ def test_card_and_method_defaults():
         assert config.policy.action_dim == card.action_dim
         assert (config.policy.obs_horizon, config.policy.pred_horizon, config.policy.action_horizon) == (2, 16, 8)
         assert config.data.path == card.dataset["path"]
-    diffusion = build_config("pusht", "diffusion").policy.process
+    diffusion = build_config("lift", "diffusion").policy.process  # the method's defaults
     assert (diffusion.eta, diffusion.prediction, diffusion.train_steps) == (1.0, "epsilon", 100)
+    assert build_config("pusht", "diffusion").policy.process.prediction == "sample"  # the PushT card's choice
 
 
 def test_image_task_gets_image_keys_and_a_crop():
