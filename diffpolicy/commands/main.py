@@ -36,7 +36,8 @@ from diffpolicy.train.config import METHODS, config_for_run
 from diffpolicy.train.trainer import DatasetMismatchError, DatasetMissingError, RunDirectoryError, train
 
 TASK = "pusht"
-# CPU-budget training on top of the method defaults (`train.config.METHOD_DEFAULTS`): 10k steps of
+# CPU-budget training on top of the method defaults (`train.config.METHOD_DEFAULTS`) and the card's
+# `train:` settings (PushT: diffusion predicts the clean chunk): 10k steps of
 # 256 windows (about 12 min on one core), a short warm-up and a larger learning rate than Diffusion
 # Policy's 1e-4 (a short run), 4 checkpoints each evaluated on 20 selection seeds (200000, ...).
 # One torch thread: on 2 cores shared with the simulator or anything else, two intra-op threads
