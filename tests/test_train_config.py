@@ -141,4 +141,4 @@ def test_card_train_section_per_method_bad_input(tmp_path, section, match):
     path.write_text(yaml.safe_dump(card))
     with pytest.raises(ConfigError, match=match) as info:
         build_config(str(path), "flow")
-    assert "pusht_tuned.yaml" in str(info.value)
+    assert str(info.value).count("pusht_tuned.yaml") == 1

@@ -406,8 +406,9 @@ def build_config(task: str | TaskCard, method: str = "diffusion",
     card = task if isinstance(task, TaskCard) else load_task(task)
     config = TrainConfig(task=card.name, method=method, policy=default_policy_config(card, method),
                          data=DataConfig(path=str(card.dataset["path"])))
+    card_overrides = card_train_overrides(card, method)
     try:
-        config = apply_overrides(config, card_train_overrides(card, method))
+        config = apply_overrides(config, card_overrides)
     except ConfigError as exc:
         raise ConfigError(f"{card.source}: train: {exc}") from None
     return apply_cli_overrides(config, overrides)
