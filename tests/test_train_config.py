@@ -128,6 +128,11 @@ def test_card_train_section_per_method(tmp_path):
     diffusion, flow = build_config(str(path), "diffusion"), build_config(str(path), "flow")
     assert (diffusion.train.steps, diffusion.policy.process.prediction, diffusion.policy.inference_steps) == (99, "sample", 10)
     assert (flow.train.steps, flow.policy.process.prediction, flow.policy.inference_steps) == (1234, None, 7)
+    # a method's own key wins even where a broader common key comes after it
+    card["train"] = {"policy.backbone.hidden_dim": 64, "policy.backbone": {"type": "mlp", "hidden_dim": 32},
+                     "flow": {"policy.backbone.hidden_dim": 128}}
+    path.write_text(yaml.safe_dump(card, sort_keys=False))
+    assert build_config(str(path), "flow").policy.backbone == {"type": "mlp", "hidden_dim": 128}
 
 
 @pytest.mark.parametrize("section, match", [

@@ -425,8 +425,9 @@ def card_train_overrides(card: TaskCard, method: str) -> dict[str, Any]:
         if name in section and not isinstance(section[name], dict):
             raise ConfigError(f"{card.source}: train: {name!r} must be a mapping of dotted keys to values "
                               f"for --policy {name}, got {type(section[name]).__name__}")
-    common = {key: value for key, value in section.items() if key not in METHODS}
-    return {**common, **section.get(method, {})}
+    own = section.get(method, {})
+    common = {key: value for key, value in section.items() if key not in METHODS and key not in own}
+    return {**common, **own}  # the method's own keys last, also those the common part names too
 
 
 def apply_cli_overrides(config: TrainConfig, overrides: list[str] | tuple[str, ...]) -> TrainConfig:
