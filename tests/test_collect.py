@@ -154,7 +154,7 @@ def test_cli_collects_and_reports_unknown_tasks_without_a_traceback(tmp_path, ca
     assert main(["collect", "--task", "no_such_task", "--episodes", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'no_such_task'" in err and "pusht" in err and "Traceback" not in err
-    assert load_task("pusht").dataset == {"episodes": 200, "path": "datasets/pusht.zarr",
+    assert load_task("pusht").dataset == {"episodes": 3000, "path": "datasets/pusht.zarr",
                                          "only_success": True, "seed_start": 0}
 
 

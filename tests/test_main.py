@@ -32,3 +32,24 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "(resuming)" in stdout
     assert json.loads((out / "summary.json").read_text())["training steps"] == 20
+
+
+def test_main_job_trains_on_its_own_demonstrations_from_a_larger_store(tmp_path, capsys):
+    from diffpolicy.envs.collect import collect
+
+    out, dataset = tmp_path / "main", tmp_path / "pusht.zarr"
+    collect("pusht", episodes=4, out=dataset, only_success=True)
+    argv = ["main", "--out", str(out), "--dataset", str(dataset), "--demos", "3", "--eval-episodes", "1",
+            "--videos", "0", "--no-progress", *TINY]
+    assert main(argv) == 0
+    assert json.loads((out / "summary.json").read_text())["demonstrations"] == 3
+    assert json.loads((out / "train" / "config.json").read_text())["data"]["max_episodes"] == 3
+
+
+def test_main_job_budget_keeps_both_methods_on_the_512_wide_network(tmp_path):
+    from diffpolicy.commands.main import BUDGET_OVERRIDES
+    from diffpolicy.train.config import build_config
+
+    for method in ("diffusion", "flow"):
+        assert build_config("pusht", method, BUDGET_OVERRIDES).policy.backbone["hidden_dim"] == 512
+    assert build_config("pusht", "flow").policy.backbone["hidden_dim"] == 768  # the card's flow recipe
