@@ -46,7 +46,7 @@ def test_main_job_trains_on_its_own_demonstrations_from_a_larger_store(tmp_path,
     assert json.loads((out / "train" / "config.json").read_text())["data"]["max_episodes"] == 3
 
 
-def test_main_job_budget_keeps_both_methods_on_the_512_wide_network(tmp_path):
+def test_main_job_budget_keeps_both_methods_on_the_512_wide_network():
     from diffpolicy.commands.main import BUDGET_OVERRIDES
     from diffpolicy.train.config import build_config
 

@@ -43,7 +43,7 @@ TASK = "pusht"
 # Policy's 1e-4 (a short run), 4 checkpoints each evaluated on 20 selection seeds (200000, ...).
 # The network stays 512 wide for both methods (the card's flow recipe widens it to 768, which trains
 # half as fast), and the job uses 200 demonstrations (the card's benchmark recipe collects 3000,
-# about 5 min of the budget).
+# about 6 min of the budget).
 # One torch thread: on 2 cores shared with the simulator or anything else, two intra-op threads
 # oversubscribe the CPU and run up to 10x slower; one thread loses little on this small network.
 BUDGET_OVERRIDES = ["train.steps=10000", "train.batch_size=256", "optim.lr=1e-3", "optim.warmup_steps=200",
