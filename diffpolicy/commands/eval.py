@@ -12,6 +12,8 @@ and `videos/*.mp4` of the first `--videos` episodes; the same seeds give the sam
 
 from __future__ import annotations
 
+from diffpolicy.errors import InvalidValueError
+
 import argparse
 import json
 import sys
@@ -25,7 +27,7 @@ from diffpolicy.train.checkpoints import resolve_policy_dir
 from diffpolicy.train.distributed import resolve_device
 
 
-class TaskMismatchError(ValueError):
+class TaskMismatchError(InvalidValueError):
     """The checkpoint was trained on another task than the one asked for."""
 
 

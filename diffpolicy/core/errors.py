@@ -4,10 +4,12 @@ Both derive from `ValueError`, so callers may catch either the specific class or
 A tensor of the wrong dtype raises the built-in `TypeError`.
 """
 
+from diffpolicy.errors import InvalidValueError
 
-class CoreConfigError(ValueError):
+
+class CoreConfigError(InvalidValueError):
     """A schedule, process, loss weighting or guidance is configured wrongly (unknown name, bad value)."""
 
 
-class CoreInputError(ValueError):
+class CoreInputError(InvalidValueError):
     """A tensor handed to the core has the wrong shape or values (t outside [0, 1], s > t, ...)."""

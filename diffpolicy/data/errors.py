@@ -4,10 +4,12 @@ Both derive from `ValueError`, so callers may catch either the specific class or
 Missing files and stores raise the built-in `FileNotFoundError`.
 """
 
+from diffpolicy.errors import InvalidValueError
 
-class DataFormatError(ValueError):
+
+class DataFormatError(InvalidValueError):
     """A store or file on disk does not have the expected layout (names the path and the key)."""
 
 
-class EpisodeError(ValueError):
+class EpisodeError(InvalidValueError):
     """An episode handed to `ReplayBuffer.add_episode` is invalid (names the key and the index)."""

@@ -33,6 +33,8 @@ simply run again.
 
 from __future__ import annotations
 
+from diffpolicy.errors import InvalidValueError
+
 import os
 import sys
 import time
@@ -55,7 +57,7 @@ SETTING_DEFAULTS = {"action_noise": 0.0}
 NOISE_STREAM = 7  # generator of the executed action noise: default_rng([seed, NOISE_STREAM])
 
 
-class CollectError(ValueError):
+class CollectError(InvalidValueError):
     """A collection cannot start or go on (incompatible store, expert failing too often)."""
 
 

@@ -23,6 +23,8 @@ through `LearnedExpert`, so the reached return is the return of the demonstrator
 
 from __future__ import annotations
 
+from diffpolicy.errors import InvalidValueError
+
 import copy
 import dataclasses
 import json
@@ -38,7 +40,7 @@ from diffpolicy.envs.experts.learned import ALGORITHMS, LearnedExpert, algorithm
 from diffpolicy.envs.tasks import TaskCard, make_env
 
 
-class ExpertTrainingError(ValueError):
+class ExpertTrainingError(InvalidValueError):
     """The card's training section is malformed, or an existing expert does not fit the request."""
 
 

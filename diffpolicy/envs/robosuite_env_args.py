@@ -13,6 +13,8 @@ composite config, so `make_env_from_env_args` converts it with robosuite's own
 
 from __future__ import annotations
 
+from diffpolicy.errors import InvalidValueError
+
 import copy
 from typing import Any
 
@@ -30,7 +32,7 @@ ROBOSUITE_ENV_TYPE = 1
 IGNORED_KWARGS = ("has_renderer", "render_camera", "render_gpu_device_id")
 
 
-class EnvArgsError(ValueError):
+class EnvArgsError(InvalidValueError):
     """An `env_args` dict cannot be turned into one of the supported robosuite environments."""
 
 

@@ -20,6 +20,8 @@ Card fields (see `envs/*.yaml`):
 
 from __future__ import annotations
 
+from diffpolicy.errors import InvalidValueError
+
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ REQUIRED_FIELDS = ("name", "env", "observation", "action", "horizons", "control_
                    "max_episode_steps", "success", "expert", "dataset", "eval")
 
 
-class TaskCardError(ValueError):
+class TaskCardError(InvalidValueError):
     """A task card is missing, unknown or malformed."""
 
 

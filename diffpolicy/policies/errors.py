@@ -7,12 +7,14 @@ what came, and where (file, key, index).
 
 from __future__ import annotations
 
+from diffpolicy.errors import InvalidValueError
 
-class ConfigError(ValueError):
+
+class ConfigError(InvalidValueError):
     """A policy config has an unknown key, a missing key, or a value of the wrong type or range."""
 
 
-class ObservationError(ValueError):
+class ObservationError(InvalidValueError):
     """An observation dict has missing or extra keys, a wrong shape, or non-finite values."""
 
 
@@ -20,11 +22,11 @@ class ObservationDtypeError(ObservationError, TypeError):
     """An observation has the wrong dtype (images must be uint8, low-dim keys floating point)."""
 
 
-class NormalizerError(ValueError):
+class NormalizerError(InvalidValueError):
     """Normalizer statistics are missing for a key, or do not match the data's dimension."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidValueError):
     """A checkpoint is malformed, tampered with, of an unsupported version, or mismatched."""
 
 

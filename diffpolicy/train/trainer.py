@@ -24,6 +24,8 @@ resumed from a checkpoint continues bit-exactly (on CPU) as if it had never stop
 
 from __future__ import annotations
 
+from diffpolicy.errors import InvalidValueError, MissingFileError
+
 import copy
 import json
 import math
@@ -66,15 +68,15 @@ from diffpolicy.train.distributed import (
 VAL_BATCHES = 4  # batches of the validation loss at each checkpoint
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(MissingFileError):
     """The task's dataset has not been collected (the message says which command makes it)."""
 
 
-class DatasetMismatchError(ValueError):
+class DatasetMismatchError(InvalidValueError):
     """The dataset does not fit the task card (action dimension, observation keys or shapes)."""
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(InvalidValueError):
     """The run directory holds another run (resume it or choose another one)."""
 
 

@@ -13,6 +13,8 @@ with eps ~ N(0, I) (eps = 0 when `deterministic`), which are the distributions S
 
 from __future__ import annotations
 
+from diffpolicy.errors import MissingFileError
+
 import json
 import os
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch
 ALGORITHMS = ("sac", "ppo")
 
 
-class ExpertNotTrainedError(FileNotFoundError):
+class ExpertNotTrainedError(MissingFileError):
     """The learned expert's model file does not exist yet."""
 
 
