@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=8, help="digits: images per class in the grid")
     parser.add_argument("--count", type=int, default=16, help="PushT images / texts to generate")
     parser.add_argument("--prompt", default="", help="text: fixed beginning of every sample")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="text: 0 unmasks to the most likely character, 1 draws from the model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="image: PNG grid (default <model>/samples.png); "
                                                     "text: also write the samples to this file")
@@ -114,7 +116,7 @@ def _text(args: argparse.Namespace, model_dir: Path, generator: torch.Generator)
                                           "train_seconds": round(result.seconds, 1)})
         print(f"{model_dir}: trained {args.train_steps} steps in {result.seconds:.0f} s")
     model = TextModel.from_pretrained(model_dir)
-    texts = model.generate(args.count, args.steps, args.prompt, generator=generator)
+    texts = model.generate(args.count, args.steps, args.prompt, generator=generator, temperature=args.temperature)
     for text in texts:
         print(text)
     if args.out:

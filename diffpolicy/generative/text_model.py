@@ -104,8 +104,10 @@ class TextModel(nn.Module):
         return float(nats.mean()) / (tokens.shape[1] * math.log(2.0))
 
     @torch.no_grad()
-    def generate(self, count: int, steps: int, prompt: str = "", generator: torch.Generator | None = None) -> list[str]:
-        """`count` texts of `seq_len` characters, each starting with `prompt`, unmasked in `steps` steps."""
+    def generate(self, count: int, steps: int, prompt: str = "", generator: torch.Generator | None = None,
+                 temperature: float | None = None) -> list[str]:
+        """`count` texts of `seq_len` characters, each starting with `prompt`, unmasked in `steps` steps
+        (temperature: None = the config's; 0 = argmax tokens, 1 = draws from the model)."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise InvalidValueError(f"TextModel.generate: count must be an int >= 1, got {count!r}")
         if len(prompt) >= self.config.seq_len:
@@ -116,7 +118,8 @@ class TextModel(nn.Module):
         if prompt:
             prefix = self.process.encode(corpus.encode(prompt).unsqueeze(0).expand(count, -1))
             guidance = PrefixInpainting(prefix)
-        x0 = sample(self.denoiser, self.process, x_init, steps, guidance=guidance, generator=generator).x0
+        process = self.process if temperature is None else MaskedDiffusion(len(corpus.VOCAB), temperature)
+        x0 = sample(self.denoiser, process, x_init, steps, guidance=guidance, generator=generator).x0
         return [corpus.decode(ids) for ids in self.process.decode(x0)]
 
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
