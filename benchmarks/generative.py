@@ -32,6 +32,7 @@ import math
 import platform
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * root.real))
+    with warnings.catch_warnings():  # dead hidden units make the covariances singular; sqrtm still converges
+        warnings.simplefilter("ignore")
+        root = linalg.sqrtm(cov_a @ cov_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * np.real(root)))
 
 
 def image_model(kind: str, images, labels, steps: int, out: Path) -> tuple[ImageModel, float]:
