@@ -232,6 +232,8 @@ def test_bad_input_raises_clear_errors():
         model.generate(torch.tensor([3, 10]))
     with pytest.raises(DiffpolicyError, match=r"images must be float \(B, C, H, W\) = \(B, 1, 8, 8\)"):
         model.loss(torch.zeros(2, 1, 16, 16), torch.tensor([0, 1]))
+    with pytest.raises(DiffpolicyError, match=r"labels must be a 1-D tensor"):
+        model.generate(torch.tensor(3))
     with pytest.raises(DiffpolicyError, match="give labels"):
         model.generate(None)
     with pytest.raises(DiffpolicyError, match="guidance needs a class-conditional model"):

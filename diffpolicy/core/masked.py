@@ -21,7 +21,8 @@ level t to s unmasks, in each row, the `n - round(n s / t)` masked tokens the mo
 confident about (n = masked tokens in the row that move, t > s), each to its argmax token
 (`temperature` 0) or a Gumbel-max draw from the model's distribution (`temperature` > 0, Gumbel
 noise made from the sampler's standard normal noise). Unmasked tokens never change. A
-`PrefixInpainting` guidance holds a prompt fixed.
+`PrefixInpainting` guidance holds a prompt fixed. The step has std 0, so a recorded chain's
+Gaussian log_prob is 0 (the discrete step has no density there).
 """
 
 from __future__ import annotations

@@ -184,7 +184,10 @@ class ImageModel(nn.Module):
             generator: the initial noise and every step's noise.
         """
         if labels is not None:
-            batch = labels.shape[0] if isinstance(labels, torch.Tensor) and labels.dim() == 1 else -1
+            if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+                raise InvalidValueError(f"ImageModel.generate: labels must be a 1-D tensor of class ids (B,), got "
+                                        f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
+            batch = labels.shape[0]
         elif isinstance(count, int) and not isinstance(count, bool) and count >= 1:
             batch = count
         else:
