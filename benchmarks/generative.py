@@ -171,18 +171,18 @@ def perception_table(args: argparse.Namespace) -> list[str]:
         config = json.loads((run / "config.json").read_text())
         steps = config["train"]["steps"]
         cpu = cpu_seconds(Path(f"runs/perception_{name}.log"))
-        summaries = sorted(run.glob("eval_*/summary.json"))
+        summaries = sorted(run.glob("checkpoints/*/eval_*/summary.json"))
         success = "not evaluated"
         if summaries:
             s = json.loads(summaries[-1].read_text())
             rate = s["success_rate"]
             success = (f"{rate['rate']:.2f} [{rate['ci95_low']:.2f}, {rate['ci95_high']:.2f}] of "
-                       f"{s['episodes']}")
+                       f"{s['episodes']} (mean coverage {s['mean_coverage']:.3f})")
         from diffpolicy.policies import ChunkPolicy
         checkpoints = sorted((run / "checkpoints").glob("step_*"))
         params = "?"
         if checkpoints:
-            policy = ChunkPolicy.from_pretrained(checkpoints[-1] / "model")
+            policy = ChunkPolicy.from_pretrained(checkpoints[-1] / "policy")
             encoder = policy.obs_encoder.image_encoders
             total = sum(p.numel() for p in encoder.parameters())
             trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
