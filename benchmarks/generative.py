@@ -16,7 +16,7 @@ library (cached); on the held-out last 10 % of the windows, the likelihood bound
 character, continuous-time and as the K-step bound of K-step random-order unmasking, and one
 confidence-ordered sample per K.
 
-Perception (`--perception`): reads the PushT-image runs of `runs/perception.sh` (the same policy
+Perception: reads the PushT-image runs of `benchmarks/generative_perception.sh` (the same policy
 trained for the same steps with the ResNet-18 encoder from scratch and with the PushT image model's
 DiT, frozen or fine-tuned): training CPU seconds per step from the run's `train_time.txt` (bash
 `time`), held-out success from the run's evaluation `summary.json`.
