@@ -29,5 +29,9 @@ class ExistingFileError(DiffpolicyError, FileExistsError):
     """A file or directory exists where the call would create a new one (and overwrite was not asked)."""
 
 
+class ConfigError(InvalidValueError):
+    """A configuration has an unknown key, a missing key, or a value of the wrong type or range."""
+
+
 class UsageError(InvalidValueError):
     """A command-line value is out of range or a combination of options is not allowed."""
