@@ -6,7 +6,13 @@ from typing import Any, Literal
 
 import pytest
 
-from diffpolicy.config import ConfigError, apply_overrides, check_int, from_dict, to_dict
+from diffpolicy.config import (
+    ConfigError,
+    apply_overrides,
+    check_int,
+    from_dict,
+    to_dict,
+)
 from diffpolicy.errors import DiffpolicyError
 
 

@@ -1,6 +1,6 @@
 """Imitation training of a chunk policy: one loop, readable top to bottom.
 
-    train(config, run_dir, resume=False) -> TrainResult
+    train(config, run_dir, resume=False, scorer=None) -> TrainResult
 
 Run directory:
 
@@ -11,10 +11,11 @@ Run directory:
 
 The recipe is Diffusion Policy's: AdamW, linear warm-up into a cosine decay, gradient clipping,
 an EMA of the weights (evaluated and exported), bf16 autocast on GPUs only. The normalizer is
-fitted on the training split. Every `checkpoint_every` steps the EMA policy is evaluated in the
-environment (`eval.episodes` > 0) and a checkpoint is written; the best `keep_top_k` by success
-rate (ties broken by mean coverage, or by mean return where the task has no coverage) and the
-latest are kept.
+fitted on the training split. Every `checkpoint_every` steps the EMA policy is scored in the
+environment (`eval.episodes` > 0) by the `scorer` the caller passes (the commands pass rollouts of
+`diffpolicy.evaluation`; training itself does not depend on evaluation) and a checkpoint is written;
+the best `keep_top_k` by success rate (ties broken by mean coverage, or by mean return where the
+task has no coverage) and the latest are kept.
 
 Exact resume: the noise of each step comes from generators seeded by (seed, step, shard), the
 data order from `DistributedSampler`'s (seed + epoch) permutation and the saved position inside
@@ -24,13 +25,12 @@ resumed from a checkpoint continues bit-exactly (on CPU) as if it had never stop
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError, MissingFileError
-
 import copy
 import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from tqdm import tqdm
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.data.sequence_sampler import SequenceSampler, split_episodes
 from diffpolicy.envs.tasks import TaskCard, load_task
-from diffpolicy.evaluation.rollout import evaluate
+from diffpolicy.errors import InvalidValueError, MissingFileError
 from diffpolicy.nn.ema import EMA
 from diffpolicy.policies import ChunkPolicy, Normalizer
 from diffpolicy.policies.errors import ConfigError
@@ -56,7 +56,7 @@ from diffpolicy.train.checkpoints import (
     state_dict_tensors,
     unflatten_optimizer_state,
 )
-from diffpolicy.train.config import TrainConfig
+from diffpolicy.train.config import EvalConfig, TrainConfig
 from diffpolicy.train.distributed import (
     DistContext,
     ResumableDistributedSampler,
@@ -250,27 +250,36 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 # ----------------------------------------------------------------------------- the loop
 
 
+Scorer = Callable[[ChunkPolicy, TaskCard, EvalConfig, torch.device], Mapping[str, Any]]
+"""scorer(policy, card, eval_config, device) -> an evaluation summary with `success_rate.rate`,
+`mean_return`, `mean_length` and optionally `mean_coverage` (`evaluation.rollout.Evaluation.summary`)."""
+
+
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True, card: TaskCard | None = None) -> TrainResult:
+          progress: bool = True, card: TaskCard | None = None, scorer: Scorer | None = None) -> TrainResult:
     """Train `config` into `run_dir` (resuming the latest checkpoint there when `resume`).
 
     `card`: the task card of `config.task` when it is not one of `envs/` (a card given by path);
-    by default `load_task(config.task)`.
+    by default `load_task(config.task)`. `scorer`: scores each checkpoint's EMA policy; required
+    when `config.eval.episodes` > 0.
     """
     run_dir = Path(run_dir)
     card = load_task(config.task) if card is None else card
     if card.name != config.task:
         raise ConfigError(f"train: the config trains task {config.task!r} but the card given is {card.name!r} "
                           f"({card.source})")
+    if config.eval.episodes > 0 and scorer is None:
+        raise ConfigError(f"config key 'eval.episodes' is {config.eval.episodes}: scoring checkpoints needs a "
+                          "scorer (e.g. diffpolicy.evaluation.rollout.score_policy); pass one or set eval.episodes=0")
     ctx = setup_distributed(config.train.device)
     try:
-        return _train(config, card, run_dir, resume, progress, ctx)
+        return _train(config, card, run_dir, resume, progress, ctx, scorer)
     finally:
         teardown_distributed()
 
 
 def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, progress: bool,
-           ctx: DistContext) -> TrainResult:
+           ctx: DistContext, scorer: Scorer | None) -> TrainResult:
     tc = config.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
@@ -372,7 +381,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
             if ctx.is_main:
                 bar.clear()
                 last = checkpoint(run_dir, config, card, manager, (step, epoch, batch_in_epoch), learner,
-                                  val_dataset, writer, ctx.device)
+                                  val_dataset, writer, ctx.device, scorer)
                 bar.refresh()
             if ctx.enabled:
                 torch.distributed.barrier()
@@ -391,7 +400,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
 
 def checkpoint(run_dir: Path, config: TrainConfig, card: TaskCard, manager: CheckpointManager,
                position: tuple[int, int, int], learner: Learner, val_dataset: BatchedWindows | None, writer,
-               device: torch.device) -> Path:
+               device: torch.device, scorer: Scorer | None) -> Path:
     """Validation loss and evaluation of the EMA policy, then an atomic checkpoint (rank 0 only).
 
     `position` is `(step, epoch, batches done in the epoch)`.
@@ -406,10 +415,7 @@ def checkpoint(run_dir: Path, config: TrainConfig, card: TaskCard, manager: Chec
         row["val_loss"] = validation_loss(ema_policy, val_dataset, config, device)
     score = None
     if config.eval.episodes > 0:
-        result = evaluate(ema_policy, card, episodes=config.eval.episodes, seed_start=config.eval.seed_start,
-                          n_envs=config.eval.n_envs, device=device,
-                          inference_steps=config.eval.inference_steps)
-        summary = result.summary
+        summary = scorer(ema_policy, card, config.eval, device)
         rate = summary["success_rate"]["rate"]
         score = [rate, summary.get("mean_coverage", summary["mean_return"])]  # coverage breaks ties
         row.update({"eval/success_rate": rate, "eval/mean_return": summary["mean_return"],

@@ -23,8 +23,6 @@ through `LearnedExpert`, so the reached return is the return of the demonstrator
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError
-
 import copy
 import dataclasses
 import json
@@ -36,8 +34,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from diffpolicy.envs.experts.learned import ALGORITHMS, LearnedExpert, algorithm_class, meta_path_for, train_command
+from diffpolicy.envs.experts.learned import (
+    ALGORITHMS,
+    LearnedExpert,
+    algorithm_class,
+    meta_path_for,
+    train_command,
+)
 from diffpolicy.envs.tasks import TaskCard, make_env
+from diffpolicy.errors import InvalidValueError
 
 
 class ExpertTrainingError(InvalidValueError):
