@@ -32,6 +32,14 @@ class MissingKeyError(DiffpolicyError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class InvalidIndexError(DiffpolicyError, IndexError):
+    """An index (step, episode, token) is out of range."""
+
+
+class ReadOnlyError(DiffpolicyError, PermissionError):
+    """A write was asked of something opened read-only (a store opened with mode='r')."""
+
+
 class InvalidStateError(DiffpolicyError, RuntimeError):
     """An object is used in a state that does not allow the call (step before reset, autograd off)."""
 

@@ -40,10 +40,12 @@ import zarr.storage
 from diffpolicy.data.errors import DataFormatError, EpisodeError
 from diffpolicy.errors import (
     ExistingFileError,
+    InvalidIndexError,
     InvalidTypeError,
     InvalidValueError,
     MissingFileError,
     MissingKeyError,
+    ReadOnlyError,
 )
 
 FORMAT_INFO = {
@@ -111,7 +113,7 @@ class StepArray:
             raise InvalidTypeError(f"data/{self.key}: indices must be integers, got dtype {indices.dtype}")
         flat = indices.reshape(-1)
         if flat.size and (flat.min() < -self._n or flat.max() >= self._n):
-            raise IndexError(
+            raise InvalidIndexError(
                 f"data/{self.key}: index out of range [-{self._n}, {self._n}) "
                 f"(got min {flat.min()}, max {flat.max()})"
             )
@@ -130,11 +132,11 @@ class StepArray:
         if isinstance(first, slice):
             start, stop, step = first.indices(self._n)
             if step < 1:
-                raise IndexError(f"data/{self.key}: slice step must be positive, got {step}")
+                raise InvalidIndexError(f"data/{self.key}: slice step must be positive, got {step}")
             return self._array[(slice(start, stop, step), *rest)]
         if isinstance(first, (int, np.integer)):
             if not -self._n <= first < self._n:
-                raise IndexError(f"data/{self.key}: step {first} out of range for {self._n} steps")
+                raise InvalidIndexError(f"data/{self.key}: step {first} out of range for {self._n} steps")
             return self._array[(int(first) % self._n, *rest)]
         rows = self.gather(np.asarray(first))
         return rows[(slice(None),) * np.ndim(first) + tuple(rest)] if rest else rows
@@ -271,7 +273,7 @@ class ReplayBuffer:
     def episode_slice(self, index: int) -> slice:
         """Steps of episode `index` (negative counts from the end) as a slice of axis 0."""
         if not -self.n_episodes <= index < self.n_episodes:
-            raise IndexError(f"{self.path}: episode {index} out of range for {self.n_episodes}")
+            raise InvalidIndexError(f"{self.path}: episode {index} out of range for {self.n_episodes}")
         index %= self.n_episodes
         start = int(self._ends[index - 1]) if index > 0 else 0
         return slice(start, int(self._ends[index]))
@@ -305,7 +307,7 @@ class ReplayBuffer:
         Nothing is written unless everything validates.
         """
         if self._group.read_only:
-            raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
+            raise ReadOnlyError(f"{self.path} is open read-only; open it with mode='a'")
         arrays, length = self._validate_data(data)
         values = self._validate_meta(meta or {})
         if self.n_episodes == 0:

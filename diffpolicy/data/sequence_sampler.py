@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffpolicy.data.replay_buffer import ReplayBuffer, StepArray
-from diffpolicy.errors import InvalidTypeError, InvalidValueError, MissingKeyError
+from diffpolicy.errors import InvalidIndexError, InvalidTypeError, InvalidValueError, MissingKeyError
 
 
 class SequenceSampler:
@@ -106,7 +106,7 @@ class SequenceSampler:
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
-            raise IndexError(f"window {index} out of range for {len(self)} windows")
+            raise InvalidIndexError(f"window {index} out of range for {len(self)} windows")
         batch = self.sample_batch(np.array([index]))
         return {
             "obs": {key: value[0] for key, value in batch["obs"].items()},
@@ -121,7 +121,7 @@ class SequenceSampler:
             raise InvalidTypeError(f"indices must be a 1-D integer array, got {indices.dtype} "
                             f"shape {indices.shape}")
         if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
-            raise IndexError(f"window indices must lie in [-{len(self)}, {len(self)}), got "
+            raise InvalidIndexError(f"window indices must lie in [-{len(self)}, {len(self)}), got "
                              f"min {indices.min()}, max {indices.max()}")
         episode, offset = self._episode[indices], self._offset[indices]
         obs_rows, obs_is_pad = self._rows(episode, offset, self.obs_horizon)
