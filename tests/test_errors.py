@@ -1,8 +1,8 @@
 """One error family: the command line catches DiffpolicyError once, and the suite's bad-input tests
 (every `pytest.raises`, see conftest.py) fail when diffpolicy raises outside the family."""
 
-import pytest
 import conftest
+import pytest
 from conftest import PACKAGE_DIR, raised_outside_the_family
 
 from diffpolicy import errors
