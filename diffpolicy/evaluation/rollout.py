@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from diffpolicy.errors import InvalidValueError
 from diffpolicy.evaluation.stats import success_rate
+from diffpolicy.fsutil import atomic_write_text
 
 
 @dataclass
@@ -261,9 +262,7 @@ def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: 
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=1))
 
 
 def score_policy(policy: Any, card: Any, eval_config: Any, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -38,13 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.data.sequence_sampler import SequenceSampler, split_episodes
+from diffpolicy.data.torch_dataset import WindowDataset
 from diffpolicy.envs.tasks import TaskCard, load_task
 from diffpolicy.errors import InvalidValueError, MissingFileError
+from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.nn.ema import EMA
 from diffpolicy.policies import ChunkPolicy, Normalizer
 from diffpolicy.policies.errors import ConfigError
@@ -159,38 +161,17 @@ def fit_normalizer(buffer: ReplayBuffer, train_mask: np.ndarray, config: TrainCo
     return Normalizer.fit(data, image_keys=policy.image_keys)
 
 
-class BatchedWindows(Dataset):
-    """Training windows fetched a whole batch at a time: `dataset[indices]` -> the policy's batch
-    `{"obs": {key: (B, To, ...)}, "action": (B, Tp, Da) float32, "action_is_pad": (B, Tp)}`.
-
-    One `SequenceSampler.sample_batch` gather per key; used with a `BatchSampler` as the
-    DataLoader's sampler and `batch_size=None` (splitting batches into per-window items and
-    collating them back costs more than the gather itself for low-dim data).
-    """
-
-    def __init__(self, sampler: SequenceSampler) -> None:
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
-        batch = self.sampler.sample_batch(np.asarray(indices, dtype=np.int64))
-        return {"obs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch["obs"].items()},
-                "action": torch.from_numpy(np.ascontiguousarray(batch["action"], dtype=np.float32)),
-                "action_is_pad": torch.from_numpy(batch["action_is_pad"])}
-
-
-def window_dataset(buffer: ReplayBuffer, mask: np.ndarray, config: TrainConfig) -> BatchedWindows:
+def window_dataset(buffer: ReplayBuffer, mask: np.ndarray, config: TrainConfig) -> WindowDataset:
+    """The policy's training windows of the episodes in `mask`; `dataset[indices]` is one batch."""
     policy = config.policy
-    return BatchedWindows(SequenceSampler(buffer, list(policy.obs_shapes), policy.obs_horizon, policy.pred_horizon,
+    return WindowDataset(SequenceSampler(buffer, list(policy.obs_shapes), policy.obs_horizon, policy.pred_horizon,
                                           action_horizon=policy.action_horizon, episode_mask=mask))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A batch on `device`."""
     return {"obs": {k: v.to(device, non_blocking=True) for k, v in batch["obs"].items()},
-            "action": batch["action"].to(device, non_blocking=True),
+            "action": batch["action"].to(device, torch.float32, non_blocking=True),
             "action_is_pad": batch["action_is_pad"].to(device, non_blocking=True)}
 
 
@@ -399,7 +380,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
 
 
 def checkpoint(run_dir: Path, config: TrainConfig, card: TaskCard, manager: CheckpointManager,
-               position: tuple[int, int, int], learner: Learner, val_dataset: BatchedWindows | None, writer,
+               position: tuple[int, int, int], learner: Learner, val_dataset: WindowDataset | None, writer,
                device: torch.device, scorer: Scorer | None) -> Path:
     """Validation loss and evaluation of the EMA policy, then an atomic checkpoint (rank 0 only).
 
@@ -456,7 +437,7 @@ def restore_training_state(checkpoint_dir: Path, learner: Learner) -> tuple[int,
 
 
 @torch.no_grad()
-def validation_loss(policy: ChunkPolicy, dataset: BatchedWindows, config: TrainConfig, device: torch.device) -> float:
+def validation_loss(policy: ChunkPolicy, dataset: WindowDataset, config: TrainConfig, device: torch.device) -> float:
     """Mean denoising loss on up to `VAL_BATCHES` validation batches, with fixed noise."""
     size = min(config.train.batch_size, len(dataset))
     losses = []
@@ -495,6 +476,4 @@ def trim_log(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
