@@ -25,9 +25,11 @@ from diffpolicy.data.lerobot.video import PIX_FMT, VideoWriter, as_fraction, pic
 from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array
 from diffpolicy.errors import ExistingFileError, InvalidValueError
 
-# Video frames after export -> import, at the default crf on the test's smooth rendered scenes:
-# mean absolute error per pixel value (0-255) and PSNR. Sharp noise textures lose more.
-VIDEO_TOLERANCE = {"mean_abs_error": 3.0, "psnr_db": 35.0}
+# Video frames after export -> import, per frame: mean absolute error per pixel value (0-255) and
+# PSNR. yuv420p's half-resolution chroma dominates at sharp colour edges: on the tests' rendered
+# scene (a red disk on a shaded floor, 37 x 48) crf 0 gives 2.6 / 30.4 dB, the default crf 15
+# 3.0 / 30.0 dB, crf 30 5.3 / 27.0 dB; the smaller 24 x 32 scene of a LeRobot-style file 4.1 / 28.3 dB.
+VIDEO_TOLERANCE = {"mean_abs_error": 5.0, "psnr_db": 27.0}
 DEFAULT_CRF = 15
 DATA_FILES_SIZE_IN_MB = 100
 
