@@ -283,3 +283,24 @@ def test_export_needs_fps_and_refuses_to_overwrite(tmp_path):
     export_lerobot(buffer, tmp_path / "out", fps=5)
     with pytest.raises(FileExistsError, match="already exists"):
         export_lerobot(buffer, tmp_path / "out", fps=5)
+
+
+def test_command_line_export_and_import(tmp_path, capsys):
+    from diffpolicy.cli import main
+
+    source = state_buffer(tmp_path / "src.zarr", np.random.default_rng(8))
+    assert main(["dataset", "export-lerobot", str(tmp_path / "src.zarr"), str(tmp_path / "lr"),
+                 "--task", "push the T onto the target"]) == 0
+    assert main(["dataset", "import-lerobot", str(tmp_path / "lr"), str(tmp_path / "back.zarr")]) == 0
+    out, _ = capsys.readouterr()
+    assert "exported 3 episodes (19 frames)" in out and "imported 3 episodes (19 steps" in out
+    tasks = pq.read_table(tmp_path / "lr" / "meta" / "tasks.parquet").to_pylist()
+    assert tasks == [{"task_index": 0, "task": "push the T onto the target"}]
+    assert_same_state(source, ReplayBuffer.open(tmp_path / "back.zarr"))
+
+    assert main(["dataset", "import-lerobot", str(tmp_path / "lr"), str(tmp_path / "back.zarr")]) == 2
+    assert main(["dataset", "import-lerobot", str(tmp_path / "src.zarr"), str(tmp_path / "x.zarr")]) == 2
+    _, err = capsys.readouterr()
+    assert "back.zarr already exists" in err
+    assert f"{tmp_path / 'src.zarr'} is not a LeRobot dataset: {tmp_path / 'src.zarr' / 'meta' / 'info.json'} " \
+           "does not exist" in err and "Traceback" not in err
