@@ -13,7 +13,8 @@ from test_eval_rollout import RecordingPolicy, _short_env, run_cli, untrained_po
 
 from diffpolicy.envs.tasks import load_task, make_env
 from diffpolicy.evaluation.rollout import rollout
-from diffpolicy.evaluation.rollout_log import McapRolloutLogger
+from diffpolicy.evaluation.rollout_log import McapRolloutLogger, decode_raw_image
+from diffpolicy.evaluation.rollout_log import read_mcap as read_mcap_topics
 from diffpolicy.train.config import build_config
 
 
@@ -39,7 +40,8 @@ class StepLog(gymnasium.Wrapper):
 
 
 def read_mcap(path):
-    """{topic: [(log_time_ns, message dict)]} and the schema name of each topic."""
+    """{topic: [(log_time_ns, message dict)]} and the schema name of each topic (read independently
+    of `rollout_log.read_mcap`, which the last test checks against this)."""
     topics, schemas = {}, {}
     with open(path, "rb") as stream:
         for schema, channel, message in make_reader(stream).iter_messages(log_time_order=False):
@@ -99,6 +101,8 @@ def test_recorded_frames_are_foxglove_raw_images(tmp_path):
     last = np.frombuffer(base64.b64decode(images[-1]["data"]), np.uint8).reshape(images[-1]["height"],
                                                                                   images[-1]["width"], 3)
     np.testing.assert_array_equal(last, frames[0][-1])
+    np.testing.assert_array_equal(decode_raw_image(images[-1]), last)
+    assert read_mcap_topics(tmp_path / "episode_000_seed_100000.mcap") == topics
 
 
 def test_an_interrupted_episode_leaves_no_file(tmp_path):

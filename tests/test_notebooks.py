@@ -50,7 +50,9 @@ def test_evaluate_checkpoint_notebook(tiny_run, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     notebook = execute("evaluate_checkpoint.ipynb", monkeypatch, DIFFPOLICY_RUN_DIR=tiny_run["run"],
                        DIFFPOLICY_EPISODES=2, DIFFPOLICY_FAILURE_VIDEOS=1, DIFFPOLICY_NOTEBOOK_OUT=out)
-    assert (out / "evaluation.png").stat().st_size > 10_000
+    for figure in ("evaluation.png", "rollout_chunks.png"):
+        assert (out / figure).stat().st_size > 10_000, figure
+    assert len(list((out / "rollouts").glob("episode_000_seed_100000.mcap"))) == 1
     episodes = json.loads((out / "eval" / "episodes.json").read_text())
     assert [e["seed"] for e in episodes] == [100000, 100001]
     html = "".join(outputs_of(notebook, "text/html"))

@@ -17,6 +17,8 @@ plots; message time is the tick's time in the episode (step / control rate). Top
     /controller          Tick.controller, when present
     /render              foxglove.RawImage of the rendered scene, when the rollout records frames
     /episode             the episode's result (seed, success, return, length, coverage) at its end
+
+`read_mcap(path)` reads such a file back (notebooks, tests).
 """
 
 from __future__ import annotations
@@ -205,3 +207,20 @@ class McapRolloutLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_mcap(path: str | os.PathLike) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+    """`{topic: [(log_time_ns, message), ...]}` of a JSON-encoded MCAP file, in file order."""
+    from mcap.reader import make_reader
+
+    topics: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    with open(path, "rb") as stream:
+        for _, channel, message in make_reader(stream).iter_messages(log_time_order=False):
+            topics.setdefault(channel.topic, []).append((message.log_time, json.loads(message.data)))
+    return topics
+
+
+def decode_raw_image(message: dict[str, Any]) -> np.ndarray:
+    """A foxglove.RawImage message (rgb8) -> `(H, W, 3)` uint8."""
+    data = np.frombuffer(base64.b64decode(message["data"]), dtype=np.uint8)
+    return data.reshape(message["height"], message["width"], 3)
