@@ -254,6 +254,21 @@ def test_feature_missing_from_the_parquet_and_column_missing_from_the_features(t
         import_lerobot(root, tmp_path / "out.zarr")
 
 
+def test_missing_data_file_and_unsupported_feature_dtype(tmp_path):
+    root = tmp_path / "ds"
+    write_native_dataset(root, np.random.default_rng(9))
+    (root / "data" / "chunk-000" / "file-001.parquet").unlink()
+    with pytest.raises(MissingFileError, match=r"data file .*file-001\.parquet named by meta/episodes does not exist"):
+        import_lerobot(root, tmp_path / "out.zarr")
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["observation.images.wrist"] = {"dtype": "image", "shape": [8, 8, 3], "names": None}
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataFormatError, match=r"info\.json: feature 'observation\.images\.wrist': dtype 'image' "
+                                              r"is not supported"):
+        import_lerobot(root, tmp_path / "out.zarr")
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.partial").exists()
+
+
 def test_missing_video_file(tmp_path):
     root = tmp_path / "ds"
     write_native_dataset(root, np.random.default_rng(6))

@@ -264,24 +264,22 @@ class _Writer:
         self.tables, self.bytes, self.videos = [], 0, {}
 
     def stats_json(self) -> dict:
+        """stats.json: every feature's statistics, the per-frame bookkeeping columns' too."""
         stats = {layout.feature_name(key): s.to_json(self.buffer.n_steps) for key, s in self.stats.items()}
-        for name in ("frame_index", "episode_index", "index", "task_index", "timestamp"):
-            stats[name] = self._frame_stats(name)
-        return stats
-
-    def _frame_stats(self, name: str) -> dict:
         lengths = np.diff(self.buffer.episode_ends, prepend=0)
-        values = {
-            "frame_index": np.concatenate([np.arange(n) for n in lengths]),
+        frame_index = np.concatenate([np.arange(n) for n in lengths])
+        columns = {
+            "timestamp": frame_index / self.fps,
+            "frame_index": frame_index,
             "episode_index": np.repeat(np.arange(len(lengths)), lengths),
             "index": np.arange(self.buffer.n_steps),
             "task_index": np.repeat([self.task_index[t] for t in self.tasks], lengths),
-        }.get(name)
-        if values is None:
-            values = np.concatenate([np.arange(n) for n in lengths]) / self.fps
-        s = _Stats(False)
-        s.add(values)
-        return s.to_json(self.buffer.n_steps)
+        }
+        for name, values in columns.items():
+            column = _Stats(image=False)
+            column.add(values)
+            stats[name] = column.to_json(self.buffer.n_steps)
+        return stats
 
 
 def _write_tasks(path: Path, task_index: dict[str, int]) -> None:
