@@ -92,12 +92,17 @@ def test_state_round_trip_is_exact_across_several_data_files(tmp_path):
         assert first.equals(second), name
 
 
-def test_video_round_trip_within_codec_tolerance(tmp_path):
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])  # mpeg4: the fallback where PyAV lacks libx264
+def test_video_round_trip_within_codec_tolerance(tmp_path, monkeypatch, codec):
+    import diffpolicy.data.lerobot.export as export_module
+
+    monkeypatch.setattr(export_module, "pick_codec", lambda: codec)
     source = state_buffer(tmp_path / "src.zarr", np.random.default_rng(1), image=True)
     out = export_lerobot(source, tmp_path / "lerobot")
     info = json.loads((out / "meta" / "info.json").read_text())
     image = info["features"]["observation.image"]
     assert image["dtype"] == "video" and image["shape"] == [37, 48, 3]
+    assert image["info"]["video.codec"] == {"libx264": "h264", "mpeg4": "mpeg4"}[codec]
     assert (image["info"]["video.height"], image["info"]["video.width"]) == (38, 48)  # padded to even
     episodes = pq.read_table(out / "meta" / "episodes" / "chunk-000" / "file-000.parquet").to_pylist()
     assert [e["videos/observation.image/from_timestamp"] for e in episodes] == pytest.approx([0.0, 0.6, 1.5])

@@ -30,7 +30,7 @@ def pick_codec() -> str:
         try:
             av.codec.Codec(name, "w")
             return name
-        except Exception:  # noqa: BLE001 - av raises several unrelated classes for "unknown codec"
+        except ValueError:  # av.codec.codec.UnknownCodecError: not in this FFmpeg build
             continue
     raise DataFormatError(f"PyAV {av.__version__} offers none of the encoders {list(CODECS)}")
 
