@@ -3,6 +3,7 @@ tolerance for video frames; a dataset written here in LeRobot's own layout (list
 task index, two episodes per video file, per-episode stats columns) imports; bad input names the
 file and key."""
 
+import io
 import json
 from fractions import Fraction
 
@@ -120,6 +121,25 @@ def test_video_round_trip_within_codec_tolerance(tmp_path, monkeypatch, codec):
         assert error.mean() < min(others), step  # closest to its own frame: no shift between episodes
 
 
+def test_png_image_round_trip_is_exact(tmp_path):
+    source = state_buffer(tmp_path / "src.zarr", np.random.default_rng(10), image=True)
+    out = export_lerobot(source, tmp_path / "lerobot", images="png", data_files_size_in_mb=1e-4)
+    info = json.loads((out / "meta" / "info.json").read_text())
+    assert info["features"]["observation.image"]["dtype"] == "image" and info["video_path"] is None
+    column = pq.read_table(out / "data" / "chunk-000" / "file-001.parquet")["observation.image"]
+    assert column.type.names == ["bytes", "path"] and column[0]["bytes"].as_py()[:4] == b"\x89PNG"
+    assert_same_state(source, import_lerobot(out, tmp_path / "back.zarr"))  # images included: bit-exact
+
+
+def png_bytes(image):
+    """PNG bytes written by Pillow (as Hugging Face datasets stores an Image feature)."""
+    from PIL import Image
+
+    stream = io.BytesIO()
+    Image.fromarray(image).save(stream, format="PNG")
+    return stream.getvalue()
+
+
 def write_native_dataset(root, rng, lengths=(5, 8), height=24, width=32):
     """Two episodes in LeRobot's own style: variable-length list columns, timestamps, the task as a
     pandas index, per-episode stats columns, both episodes in one video file whose stream has
@@ -132,6 +152,7 @@ def write_native_dataset(root, rng, lengths=(5, 8), height=24, width=32):
         "observation.state": {"dtype": "float32", "shape": [3], "names": ["x", "y", "z"]},
         "action": {"dtype": "float32", "shape": [3], "names": ["x", "y", "z"]},
         "next.done": {"dtype": "bool", "shape": [1], "names": None},
+        "observation.images.wrist": {"dtype": "image", "shape": [6, 10, 3], "names": ["height", "width", "channel"]},
         "observation.images.top": {"dtype": "video", "shape": [height, width, 3],
                                    "names": ["height", "width", "channels"],
                                    "info": {"video.fps": FPS, "video.codec": "h264"}},
@@ -150,7 +171,7 @@ def write_native_dataset(root, rng, lengths=(5, 8), height=24, width=32):
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
     pq.write_table(pa.table({"task_index": [0, 1], "__index_level_0__": ["pick the cube", "place it"]}),
                    root / "meta" / "tasks.parquet")
-    expected = {"state": [], "action": [], "done": [], "images": []}
+    expected = {"state": [], "action": [], "done": [], "images": [], "wrist": []}
     rows, episodes, start = [], [], 0
     for index, length in enumerate(lengths):
         state = rng.normal(size=(length, 3)).astype(np.float32)
@@ -158,10 +179,14 @@ def write_native_dataset(root, rng, lengths=(5, 8), height=24, width=32):
         done = np.arange(length) == length - 1
         expected["state"].append(state), expected["action"].append(action), expected["done"].append(done)
         expected["images"].append(scene(length, height, width, phase=index))
+        wrist = rng.integers(0, 256, size=(length, 6, 10, 3), dtype=np.uint8)
+        expected["wrist"].append(wrist)
         rows.append(pa.table({
             "observation.state": pa.array(state.tolist(), pa.list_(pa.float32())),
             "action": pa.array(action.tolist(), pa.list_(pa.float32())),
             "next.done": pa.array(done),
+            "observation.images.wrist": pa.array([{"bytes": png_bytes(image), "path": None} for image in wrist],
+                                                 pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
             "timestamp": pa.array((np.arange(length) / FPS).astype(np.float32)),
             "frame_index": pa.array(np.arange(length)),
             "episode_index": pa.array(np.full(length, index)),
@@ -195,7 +220,8 @@ def write_native_dataset(root, rng, lengths=(5, 8), height=24, width=32):
 def test_imports_a_dataset_in_lerobots_own_style(tmp_path):
     expected = write_native_dataset(tmp_path / "native", np.random.default_rng(2))
     buffer = import_lerobot(tmp_path / "native", tmp_path / "native.zarr")
-    assert buffer.keys() == ["action", "images.top", "next.done", "state"]
+    assert buffer.keys() == ["action", "images.top", "images.wrist", "next.done", "state"]
+    np.testing.assert_array_equal(buffer["images.wrist"][:], expected["wrist"])
     np.testing.assert_array_equal(buffer.episode_ends, [5, 13])
     np.testing.assert_array_equal(buffer["state"][:], expected["state"])
     np.testing.assert_array_equal(buffer["action"][:], expected["action"])
@@ -259,16 +285,16 @@ def test_feature_missing_from_the_parquet_and_column_missing_from_the_features(t
         import_lerobot(root, tmp_path / "out.zarr")
 
 
-def test_missing_data_file_and_unsupported_feature_dtype(tmp_path):
+def test_missing_data_file_and_string_feature(tmp_path):
     root = tmp_path / "ds"
     write_native_dataset(root, np.random.default_rng(9))
     (root / "data" / "chunk-000" / "file-001.parquet").unlink()
     with pytest.raises(MissingFileError, match=r"data file .*file-001\.parquet named by meta/episodes does not exist"):
         import_lerobot(root, tmp_path / "out.zarr")
     info = json.loads((root / "meta" / "info.json").read_text())
-    info["features"]["observation.images.wrist"] = {"dtype": "image", "shape": [8, 8, 3], "names": None}
+    info["features"]["observation.language"] = {"dtype": "string", "shape": [1], "names": None}
     (root / "meta" / "info.json").write_text(json.dumps(info))
-    with pytest.raises(DataFormatError, match=r"info\.json: feature 'observation\.images\.wrist': dtype 'image' "
+    with pytest.raises(DataFormatError, match=r"info\.json: feature 'observation\.language': dtype 'string' "
                                               r"is not supported"):
         import_lerobot(root, tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.partial").exists()

@@ -3,8 +3,9 @@
     diffpolicy dataset import-lerobot path/to/lerobot_dataset datasets/imported.zarr
     diffpolicy dataset export-lerobot datasets/pusht.zarr exports/pusht_lerobot --task "push the T"
 
-Import reads `meta/info.json`, `meta/episodes/`, the parquet data files and decodes video keys with
-PyAV; export writes the same layout (image keys as H.264 videos, `--crf` sets their quality).
+Import reads `meta/info.json`, `meta/episodes/`, the parquet data files and decodes video and image
+keys with PyAV; export writes the same layout (image keys as H.264 videos, `--crf` sets their
+quality, or with `--images png` as lossless PNG frames in the parquet files).
 Bad input exits with code 2 and a message naming the file and key.
 """
 
@@ -29,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="export: task text of every episode (default: episode meta 'task', else the store's task name)")
     parser.add_argument("--robot-type", default=None, help="export: info.json robot_type")
     parser.add_argument("--crf", type=int, default=None, help="export: H.264 quality of image videos (0 lossless luma; default 15)")
+    parser.add_argument("--images", choices=["video", "png"], default="video",
+                        help="export: image keys as mp4 videos (LeRobot's default, lossy) or PNG frames in the parquet (exact)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--crf must be in [0, 51], got {crf}")
         with ReplayBuffer.open(args.src, mode="r") as buffer:
             out = export_lerobot(buffer, args.dest, fps=args.fps, task=args.task, robot_type=args.robot_type,
-                                 crf=crf, overwrite=args.overwrite)
+                                 crf=crf, images=args.images, overwrite=args.overwrite)
             print(f"exported {buffer.n_episodes} episodes ({buffer.n_steps} frames) from {args.src} "
                   f"to LeRobot v3.0 at {out}")
         return 0

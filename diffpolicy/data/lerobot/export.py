@@ -1,10 +1,12 @@
 """Export a `ReplayBuffer` as a LeRobot v3.0 dataset (pyarrow and PyAV, no `lerobot` package).
 
 Buffer keys become features by `layout.feature_name` ("action", "next.reward", "observation.<k>");
-image keys (uint8 `(T, H, W, 3)`) are stored as videos, every other key in the parquet data files.
+image keys (uint8 `(T, H, W, 3)`) are stored as videos (dtype "video", lossy) or, with
+`images="png"`, as PNG frames in the parquet files (dtype "image", lossless); every other key is a
+parquet column.
 Per-episode meta (`seed`, `success`, ...) are extra columns of `meta/episodes/`, the store's root
 attributes travel in `info.json["diffpolicy"]`, so buffer -> LeRobot -> buffer is exact for
-everything but the video frames (codec loss, see `VIDEO_TOLERANCE`).
+everything but video frames (codec loss, see `VIDEO_TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 
 from diffpolicy.data.errors import DataFormatError
 from diffpolicy.data.lerobot import layout
-from diffpolicy.data.lerobot.video import PIX_FMT, VideoWriter, as_fraction, pick_codec
+from diffpolicy.data.lerobot.video import PIX_FMT, VideoWriter, as_fraction, encode_png, pick_codec
 from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array
 from diffpolicy.errors import ExistingFileError, InvalidValueError
 
@@ -32,6 +34,7 @@ from diffpolicy.errors import ExistingFileError, InvalidValueError
 VIDEO_TOLERANCE = {"mean_abs_error": 5.0, "psnr_db": 27.0}
 DEFAULT_CRF = 15
 DATA_FILES_SIZE_IN_MB = 100
+IMAGE_STORAGE = ("video", "png")
 
 
 class _Stats:
@@ -73,6 +76,7 @@ def export_lerobot(
     task: str | None = None,
     robot_type: str | None = None,
     crf: int = DEFAULT_CRF,
+    images: str = "video",
     data_files_size_in_mb: float = DATA_FILES_SIZE_IN_MB,
     overwrite: bool = False,
 ) -> Path:
@@ -81,7 +85,8 @@ def export_lerobot(
 
     fps: frames per second (default: the store's `task_card.control_hz`; one of them is required).
     task: the task text of every episode (default: the episode meta `task` where the store has it,
-    else its root attribute `task`). crf: H.264 quality of the videos (lower is closer, 0 lossless).
+    else its root attribute `task`). crf: H.264 quality of the videos (lower is closer, 0 lossless
+    luma). images: "video" (mp4 per image key, LeRobot's default) or "png" (frames in the parquet).
     data_files_size_in_mb: a new data file (and video file per image key) starts once the current
     one holds this many megabytes of low-dimensional data (LeRobot's default 100).
     """
@@ -98,7 +103,9 @@ def export_lerobot(
     clash = [name for name in meta_names if name in layout.EPISODE_COLUMNS]
     if clash:
         raise DataFormatError(f"{buffer.path}: episode meta {clash} would clash with LeRobot's episode columns")
-    features, video_keys = _features(buffer)
+    if images not in IMAGE_STORAGE:
+        raise InvalidValueError(f"images must be one of {IMAGE_STORAGE}, got {images!r}")
+    features, video_keys = _features(buffer, images)
     codec = pick_codec() if video_keys else None
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
@@ -155,7 +162,8 @@ def _episode_tasks(buffer: ReplayBuffer, task: str | None) -> list[str]:
     return [str(text)] * buffer.n_episodes
 
 
-def _features(buffer: ReplayBuffer) -> tuple[dict[str, dict], list[str]]:
+def _features(buffer: ReplayBuffer, images: str) -> tuple[dict[str, dict], list[str]]:
+    """Every key's feature entry, and the image keys stored as videos."""
     features, video_keys = {}, []
     for key in buffer.keys():
         array = buffer[key]
@@ -167,9 +175,10 @@ def _features(buffer: ReplayBuffer) -> tuple[dict[str, dict], list[str]]:
             height, width, channels = array.shape[1:]
             if channels != 3:
                 raise DataFormatError(f"{buffer.path}: image key {key!r} has {channels} channels; videos need 3")
-            features[name] = {"dtype": "video", "shape": [height, width, 3],
+            features[name] = {"dtype": "video" if images == "video" else "image", "shape": [height, width, 3],
                               "names": ["height", "width", "channels"]}
-            video_keys.append(key)
+            if images == "video":
+                video_keys.append(key)
         else:
             features[name] = {"dtype": str(array.dtype), "shape": list(array.shape[1:]) or [1], "names": None}
     return features, video_keys
@@ -185,7 +194,8 @@ class _Writer:
         self.tasks = tasks
         self.task_index: dict[str, int] = {}
         self.episode_rows: list[dict] = []
-        self.stats = {key: _Stats(key in video_keys) for key in buffer.keys()}
+        self.stats = {key: _Stats(features[layout.feature_name(key)]["dtype"] in ("video", "image"))
+                      for key in buffer.keys()}
         self.file_number = 0
         self.tables: list[pa.Table] = []
         self.bytes = 0
@@ -216,6 +226,8 @@ class _Writer:
             self.stats[key].add(values)
             if key in self.video_keys:
                 self._video(key, values.shape[1:3]).append(values)
+            elif self.features[layout.feature_name(key)]["dtype"] == "image":
+                columns[layout.feature_name(key)] = _png_column(values)
             else:
                 columns[layout.feature_name(key)] = layout.to_arrow(values)
         columns.update({
@@ -280,6 +292,12 @@ class _Writer:
             column.add(values)
             stats[name] = column.to_json(self.buffer.n_steps)
         return stats
+
+
+def _png_column(frames: np.ndarray) -> pa.StructArray:
+    """Frames `(T, H, W, 3)` as the struct<bytes, path> column of a Hugging Face `Image` feature."""
+    data = pa.array([encode_png(frame) for frame in frames], pa.binary())
+    return pa.StructArray.from_arrays([data, pa.nulls(len(frames), pa.string())], names=["bytes", "path"])
 
 
 def _write_tasks(path: Path, task_index: dict[str, int]) -> None:

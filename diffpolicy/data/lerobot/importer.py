@@ -1,7 +1,8 @@
 """Import a LeRobot v3.0 dataset directory into a new `ReplayBuffer` (pyarrow and PyAV).
 
 Every numeric feature except LeRobot's per-frame bookkeeping (timestamp, frame_index, ...) becomes
-the data key `layout.buffer_key(feature)`; video features are decoded to uint8 `(T, H, W, 3)`.
+the data key `layout.buffer_key(feature)`; video and image (PNG / JPEG in the parquet) features are
+decoded to uint8 `(T, H, W, 3)`.
 Episodes are appended whole, in `episode_index` order. A dataset written by `export_lerobot`
 gets its root attributes and episode meta back exactly; for any other dataset the buffer gets the
 root attribute `lerobot` (fps, robot_type, codebase_version, tasks) and the episode meta `task`
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError
 from diffpolicy.data.lerobot import layout
-from diffpolicy.data.lerobot.video import read_frames
+from diffpolicy.data.lerobot.video import decode_image, read_frames
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.errors import ExistingFileError, MissingFileError
 
@@ -43,7 +44,9 @@ def import_lerobot(
     info_path = src / layout.INFO_PATH
     features = {name: f for name, f in info["features"].items() if name not in layout.FRAME_FEATURES}
     for name, feature in features.items():
-        if feature["dtype"] != "video":
+        if feature["dtype"] in ("video", "image"):
+            layout.check_image_shape(feature, f"{info_path}: feature {name!r}")
+        else:
             layout.numeric_dtype(feature, f"{info_path}: feature {name!r}")
     keys = {name: layout.buffer_key(name) for name in features}
     if "action" not in keys.values():
@@ -173,6 +176,9 @@ class _DataReader:
             if name not in frames.column_names:
                 raise DataFormatError(f"{path}: info.json lists feature {name!r} but the parquet file has no such "
                                       f"column (columns: {frames.column_names})")
+            if feature["dtype"] == "image":
+                data[name] = _images(frames[name], feature, f"{path}: column {name!r}")
+                continue
             values = layout.from_arrow(frames[name], f"{path}: column {name!r}")
             layout.check_column(values, feature, f"{path}: column {name!r}")
             data[name] = values
@@ -198,10 +204,22 @@ class _DataReader:
             timestamps = frames["timestamp"].to_numpy().astype(np.float64)
         else:
             timestamps = np.arange(frames.num_rows) / self.fps
-        shape = tuple(int(n) for n in feature["shape"])
-        if len(shape) != 3 or shape[2] != 3:
-            names = feature.get("names") or []
-            raise DataFormatError(f"{self.src / layout.INFO_PATH}: video feature {name!r} has shape {list(shape)} "
-                                  f"(names {names}); expected [height, width, 3]")
         return read_frames(path, name, float(row[f"videos/{name}/from_timestamp"]), timestamps, self.fps,
-                           shape, where)
+                           tuple(feature["shape"]), where)
+
+
+def _images(column: pa.ChunkedArray, feature: dict, where: str) -> np.ndarray:
+    """An image feature's struct<bytes, path> column -> uint8 `(T, H, W, 3)`."""
+    column = column.combine_chunks()
+    if not pa.types.is_struct(column.type) or column.type.get_field_index("bytes") < 0:
+        raise DataFormatError(f"{where}: an image feature's column must be struct<bytes, path>, got {column.type}")
+    shape = tuple(feature["shape"])
+    out = np.empty((len(column), *shape), dtype=np.uint8)
+    for row, data in enumerate(column.field("bytes").to_pylist()):
+        if data is None:
+            raise DataFormatError(f"{where}: row {row} has no image bytes (images referenced by path are not read)")
+        image = decode_image(data, f"{where} row {row}")
+        if image.shape != shape:
+            raise DataFormatError(f"{where} row {row}: the image is {list(image.shape)}, info.json says {list(shape)}")
+        out[row] = image
+    return out

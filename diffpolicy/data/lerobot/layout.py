@@ -20,8 +20,9 @@
     videos/<key>/chunk-XXX/file-YYY.mp4
 
 A feature of shape [1] is a scalar column, or a list column of one element; shape [D, ...] is a
-(nested) list column of that shape. dtype is a numpy dtype name, or "video" (frames in the mp4s),
-"image" / "string" (not read by this module).
+(nested) list column of that shape. dtype is a numpy dtype name, "video" (frames in the mp4s),
+"image" (a struct<bytes, path> column of PNG / JPEG bytes, as Hugging Face `datasets.Image` writes
+it) or "string" (not read here).
 """
 
 from __future__ import annotations
@@ -163,13 +164,21 @@ def check_column(values: np.ndarray, feature: dict, where: str) -> None:
                               f"holds {values.dtype}")
 
 
+def check_image_shape(feature: dict, where: str) -> None:
+    """A video or image feature must be `[height, width, 3]`."""
+    shape = list(feature["shape"])
+    if len(shape) != 3 or shape[2] != 3:
+        raise DataFormatError(f"{where}: {feature['dtype']} shape {shape} (names {feature.get('names')}); "
+                              "expected [height, width, 3]")
+
+
 def numeric_dtype(feature: dict, where: str) -> np.dtype:
-    """The numpy dtype of a non-video feature (error for "image", "string" and other non-numeric)."""
+    """The numpy dtype of a numeric feature (an error for "string" and other non-numeric dtypes)."""
     try:
         dtype = np.dtype(feature["dtype"])
     except TypeError:
         dtype = None
     if dtype is None or dtype.kind not in "biuf":
-        raise DataFormatError(f"{where}: dtype {feature['dtype']!r} is not supported (numeric dtypes and "
-                              "'video' are; 'image' and 'string' features are not read)")
+        raise DataFormatError(f"{where}: dtype {feature['dtype']!r} is not supported (numeric dtypes, "
+                              "'video' and 'image' are)")
     return dtype

@@ -1,4 +1,5 @@
-"""Video-backed image keys of a LeRobot dataset, encoded and decoded with PyAV.
+"""Image keys of a LeRobot dataset, encoded and decoded with PyAV: videos, and single frames
+(PNG, or JPEG on import) for features of dtype "image".
 
 A video file holds the frames of consecutive episodes back to back at the dataset's fps; an
 episode's frames start at its `videos/<key>/from_timestamp` (seconds). Frames are uint8 RGB
@@ -130,3 +131,28 @@ def read_frames(path: Path, key: str, start_s: float, timestamps: np.ndarray, fp
         raise DataFormatError(f"{where}: {path} (key {key!r}) ends after {count} of the episode's {len(wanted)} "
                               f"frames (wanted {wanted[count]:.4f} s; last decoded frame at {last} s)")
     return out
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """One uint8 `(H, W, 3)` frame as PNG bytes (lossless)."""
+    encoder = av.CodecContext.create("png", "w")
+    encoder.width, encoder.height, encoder.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    packets = encoder.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+    return b"".join(bytes(packet) for packet in packets)
+
+
+_MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "mjpeg"}
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """PNG or JPEG bytes -> uint8 `(H, W, 3)`; `where` names the file, key and row in errors."""
+    codec = next((name for magic, name in _MAGIC.items() if data[:len(magic)] == magic), None)
+    if codec is None:
+        raise DataFormatError(f"{where}: image bytes are neither PNG nor JPEG (starting {data[:8]!r})")
+    try:
+        frames = av.CodecContext.create(codec, "r").decode(av.Packet(data))
+    except av.error.FFmpegError as err:
+        raise DataFormatError(f"{where}: cannot decode the {codec} image: {err}") from err
+    if not frames:
+        raise DataFormatError(f"{where}: the {codec} image decodes to no frame")
+    return frames[0].to_ndarray(format="rgb24")
