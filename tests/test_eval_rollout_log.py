@@ -125,3 +125,23 @@ def test_eval_command_logs_mcap(tmp_path, capsys):
     assert len(topics["/action"]) == episodes[0]["length"] and topics["/episode"][0][1] == episodes[0]
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(path), "--log", "mcap", "--log-episodes", "0")
     assert code == 2 and "--log-episodes must be >= 1, got 0" in err
+
+
+def test_image_observations_and_controller_state(tmp_path):
+    from diffpolicy.evaluation.rollout_log import Tick
+
+    image = np.random.default_rng(0).integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+    with McapRolloutLogger(tmp_path) as logger:
+        logger.begin_episode(3, 42)
+        for step in range(2):
+            logger.log_tick(3, Tick(step=step, time_s=0.05 * step, observation={"image": image, "agent_pos": np.ones(2)},
+                                    action=np.zeros(2), reward=0.5, episode_return=0.5 * (step + 1), success=False,
+                                    controller={"mode": "rtc", "delay_actions": 2.0 + step}))
+        logger.end_episode(3, {"seed": 42, "success": False})
+    topics, schemas = read_mcap(tmp_path / "episode_003_seed_42.mcap")
+    assert schemas["/observation/image"] == "foxglove.RawImage"
+    np.testing.assert_array_equal(decode_raw_image(topics["/observation/image"][1][1]), image)
+    assert [m for _, m in topics["/controller"]] == [{"step": 0, "mode": "rtc", "delay_actions": 2.0},
+                                                     {"step": 1, "mode": "rtc", "delay_actions": 3.0}]
+    assert [t for t, _ in topics["/controller"]] == [0, 50_000_000]
+    assert "/chunk" not in topics and topics["/episode"][0] == (50_000_000, {"seed": 42, "success": False})
