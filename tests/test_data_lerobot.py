@@ -75,6 +75,11 @@ def test_state_round_trip_is_exact_across_several_data_files(tmp_path):
     assert info["codebase_version"] == "v3.0" and info["fps"] == FPS and info["total_frames"] == 19
     assert info["features"]["observation.keypoints"]["shape"] == [9, 2]
     assert info["features"]["next.reward"] == {"dtype": "float32", "shape": [1], "names": None}
+    assert info["features"]["observation.contact"] == {"dtype": "bool", "shape": [1], "names": None}
+    schema = pq.read_schema(out / "data" / "chunk-000" / "file-000.parquet")
+    # shape [1] is a scalar column and [D] a fixed-size list, as Hugging Face's Value / Sequence(length=D)
+    assert schema.field("observation.contact").type == pa.bool_() and schema.field("next.reward").type == pa.float32()
+    assert schema.field("action").type == pa.list_(pa.float64(), 2)
     assert info["video_path"] is None and not (out / "videos").exists()
     stats = json.loads((out / "meta" / "stats.json").read_text())
     np.testing.assert_allclose(stats["action"]["mean"], np.asarray(source["action"]).mean(0))

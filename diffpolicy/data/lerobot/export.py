@@ -4,8 +4,9 @@ Buffer keys become features by `layout.feature_name` ("action", "next.reward", "
 image keys (uint8 `(T, H, W, 3)`) are stored as videos (dtype "video", lossy) or, with
 `images="png"`, as PNG frames in the parquet files (dtype "image", lossless); every other key is a
 parquet column.
-Per-episode meta (`seed`, `success`, ...) are extra columns of `meta/episodes/`, the store's root
-attributes travel in `info.json["diffpolicy"]`, so buffer -> LeRobot -> buffer is exact for
+Per-episode meta (`seed`, `success`, ...) are extra columns of `meta/episodes/`; the store's root
+attributes and per-step shapes (`(T,)` and `(T, 1)` are both LeRobot's scalar shape [1]) travel in
+`info.json["diffpolicy"]`, so buffer -> LeRobot -> buffer is exact for
 everything but video frames (codec loss, see `VIDEO_TOLERANCE`).
 """
 
@@ -128,7 +129,8 @@ def export_lerobot(
             "video_path": layout.VIDEO_PATH if video_keys else None,
             "features": {**features, **layout.FRAME_FEATURES},
             "diffpolicy": {"attrs": {k: v for k, v in buffer.attrs.items() if k != "diffpolicy_format"},
-                           "episode_meta": meta_names},
+                           "episode_meta": meta_names,
+                           "shapes": {key: list(buffer[key].shape[1:]) for key in buffer.keys()}},
         }
         (tmp / "meta").mkdir(parents=True, exist_ok=True)
         (tmp / layout.INFO_PATH).write_text(json.dumps(info, indent=4))

@@ -67,8 +67,11 @@ def import_lerobot(
             meta = {name: column[position] for name, column in meta_columns.items()}
             if not own:
                 meta["task"] = "\n".join(row.get("tasks") or [])
+            episode = {keys[name]: value for name, value in data.items()}
+            if own:
+                episode = {key: _restore_shape(value, own["shapes"].get(key), src) for key, value in episode.items()}
             try:
-                buffer.add_episode({keys[name]: value for name, value in data.items()}, meta)
+                buffer.add_episode(episode, meta)
             except EpisodeError as err:
                 raise DataFormatError(f"{src}: episode {row['episode_index']}: {err}") from err
         if buffer.n_steps != int(info.get("total_frames", buffer.n_steps)):
@@ -85,6 +88,16 @@ def import_lerobot(
 
 def _is_meta_column(name: str) -> bool:
     return name not in layout.EPISODE_COLUMNS and not name.startswith(layout.EPISODE_PREFIXES)
+
+
+def _restore_shape(value: np.ndarray, shape: list[int] | None, src: Path) -> np.ndarray:
+    """The per-step shape the exported store had (info.json's diffpolicy.shapes)."""
+    if shape is None or list(value.shape[1:]) == list(shape):
+        return value
+    if int(np.prod(value.shape[1:])) != int(np.prod(shape)):
+        raise DataFormatError(f"{src / layout.INFO_PATH}: diffpolicy.shapes says per-step shape {shape}, the data "
+                              f"holds {list(value.shape[1:])}")
+    return value.reshape(len(value), *shape)
 
 
 def _meta_column(episodes: pa.Table, name: str, src: Path) -> np.ndarray:

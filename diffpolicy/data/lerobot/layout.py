@@ -19,8 +19,8 @@
                             (global), task_index
     videos/<key>/chunk-XXX/file-YYY.mp4
 
-A feature of shape [1] is a scalar column, or a list column of one element; shape [D, ...] is a
-(nested) list column of that shape. dtype is a numpy dtype name, "video" (frames in the mp4s),
+A feature of shape [1] is a scalar column (a list column of one element is read too); shape
+[D, ...] is a (nested) list column of that shape. dtype is a numpy dtype name, "video" (frames in the mp4s),
 "image" (a struct<bytes, path> column of PNG / JPEG bytes, as Hugging Face `datasets.Image` writes
 it) or "string" (not read here).
 """
@@ -117,8 +117,11 @@ def read_info(root: Path) -> dict[str, Any]:
 
 
 def to_arrow(values: np.ndarray) -> pa.Array:
-    """`(T,)` -> a scalar column; `(T, d1, ..., dk)` -> nested fixed-size lists of that shape."""
+    """`(T,)` and `(T, 1)` -> a scalar column (LeRobot's shape [1]); `(T, d1, ..., dk)` -> nested
+    fixed-size lists of that shape (shape [D]: a Hugging Face `Sequence(length=D)`)."""
     array = pa.array(np.ascontiguousarray(values).reshape(-1))
+    if values.shape[1:] in ((), (1,)):
+        return array
     for size in reversed(values.shape[1:]):
         array = pa.FixedSizeListArray.from_arrays(array, size)
     return array
