@@ -204,7 +204,8 @@ def write_native_dataset(root, rng, lengths=(5, 8), height=24, width=32):
                          "videos/observation.images.top/file_index": 0,
                          "videos/observation.images.top/from_timestamp": start / FPS,
                          "videos/observation.images.top/to_timestamp": (start + length) / FPS,
-                         "stats/action/mean": action.mean(0).tolist(), "operator": f"op{index}"})
+                         "stats/action/mean": action.mean(0).tolist(), "operator": f"op{index}",
+                         "annotations": [index, index + 1]})  # a list column: not episode meta
         pq.write_table(rows[-1], root / "data" / "chunk-000" / f"file-{index:03d}.parquet")
         start += length
     pq.write_table(pa.Table.from_pylist(episodes), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
@@ -237,6 +238,7 @@ def test_imports_a_dataset_in_lerobots_own_style(tmp_path):
     assert psnr.min() >= VIDEO_TOLERANCE["psnr_db"]
     assert list(buffer.episode_meta("task")) == ["pick the cube", "place it"]
     assert list(buffer.episode_meta("operator")) == ["op0", "op1"]
+    assert buffer.meta_keys() == ["operator", "task"]
     lerobot = buffer.attrs["lerobot"]
     assert lerobot["tasks"] == ["pick the cube", "place it"] and lerobot["fps"] == FPS
     assert lerobot["robot_type"] == "so100"
@@ -303,6 +305,17 @@ def test_missing_data_file_and_string_feature(tmp_path):
                                               r"is not supported"):
         import_lerobot(root, tmp_path / "out.zarr")
     assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.zarr.partial").exists()
+
+
+def test_two_features_for_one_data_key(tmp_path):
+    root = tmp_path / "ds"
+    write_native_dataset(root, np.random.default_rng(11))
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["state"] = info["features"]["observation.state"]
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataFormatError, match=r"features \['observation\.state', 'state'\] would all become the data "
+                                              r"key 'state'"):
+        import_lerobot(root, tmp_path / "out.zarr")
 
 
 def test_missing_video_file(tmp_path):

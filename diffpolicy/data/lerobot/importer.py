@@ -49,11 +49,15 @@ def import_lerobot(
         else:
             layout.numeric_dtype(feature, f"{info_path}: feature {name!r}")
     keys = {name: layout.buffer_key(name) for name in features}
+    for name, key in keys.items():
+        same = sorted(other for other, k in keys.items() if k == key)
+        if len(same) > 1:
+            raise DataFormatError(f"{info_path}: features {same} would all become the data key {key!r}")
     if "action" not in keys.values():
         raise DataFormatError(f"{info_path}: no 'action' feature; features are {sorted(info['features'])}")
     episodes = _read_episodes(src, features)
     own = info.get("diffpolicy")
-    meta_names = own["episode_meta"] if own else [c for c in episodes.column_names if _is_meta_column(c)]
+    meta_names = own["episode_meta"] if own else [c for c in episodes.column_names if _is_meta_column(episodes, c)]
     tmp = out_zarr.with_name(out_zarr.name + ".partial")
     try:
         buffer = ReplayBuffer.create(tmp, overwrite=True, zarr_format=zarr_format)
@@ -66,10 +70,11 @@ def import_lerobot(
             data = reader.episode(row)
             meta = {name: column[position] for name, column in meta_columns.items()}
             if not own:
-                meta["task"] = "\n".join(row.get("tasks") or [])
+                meta.setdefault("task", "\n".join(row.get("tasks") or []))
             episode = {keys[name]: value for name, value in data.items()}
             if own:
-                episode = {key: _restore_shape(value, own["shapes"].get(key), src) for key, value in episode.items()}
+                shapes = own.get("shapes", {})
+                episode = {key: _restore_shape(value, shapes.get(key), src) for key, value in episode.items()}
             try:
                 buffer.add_episode(episode, meta)
             except EpisodeError as err:
@@ -86,8 +91,12 @@ def import_lerobot(
     return ReplayBuffer.open(out_zarr, mode="r")
 
 
-def _is_meta_column(name: str) -> bool:
-    return name not in layout.EPISODE_COLUMNS and not name.startswith(layout.EPISODE_PREFIXES)
+def _is_meta_column(episodes: pa.Table, name: str) -> bool:
+    """An extra scalar column of a foreign dataset's meta/episodes (not layout, not stats)."""
+    kind = episodes.schema.field(name).type
+    scalar = pa.types.is_string(kind) or pa.types.is_boolean(kind) or pa.types.is_integer(kind) or \
+        pa.types.is_floating(kind)
+    return scalar and name not in layout.EPISODE_COLUMNS and not name.startswith(layout.EPISODE_PREFIXES)
 
 
 def _restore_shape(value: np.ndarray, shape: list[int] | None, src: Path) -> np.ndarray:
