@@ -1,5 +1,5 @@
-"""Per-tick MCAP rollout logs: what `rollout` hands the logger (observation the action came from,
-executed action, chunk as predicted), one readable MCAP file per episode, `diffpolicy eval --log`."""
+"""Per-tick MCAP rollout logs: what `rollout` hands the logger (the latest observation, the executed
+action, the chunk as predicted), one readable MCAP file per episode, `diffpolicy eval --log`."""
 
 import base64
 import json
@@ -19,7 +19,7 @@ from diffpolicy.train.config import build_config
 
 
 class StepLog(gymnasium.Wrapper):
-    """Records, per seed, the executed actions and the observation each was chosen from."""
+    """Records, per seed, the executed actions and the observation current when each was executed."""
 
     runs: dict = {}
 

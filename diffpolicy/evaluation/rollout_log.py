@@ -37,7 +37,8 @@ import numpy as np
 class Tick:
     """One control tick of one episode.
 
-    observation: `{key: (...)}` the latest observation, the one the action was chosen from.
+    observation: `{key: (...)}` the latest observation when the action was executed (at a tick that
+    predicted a chunk, the last of the To observations the chunk was conditioned on).
     action: `(Da,)` the executed action. chunk: `(Tp, Da)` the chunk as predicted at this tick (None
     on ticks that executed a queued action); executed_from: index in `chunk` of the first action
     executed from it. metrics: scalar env metrics after the step (e.g. coverage). frame: rendered
