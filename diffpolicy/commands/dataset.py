@@ -6,15 +6,14 @@
 Import reads `meta/info.json`, `meta/episodes/`, the parquet data files and decodes video and image
 keys with PyAV; export writes the same layout (image keys as H.264 videos, `--crf` sets their
 quality, or with `--images png` as lossless PNG frames in the parquet files).
-Bad input exits with code 2 and a message naming the file and key.
+Bad input raises a `DiffpolicyError` naming the file and key (the command line exits with code 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from diffpolicy.errors import DiffpolicyError, UsageError
+from diffpolicy.errors import UsageError
 
 ACTIONS = ("import-lerobot", "export-lerobot")
 
@@ -39,21 +38,17 @@ def run(args: argparse.Namespace) -> int:
     from diffpolicy.data.lerobot import export_lerobot, import_lerobot
     from diffpolicy.data.lerobot.export import DEFAULT_CRF
 
-    try:
-        if args.action == "import-lerobot":
-            buffer = import_lerobot(args.src, args.dest, overwrite=args.overwrite)
-            print(f"imported {buffer.n_episodes} episodes ({buffer.n_steps} steps, keys {buffer.keys()}) "
-                  f"from {args.src} into {args.dest}")
-            return 0
-        crf = DEFAULT_CRF if args.crf is None else args.crf
-        if not 0 <= crf <= 51:
-            raise UsageError(f"--crf must be in [0, 51], got {crf}")
-        with ReplayBuffer.open(args.src, mode="r") as buffer:
-            out = export_lerobot(buffer, args.dest, fps=args.fps, task=args.task, robot_type=args.robot_type,
-                                 crf=crf, images=args.images, overwrite=args.overwrite)
-            print(f"exported {buffer.n_episodes} episodes ({buffer.n_steps} frames) from {args.src} "
-                  f"to LeRobot v3.0 at {out}")
+    if args.action == "import-lerobot":
+        buffer = import_lerobot(args.src, args.dest, overwrite=args.overwrite)
+        print(f"imported {buffer.n_episodes} episodes ({buffer.n_steps} steps, keys {buffer.keys()}) "
+              f"from {args.src} into {args.dest}")
         return 0
-    except (DiffpolicyError, FileNotFoundError, FileExistsError) as err:
-        print(f"diffpolicy dataset {args.action}: error: {err}", file=sys.stderr)
-        return 2
+    crf = DEFAULT_CRF if args.crf is None else args.crf
+    if not 0 <= crf <= 51:
+        raise UsageError(f"--crf must be in [0, 51], got {crf}")
+    with ReplayBuffer.open(args.src, mode="r") as buffer:
+        out = export_lerobot(buffer, args.dest, fps=args.fps, task=args.task, robot_type=args.robot_type,
+                             crf=crf, images=args.images, overwrite=args.overwrite)
+        print(f"exported {buffer.n_episodes} episodes ({buffer.n_steps} frames) from {args.src} "
+              f"to LeRobot v3.0 at {out}")
+    return 0

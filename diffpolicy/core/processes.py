@@ -23,8 +23,10 @@ from typing import NamedTuple
 
 import torch
 
+from diffpolicy.core.checking import must_check_values
 from diffpolicy.core.errors import CoreConfigError, CoreInputError
 from diffpolicy.core.schedules import NoiseSchedule, check_time
+from diffpolicy.errors import InvalidTypeError
 
 PREDICTIONS = ("epsilon", "sample", "v")
 
@@ -40,9 +42,9 @@ class StepResult(NamedTuple):
 def check_x(x: torch.Tensor, where: str, x_name: str = "x_t") -> None:
     """Raise unless x is a floating `(B, L, D)` tensor."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: {x_name} must be a torch.Tensor (B, L, D), got {type(x).__name__}")
+        raise InvalidTypeError(f"{where}: {x_name} must be a torch.Tensor (B, L, D), got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{where}: {x_name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise InvalidTypeError(f"{where}: {x_name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != 3:
         raise CoreInputError(f"{where}: {x_name} must have shape (B, L, D), got {tuple(x.shape)}")
 
@@ -90,7 +92,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | f
     except RuntimeError:
         raise CoreInputError(f"gaussian_log_prob: std of shape {tuple(std.shape)} does not broadcast to "
                              f"x {tuple(x.shape)}") from None
-    if bool((std < 0).any()):
+    if must_check_values() and bool((std < 0).any()):
         raise CoreInputError("gaussian_log_prob: std must be >= 0")
     random = std > 0
     safe_std = torch.where(random, std, torch.ones_like(std))
@@ -228,11 +230,12 @@ class Process:
         check_tokens(x_t, t, where)
         check_tokens(x_t, s, where, t_name="s")
         check_like(out, x_t, where, "out")
-        later = s > t
-        if bool(later.any()):
-            index = tuple(int(i) for i in later.nonzero()[0])
-            raise CoreInputError(f"{where}: a reverse step needs s <= t, got s = {float(s[index])} > "
-                                 f"t = {float(t[index])} at index {index}")
+        if must_check_values():
+            later = s > t
+            if bool(later.any()):
+                index = tuple(int(i) for i in later.nonzero()[0])
+                raise CoreInputError(f"{where}: a reverse step needs s <= t, got s = {float(s[index])} > "
+                                     f"t = {float(t[index])} at index {index}")
         active = (t > s).unsqueeze(-1)
         # Tokens that do not move are computed as a dummy 1 -> 0 step (finite values and gradients)
         # and replaced by x_t.
@@ -263,7 +266,7 @@ class GaussianDiffusion(Process):
     def __init__(self, schedule: NoiseSchedule, prediction: str = "epsilon", eta: float = 1.0,
                  clip_x0: float | None = None):
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"GaussianDiffusion: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+            raise InvalidTypeError(f"GaussianDiffusion: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if prediction not in PREDICTIONS:
             raise CoreConfigError(f"GaussianDiffusion: unknown prediction {prediction!r}; "
                                   f"expected one of {PREDICTIONS}")
@@ -379,7 +382,7 @@ class FlowMatching(Process):
             except RuntimeError:
                 raise CoreInputError(f"FlowMatching.step: std of shape {tuple(std.shape)} does not broadcast "
                                      f"to x_t {tuple(x_t.shape)}") from None
-            if bool((std < 0).any()):
+            if must_check_values() and bool((std < 0).any()):
                 raise CoreInputError("FlowMatching.step: std must be >= 0 everywhere")
         elif not (isinstance(std, (int, float)) and std >= 0):
             raise CoreConfigError(f"FlowMatching.step: std must be None, a number >= 0 or a tensor, got {std!r}")

@@ -3,6 +3,9 @@
 Each token runs on its own uniform grid t_k = t_start (steps - k) / steps, k = 0..steps, from its
 t_start down to 0; a token with t_start = 0 never changes (bit-exactly). Every step calls the
 denoiser once (through the guidance hook if any) and `process.step`.
+
+Inputs are validated once per `sample` call; the steps run inside `checking.values_checked()`, so
+no step reads a tensor value on the host (no host-device synchronisation in the loop).
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from typing import Any, Callable
 
 import torch
 
+from diffpolicy.core.checking import values_checked
 from diffpolicy.core.errors import CoreConfigError, CoreInputError
 from diffpolicy.core.guidance import Guidance
 from diffpolicy.core.processes import Process, check_tokens, check_x, gaussian_log_prob
 from diffpolicy.core.schedules import check_time
+from diffpolicy.errors import InvalidTypeError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """denoiser(x_t (B, L, D), t (B, L), cond) -> network output (B, L, D)."""
@@ -84,23 +89,24 @@ def sample(denoiser: Denoiser, process: Process, x_init: torch.Tensor, steps: in
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise CoreConfigError(f"sample: steps must be an int >= 1, got {steps!r}")
     if not isinstance(process, Process):
-        raise TypeError(f"sample: process must be a Process, got {type(process).__name__}")
+        raise InvalidTypeError(f"sample: process must be a Process, got {type(process).__name__}")
     t_start = start_levels(t_start, x_init)
     if guidance is not None:
         x_init, t_start = guidance.prepare(x_init, t_start)
         check_tokens(x_init, t_start, f"sample: after {type(guidance).__name__}.prepare", "x_init", "t_start")
     x = x_init
     chain: list[ChainStep] | None = [] if record else None
-    for k in range(steps):
-        t = t_start * ((steps - k) / steps)
-        s = t_start * ((steps - k - 1) / steps)
-        if guidance is None:
-            out = denoiser(x, t, cond)
-        else:
-            out = guidance.model_output(denoiser, process, x, t, cond)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x_s, mean, std = process.step(x, t, s, out, noise=noise)
-        if chain is not None:
-            chain.append(ChainStep(x, t, s, x_s, mean, std, gaussian_log_prob(x_s, mean, std)))
-        x = x_s
+    with values_checked():  # t_start is in [0, 1], so every grid level is, and s <= t on the grid
+        for k in range(steps):
+            t = t_start * ((steps - k) / steps)
+            s = t_start * ((steps - k - 1) / steps)
+            if guidance is None:
+                out = denoiser(x, t, cond)
+            else:
+                out = guidance.model_output(denoiser, process, x, t, cond)
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x_s, mean, std = process.step(x, t, s, out, noise=noise)
+            if chain is not None:
+                chain.append(ChainStep(x, t, s, x_s, mean, std, gaussian_log_prob(x_s, mean, std)))
+            x = x_s
     return SampleResult(x, chain)
