@@ -136,6 +136,8 @@ class _EpisodeFile:
 
     def finish(self) -> None:
         self._writer.finish()
+        self._stream.flush()
+        os.fsync(self._stream.fileno())
         self._stream.close()
         os.replace(self.tmp, self.path)
 

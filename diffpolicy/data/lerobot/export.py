@@ -27,6 +27,7 @@ from diffpolicy.data.lerobot import layout
 from diffpolicy.data.lerobot.video import PIX_FMT, VideoWriter, as_fraction, encode_png, pick_codec
 from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array
 from diffpolicy.errors import ExistingFileError, InvalidValueError
+from diffpolicy.fsutil import fsync_dir, fsync_tree
 
 # Video frames after export -> import, per frame: mean absolute error per pixel value (0-255) and
 # PSNR. yuv420p's half-resolution chroma dominates at sharp colour edges: on the tests' rendered
@@ -138,9 +139,11 @@ def export_lerobot(
         _write_tasks(tmp / layout.TASKS_PATH, writer.task_index)
         _write_episodes(tmp / layout.EPISODES_PATH.format(chunk_index=0, file_index=0), writer.episode_rows,
                         buffer, meta_names)
+        fsync_tree(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
