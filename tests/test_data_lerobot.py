@@ -88,6 +88,10 @@ def test_state_round_trip_is_exact_across_several_data_files(tmp_path):
     assert [(e["dataset_from_index"], e["dataset_to_index"], e["data/file_index"]) for e in episodes] == \
         [(0, 6, 0), (6, 15, 1), (15, 19, 2)]
     assert episodes[1]["tasks"] == ["pusht"] and episodes[1]["seed"] == 1
+    second = np.asarray(source["action"])[6:15]
+    np.testing.assert_allclose(episodes[1]["stats/action/max"], second.max(0))
+    np.testing.assert_allclose(episodes[1]["stats/action/std"], second.std(0))
+    assert episodes[1]["stats/next.reward/count"] == [9]
 
     result = import_lerobot(out, tmp_path / "back.zarr")
     assert_same_state(source, result)
@@ -113,6 +117,9 @@ def test_video_round_trip_within_codec_tolerance(tmp_path, monkeypatch, codec):
     episodes = pq.read_table(out / "meta" / "episodes" / "chunk-000" / "file-000.parquet").to_pylist()
     assert [e["videos/observation.image/from_timestamp"] for e in episodes] == pytest.approx([0.0, 0.6, 1.5])
     assert "observation.image" not in pq.read_table(out / "data" / "chunk-000" / "file-000.parquet").column_names
+    first = np.asarray(source["image"])[:6] / 255.0
+    np.testing.assert_allclose(np.asarray(episodes[0]["stats/observation.image/mean"]).reshape(3),
+                               first.mean(axis=(0, 1, 2)))  # per channel, shape (3, 1, 1), in [0, 1]
 
     result = import_lerobot(out, tmp_path / "back.zarr")
     assert_same_state(source, result, skip=("image",))

@@ -225,10 +225,14 @@ class _Writer:
         task = self.tasks[episode]
         task_index = self.task_index.setdefault(task, len(self.task_index))
         frame_index = np.arange(length, dtype=np.int64)
-        columns = {}
+        columns, episode_stats = {}, {}
         for key in self.buffer.keys():
             values = np.asarray(self.buffer[key][steps])
             self.stats[key].add(values)
+            own = _Stats(self.stats[key].image)
+            own.add(values)
+            episode_stats.update({f"stats/{layout.feature_name(key)}/{name}": value
+                                  for name, value in own.to_json(length).items()})
             if key in self.video_keys:
                 self._video(key, values.shape[1:3]).append(values)
             elif self.features[layout.feature_name(key)]["dtype"] == "image":
@@ -256,6 +260,7 @@ class _Writer:
                         f"videos/{layout.feature_name(key)}/from_timestamp": start,
                         f"videos/{layout.feature_name(key)}/to_timestamp": start + length / self.fps})
         row["meta/episodes/chunk_index"], row["meta/episodes/file_index"] = 0, 0
+        row.update(episode_stats)
         self.episode_rows.append(row)
 
     def _video(self, key: str, size: tuple[int, int]) -> VideoWriter:

@@ -12,7 +12,8 @@
                             data/chunk_index, data/file_index, dataset_from_index, dataset_to_index
                             (global frame indices, to exclusive), videos/<key>/chunk_index,
                             videos/<key>/file_index, videos/<key>/from_timestamp, .../to_timestamp
-                            (seconds in that video file), meta/episodes/chunk_index, file_index
+                            (seconds in that video file), meta/episodes/chunk_index, file_index,
+                            stats/<key>/<min|max|mean|std|count> (the episode's statistics)
     data/chunk-XXX/file-YYY.parquet
                             one row per frame: every non-video feature plus timestamp (float32,
                             seconds from the episode start), frame_index, episode_index, index
