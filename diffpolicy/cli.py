@@ -20,6 +20,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train-expert", "train_expert", "train (or reuse) a task's medium learned expert with stable-baselines3"),
     ("collect", "collect", "record expert demonstrations of a task into a zarr dataset (resumable)"),
     ("train", "train", "imitation-train a diffusion or flow chunk policy on a task's dataset (resumable, DDP)"),
+    ("dataset", "dataset", "import a LeRobot v3.0 dataset into a zarr replay buffer, or export one to LeRobot's layout"),
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
     ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
 ]

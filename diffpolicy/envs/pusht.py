@@ -86,6 +86,31 @@ def coverage_of(pose) -> float:
     return float(GOAL_POLYGON.intersection(t_polygon(pose)).area / GOAL_POLYGON.area)
 
 
+CONTACT_SIDES = ("bar edge", "stem tip", "left", "right")
+
+
+def first_contact(states: np.ndarray, margin: float = 2.0) -> tuple[int, np.ndarray] | None:
+    """Where the agent first reaches the T in an episode (its approach side: the demonstrations'
+    main mode). states: `(T, 5)` as `get_state` returns them. Returns `(step, (2,) agent position
+    in the block's body frame)` at the first step the disk is within `margin` of the T's outline,
+    or None if it never is."""
+    for step, (ax, ay, bx, by, angle) in enumerate(np.asarray(states, dtype=np.float64)):
+        if t_polygon((bx, by, angle)).distance(shapely.Point(ax, ay)) <= AGENT_RADIUS + margin:
+            return step, rotation(angle).T @ np.array([ax - bx, ay - by])
+    return None
+
+
+def contact_side(local: np.ndarray) -> str:
+    """The side of the T a body-frame contact point lies on (one of `CONTACT_SIDES`): beyond the
+    bar's outer edge (y < 0), beyond the stem's tip (y > 120), else left or right of the stem."""
+    x, y = float(local[0]), float(local[1])
+    if y < 0:
+        return "bar edge"
+    if y > 120:
+        return "stem tip"
+    return "left" if x < 0 else "right"
+
+
 class PushTEnv(gym.Env):
     """Diffusion Policy's PushT on pymunk 7 with Dict observations (see the module docstring).
 
