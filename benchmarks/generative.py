@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffpolicy.generative import ImageModel, ImageModelConfig, TextModel, TextModelConfig, corpus, fit, image_process
+from diffpolicy.generative import ImageModel, ImageModelConfig, TextModel, TextModelConfig, corpus, fit
 from diffpolicy.generative.data import digits
 
 SAMPLING_STEPS = (1, 2, 4, 10, 50)
@@ -84,7 +84,7 @@ def image_model(kind: str, images, labels, steps: int, out: Path) -> tuple[Image
     path = out / f"digits_{kind}_{steps}"
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
-        model = ImageModel(ImageModelConfig(process=image_process(kind), backbone=IMAGE_BACKBONE))
+        model = ImageModel(ImageModelConfig(process=kind, backbone=IMAGE_BACKBONE))
         result = fit(model, lambda i, g: model.loss(images[i], labels[i], g), len(images), steps, 64, 3e-3,
                      warmup=100, seed=0)
         model.save_pretrained(path, {"train_seconds": result.seconds, "train_steps": steps})

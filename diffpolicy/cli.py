@@ -2,6 +2,8 @@
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
 lazily so that `--help` stays fast and a command's heavy dependencies load only when it runs.
+Bad input anywhere in the package raises a `DiffpolicyError`; it is caught once, here: the message
+goes to stderr and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import argparse
 import importlib
 import sys
 
+from diffpolicy.errors import DiffpolicyError
+
 # (command name, module under diffpolicy.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
     ("demo", "demo", "train a small chunk policy on a synthetic bimodal task and report its modes"),
     ("train-expert", "train_expert", "train (or reuse) a task's medium learned expert with stable-baselines3"),
     ("collect", "collect", "record expert demonstrations of a task into a zarr dataset (resumable)"),
     ("train", "train", "imitation-train a diffusion or flow chunk policy on a task's dataset (resumable, DDP)"),
+    ("dataset", "dataset", "import a LeRobot v3.0 dataset into a zarr replay buffer, or export one to LeRobot's layout"),
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
     ("generate", "generate", "train and sample the image (digits, PushT frames) and text models of the shared core"),
     ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
@@ -49,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     # Intermixed: `train --task pusht a=1 --resume b=2` mixes options and key=value overrides.
     args = command_parser.parse_intermixed_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except DiffpolicyError as err:
+        print(f"diffpolicy {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,31 +8,28 @@
 task is the one the checkpoint was trained on; `--task` checks it. Writes `summary.json`
 (success rate with its 95 % Wilson interval, mean return / coverage / length), `episodes.json`
 and `videos/*.mp4` of the first `--videos` episodes; the same seeds give the same results.
+`--log mcap` also writes `rollouts/episode_<i>_seed_<seed>.mcap` for the first `--log-episodes`
+episodes: every tick's observations, executed action, predicted chunks and reward, for Foxglove
+(with `--videos`, the rendered frames of those episodes too; see `evaluation.rollout_log`).
 """
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError
-
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from diffpolicy.envs.tasks import TaskCard, TaskCardError, load_task
+from diffpolicy.envs.tasks import TaskCard, load_task
+from diffpolicy.errors import ConfigError, InvalidValueError, UsageError
 from diffpolicy.evaluation.rollout import evaluate
+from diffpolicy.evaluation.rollout_log import McapRolloutLogger
+from diffpolicy.nn.device import resolve_device
 from diffpolicy.policies import ChunkPolicy
-from diffpolicy.policies.errors import CheckpointError, ConfigError
-from diffpolicy.train.checkpoints import resolve_policy_dir
-from diffpolicy.train.distributed import resolve_device
+from diffpolicy.policies.locate import resolve_policy_dir
 
 
 class TaskMismatchError(InvalidValueError):
     """The checkpoint was trained on another task than the one asked for."""
-
-
-class UsageError(ValueError):
-    """A command-line value out of range."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-steps", type=int, default=None, help="denoising steps (default: the policy's)")
     parser.add_argument("--eta", type=float, default=None,
                         help="diffusion only: DDIM stochasticity in [0, 1], 1 = DDPM steps (default: the policy's)")
+    parser.add_argument("--log", choices=["mcap"], default=None,
+                        help="per-tick rollout logs: mcap (Foxglove) files in <out>/rollouts")
+    parser.add_argument("--log-episodes", type=int, default=10, help="with --log: log the first K episodes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -71,31 +71,34 @@ def load_policy_for_task(checkpoint: str | Path, task: str | None) -> tuple[Chun
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("episodes", "n_envs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.videos < 0:
+        raise UsageError(f"--videos must be >= 0, got {args.videos}")
+    if args.log_episodes < 1:
+        raise UsageError(f"--log-episodes must be >= 1, got {args.log_episodes}")
+    policy, card, policy_dir = load_policy_for_task(args.checkpoint, args.task)
     try:
-        for name in ("episodes", "n_envs"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if args.videos < 0:
-            raise UsageError(f"--videos must be >= 0, got {args.videos}")
-        policy, card, policy_dir = load_policy_for_task(args.checkpoint, args.task)
-        try:
-            policy.set_sampling(inference_steps=args.inference_steps, eta=args.eta)
-        except ConfigError as err:
-            raise UsageError(f"--inference-steps / --eta: {err}") from None
-        episodes = args.episodes if args.episodes is not None else int(card.eval["episodes"])
-        seed = args.seed if args.seed is not None else int(card.eval["seed_start"])
-        out = Path(args.out) if args.out else policy_dir.parent / f"eval_seed{seed}_n{episodes}"
-        try:
-            device = resolve_device(args.device)
-        except ValueError as err:
-            raise UsageError(f"--device: {err}") from None
+        policy.set_sampling(inference_steps=args.inference_steps, eta=args.eta)
+    except ConfigError as err:
+        raise UsageError(f"--inference-steps / --eta: {err}") from None
+    episodes = args.episodes if args.episodes is not None else int(card.eval["episodes"])
+    seed = args.seed if args.seed is not None else int(card.eval["seed_start"])
+    out = Path(args.out) if args.out else policy_dir.parent / f"eval_seed{seed}_n{episodes}"
+    try:
+        device = resolve_device(args.device)
+    except InvalidValueError as err:
+        raise UsageError(f"--device: {err}") from None
+    logger = McapRolloutLogger(out / "rollouts", episodes=args.log_episodes) if args.log == "mcap" else None
+    try:
         result = evaluate(policy.to(device), card, episodes=episodes, seed_start=seed, n_envs=args.n_envs,
                           videos=min(args.videos, episodes), out_dir=out, device=device,
-                          progress=not args.no_progress)
-    except (CheckpointError, TaskMismatchError, TaskCardError, UsageError) as err:
-        print(f"diffpolicy eval: error: {err}", file=sys.stderr)
-        return 2
+                          progress=not args.no_progress, logger=logger)
+    finally:
+        if logger is not None:
+            logger.close()
     summary = result.summary
     print(json.dumps({"checkpoint": str(policy_dir), "task": card.name, **summary}, indent=1))
     print(f"success rate {summary['success_rate']['rate']:.3f} "

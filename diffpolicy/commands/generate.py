@@ -20,7 +20,7 @@ import torch
 
 from diffpolicy.errors import ExistingFileError, MissingFileError, UsageError
 from diffpolicy.fsutil import atomic_write_text
-from diffpolicy.generative import ImageModel, ImageModelConfig, TextModel, TextModelConfig, corpus, fit, image_process
+from diffpolicy.generative import ImageModel, ImageModelConfig, TextModel, TextModelConfig, corpus, fit
 from diffpolicy.generative.data import digits, pusht_frames, random_crops
 from diffpolicy.generative.grid import write_png_grid
 
@@ -75,14 +75,14 @@ def _image(args: argparse.Namespace, model_dir: Path, generator: torch.Generator
     if args.train_steps is not None:
         if args.data == "digits":
             images, labels = digits(16)
-            config = ImageModelConfig(process=image_process(args.process), backbone=_backbone(args))
+            config = ImageModelConfig(process=args.process, backbone=_backbone(args))
             model = ImageModel(config)
             result = fit(model, lambda i, g: model.loss(images[i], labels[i], g), len(images), args.train_steps,
                          args.batch_size, args.lr, seed=args.seed)
         else:
             frames = pusht_frames(PUSHT_FRAMES, 96, seed=args.seed)
             config = ImageModelConfig(image_size=PUSHT_CROP, channels=3, patch_size=12, num_classes=0,
-                                      process=image_process(args.process), backbone=_backbone(args))
+                                      process=args.process, backbone=_backbone(args))
             model = ImageModel(config)
             result = fit(model, lambda i, g: model.loss(random_crops(frames[i], PUSHT_CROP, g), None, g),
                          len(frames), args.train_steps, args.batch_size, args.lr, seed=args.seed)

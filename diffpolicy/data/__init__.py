@@ -1,7 +1,7 @@
 """Episode data: zarr replay buffer (Diffusion Policy layout), training windows, robomimic HDF5.
 
 numpy / zarr / h5py only; the optional torch adapter lives in `diffpolicy.data.torch_dataset`
-and is not imported here.
+and LeRobot v3 interop (pyarrow, PyAV) in `diffpolicy.data.lerobot`; neither is imported here.
 """
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError

@@ -37,6 +37,7 @@ import pymunk
 import shapely
 
 from diffpolicy.envs.pusht_render import render_scene
+from diffpolicy.errors import InvalidStateError, InvalidValueError
 
 WORKSPACE = 512.0
 WALL_LOW, WALL_HIGH, WALL_RADIUS = 5.0, 506.0, 2.0
@@ -85,6 +86,31 @@ def coverage_of(pose) -> float:
     return float(GOAL_POLYGON.intersection(t_polygon(pose)).area / GOAL_POLYGON.area)
 
 
+CONTACT_SIDES = ("bar edge", "stem tip", "left", "right")
+
+
+def first_contact(states: np.ndarray, margin: float = 2.0) -> tuple[int, np.ndarray] | None:
+    """Where the agent first reaches the T in an episode (its approach side: the demonstrations'
+    main mode). states: `(T, 5)` as `get_state` returns them. Returns `(step, (2,) agent position
+    in the block's body frame)` at the first step the disk is within `margin` of the T's outline,
+    or None if it never is."""
+    for step, (ax, ay, bx, by, angle) in enumerate(np.asarray(states, dtype=np.float64)):
+        if t_polygon((bx, by, angle)).distance(shapely.Point(ax, ay)) <= AGENT_RADIUS + margin:
+            return step, rotation(angle).T @ np.array([ax - bx, ay - by])
+    return None
+
+
+def contact_side(local: np.ndarray) -> str:
+    """The side of the T a body-frame contact point lies on (one of `CONTACT_SIDES`): beyond the
+    bar's outer edge (y < 0), beyond the stem's tip (y > 120), else left or right of the stem."""
+    x, y = float(local[0]), float(local[1])
+    if y < 0:
+        return "bar edge"
+    if y > 120:
+        return "stem tip"
+    return "left" if x < 0 else "right"
+
+
 class PushTEnv(gym.Env):
     """Diffusion Policy's PushT on pymunk 7 with Dict observations (see the module docstring).
 
@@ -102,14 +128,14 @@ class PushTEnv(gym.Env):
     def __init__(self, obs_type: str = "state", render_mode: str | None = None,
                  image_size: int = 96, render_size: int = 256):
         if obs_type not in self.OBS_TYPES:
-            raise ValueError(f"PushTEnv: obs_type must be one of {list(self.OBS_TYPES)}, got {obs_type!r}")
+            raise InvalidValueError(f"PushTEnv: obs_type must be one of {list(self.OBS_TYPES)}, got {obs_type!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(
+            raise InvalidValueError(
                 f"PushTEnv: render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
             )
         for name, size in (("image_size", image_size), ("render_size", render_size)):
             if not isinstance(size, (int, np.integer)) or size < 8:
-                raise ValueError(f"PushTEnv: {name} must be an integer >= 8, got {size!r}")
+                raise InvalidValueError(f"PushTEnv: {name} must be an integer >= 8, got {size!r}")
         self.obs_type = obs_type
         self.render_mode = render_mode
         self.image_size = int(image_size)
@@ -167,7 +193,7 @@ class PushTEnv(gym.Env):
         """
         state = np.asarray(state, dtype=np.float64)
         if state.shape != (5,) or not np.all(np.isfinite(state)):
-            raise ValueError(f"PushTEnv.set_state: expected 5 finite numbers (agent xy, block xy, angle), got {state!r}")
+            raise InvalidValueError(f"PushTEnv.set_state: expected 5 finite numbers (agent xy, block xy, angle), got {state!r}")
         if self.space is None:
             self._build_space()
         self.agent.position = (float(state[0]), float(state[1]))
@@ -213,9 +239,9 @@ class PushTEnv(gym.Env):
     def step(self, action):
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (2,) or not np.all(np.isfinite(action)):
-            raise ValueError(f"PushTEnv.step: expected a finite target position of shape (2,), got {action!r}")
+            raise InvalidValueError(f"PushTEnv.step: expected a finite target position of shape (2,), got {action!r}")
         if self.space is None:
-            raise RuntimeError("PushTEnv.step: call reset() before step()")
+            raise InvalidStateError("PushTEnv.step: call reset() before step()")
         target = np.clip(action, 0.0, WORKSPACE)
         self.latest_action = target
         dt = 1.0 / SIM_HZ
@@ -238,7 +264,7 @@ class PushTEnv(gym.Env):
     def render_frame(self, size: int, draw_action: bool = False) -> np.ndarray:
         """The scene as `(size, size, 3)` uint8 (row = world y, column = world x)."""
         if self.space is None:
-            raise RuntimeError("PushTEnv.render_frame: call reset() first")
+            raise InvalidStateError("PushTEnv.render_frame: call reset() first")
         target = self.latest_action if draw_action else None
         block = local_to_world(T_OUTLINE_LOCAL, self.block_pose)
         return render_scene(size, np.asarray(self.agent.position), block, GOAL_OUTLINE, target)

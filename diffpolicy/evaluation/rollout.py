@@ -29,7 +29,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffpolicy.errors import InvalidValueError
+from diffpolicy.evaluation.rollout_log import RolloutLogger, Tick
 from diffpolicy.evaluation.stats import success_rate
+from diffpolicy.fsutil import atomic_write_text
 
 
 @dataclass
@@ -71,6 +74,8 @@ def rollout(
     inference_steps: int | None = None,
     coverage_key: str = "coverage",
     progress: Callable[[EpisodeResult], None] | None = None,
+    logger: RolloutLogger | None = None,
+    control_hz: float | None = None,
 ) -> tuple[list[EpisodeResult], dict[int, list[np.ndarray]]]:
     """Run one episode per seed with `policy` (a `ChunkPolicy`).
 
@@ -81,6 +86,8 @@ def rollout(
         record: render frames of the first `record` episodes (by position in `seeds`).
         inference_steps: denoising steps per chunk (None: the policy's default).
         progress: called with each finished episode.
+        logger: receives every episode's ticks (`rollout_log.RolloutLogger`); the caller closes it.
+        control_hz: the env's control rate, for the ticks' times (None: one second per tick).
 
     Returns:
         `(episodes, frames)`: per-episode results in seed order, and `{episode index: [frames
@@ -90,7 +97,7 @@ def rollout(
 
     seeds = [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("rollout: the seed list is empty")
+        raise InvalidValueError("rollout: the seed list is empty")
     config = policy.config
     keys = list(config.obs_shapes)
     to, ta = config.obs_horizon, config.action_horizon
@@ -108,6 +115,8 @@ def rollout(
     queue: list[deque] = [deque() for _ in range(n_envs)]
     noise_gen: list[torch.Generator | None] = [None] * n_envs
     stats: list[dict[str, Any]] = [{} for _ in range(n_envs)]
+    fresh_chunk: list[np.ndarray | None] = [None] * n_envs
+    tick_s = 1.0 / control_hz if control_hz else 1.0
     last_action = np.zeros((n_envs, *vec.single_action_space.shape), dtype=vec.single_action_space.dtype)
     next_episode = 0
 
@@ -120,6 +129,8 @@ def rollout(
             queue[i].clear()
             noise_gen[i] = torch.Generator(device=device).manual_seed(seeds[episode])
             stats[i] = {"return": 0.0, "length": 0, "success": False, "coverage": None}
+            if logger is not None:
+                logger.begin_episode(episode, seeds[episode])
             if episode < record:
                 frames[episode] = [np.asarray(vec.envs[i].render(), dtype=np.uint8)]
 
@@ -152,6 +163,7 @@ def rollout(
                 chunk = chunk.detach().to("cpu", torch.float64).numpy()
                 for row, i in enumerate(need):
                     queue[i].extend(chunk[row, start:start + ta])
+                    fresh_chunk[i] = chunk[row]
             for i in range(n_envs):
                 if slot_episode[i] is not None:
                     last_action[i] = queue[i].popleft()
@@ -165,18 +177,29 @@ def rollout(
                 s["return"] += float(reward[i])
                 s["length"] += 1
                 s["success"] |= bool(info["is_success"][i])
+                metrics = {}
                 if coverage_key in info:
-                    value = float(info[coverage_key][i])
+                    metrics[coverage_key] = value = float(info[coverage_key][i])
                     s["coverage"] = value if s["coverage"] is None else max(s["coverage"], value)
-                history[i].append(_split_obs(obs, i, keys))
                 if episode in frames:
                     frames[episode].append(np.asarray(vec.envs[i].render(), dtype=np.uint8))
+                if logger is not None:
+                    logger.log_tick(episode, Tick(
+                        step=s["length"] - 1, time_s=(s["length"] - 1) * tick_s, observation=history[i][-1],
+                        action=last_action[i].copy(), reward=float(reward[i]), episode_return=s["return"],
+                        success=s["success"], chunk=fresh_chunk[i],
+                        executed_from=start if fresh_chunk[i] is not None else None, metrics=metrics,
+                        frame=frames[episode][-1] if episode in frames else None))
+                fresh_chunk[i] = None
+                history[i].append(_split_obs(obs, i, keys))
                 if terminated[i] or truncated[i]:
                     results[episode] = EpisodeResult(index=episode, seed=seeds[episode], success=s["success"],
                                                      episode_return=s["return"], length=s["length"],
                                                      coverage=s["coverage"])
                     if progress is not None:
                         progress(results[episode])
+                    if logger is not None:
+                        logger.end_episode(episode, results[episode].to_dict())
                     finished.append(i)
             restart = assign(finished)
             if restart:
@@ -217,17 +240,19 @@ class Evaluation:
 
 def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: int = 8, videos: int = 0,
              out_dir: str | os.PathLike | None = None, device: torch.device | str = "cpu",
-             inference_steps: int | None = None, progress: bool = False) -> Evaluation:
+             inference_steps: int | None = None, progress: bool = False,
+             logger: RolloutLogger | None = None) -> Evaluation:
     """Evaluate `policy` on `card`'s environment over seeds `seed_start, ..., seed_start + episodes - 1`.
 
     With `out_dir`: writes `summary.json`, `episodes.json` (one object per episode) and
-    `videos/episode_<i>_seed_<seed>.mp4` for the first `videos` episodes.
+    `videos/episode_<i>_seed_<seed>.mp4` for the first `videos` episodes. `logger` receives every
+    tick (see `rollout_log`); the caller closes it.
     """
     from diffpolicy.envs.tasks import make_env
     from diffpolicy.evaluation.video import write_video
 
     if episodes < 1:
-        raise ValueError(f"evaluate: episodes must be >= 1, got {episodes}")
+        raise InvalidValueError(f"evaluate: episodes must be >= 1, got {episodes}")
     overrides = {"render_mode": "rgb_array"} if videos > 0 else {}
     seeds = list(range(int(seed_start), int(seed_start) + int(episodes)))
     bar = tqdm(total=len(seeds), desc=f"eval {card.name}", unit="ep", disable=not progress, leave=False)
@@ -242,7 +267,7 @@ def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: 
     try:
         results, frames = rollout(policy, functools.partial(make_env, card, **overrides), seeds, n_envs=n_envs,
                                   record=videos, device=device, inference_steps=inference_steps,
-                                  progress=on_episode)
+                                  progress=on_episode, logger=logger, control_hz=float(card.control_hz))
     finally:
         bar.close()
     summary = summarize(results)
@@ -260,6 +285,11 @@ def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: 
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=1))
+
+
+def score_policy(policy: Any, card: Any, eval_config: Any, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The checkpoint scorer of imitation training (`train.trainer.Scorer`): `evaluate` on the
+    settings of a `train.config.EvalConfig` (episodes, seed_start, n_envs, inference_steps), its summary."""
+    return evaluate(policy, card, episodes=eval_config.episodes, seed_start=eval_config.seed_start,
+                    n_envs=eval_config.n_envs, device=device, inference_steps=eval_config.inference_steps).summary

@@ -13,10 +13,10 @@ one-hot characters), trained with the core's processes and losses and sampled by
   `nn.DiTImageEncoder` (encoder config `image_backbone: {type: dit, init: <model dir>, ...}`).
 """
 
-from diffpolicy.generative.image_model import ImageModel, ImageModelConfig, image_process
+from diffpolicy.generative.image_model import ImageModel, ImageModelConfig
 from diffpolicy.generative.patches import patchify, unpatchify
 from diffpolicy.generative.text_model import TextModel, TextModelConfig
 from diffpolicy.generative.training import FitResult, fit
 
-__all__ = ["FitResult", "ImageModel", "ImageModelConfig", "TextModel", "TextModelConfig", "fit", "image_process",
-           "patchify", "unpatchify"]
+__all__ = ["FitResult", "ImageModel", "ImageModelConfig", "TextModel", "TextModelConfig", "fit", "patchify",
+           "unpatchify"]

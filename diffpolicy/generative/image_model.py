@@ -2,8 +2,8 @@
 
 Everything generative comes from the shared core and nn, exactly as the policies use them: the
 denoiser is `nn.DiT` (built by `nn.make_backbone`) over the image's patch tokens
-`(B, L = (H/p)(W/p), D = C p p)`, the process is `core.GaussianDiffusion` or `core.FlowMatching`
-(built from a `policies.config.ProcessConfig` by `policies.make_process`), training uses
+`(B, L = (H/p)(W/p), D = C p p)`, the process is `core.GaussianDiffusion` or `core.FlowMatching`,
+training uses
 `core.denoising_loss`, sampling the one `core.sample` loop, and classifier-free guidance is
 `core.ClassifierFreeGuidance` (the condition is a one-hot class vector; the null condition is the
 zero vector, on which the model is trained with probability `cond_dropout`).
@@ -13,7 +13,6 @@ Pixels are floats in [-1, 1], images `(B, C, H, W)`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,31 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffpolicy.core import ClassifierFreeGuidance, denoising_loss, sample
-from diffpolicy.errors import InvalidTypeError, InvalidValueError
+from diffpolicy.config import check_choice, check_float, check_int, from_dict, to_dict
+from diffpolicy.core import (
+    ClassifierFreeGuidance,
+    FlowMatching,
+    GaussianDiffusion,
+    Process,
+    denoising_loss,
+    make_schedule,
+    sample,
+)
+from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
 from diffpolicy.generative.checkpoint import load_model_files, save_model
 from diffpolicy.generative.patches import check_patch_size, patchify, unpatchify
 from diffpolicy.nn import make_backbone
-from diffpolicy.policies.chunk_policy import make_process
-from diffpolicy.policies.config import ProcessConfig
-from diffpolicy.policies.errors import ConfigError
 
 KIND = "image_model"
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"config key {name!r}: expected an integer >= {minimum}, got {value!r}")
-
-
-def image_process(kind: str) -> ProcessConfig:
-    """The image models' process defaults: continuous t; diffusion predicts v with deterministic
-    DDIM steps (eta 0, good at few steps) on the cosine schedule; flow uses Euler steps."""
-    if kind == "diffusion":
-        return ProcessConfig(type="diffusion", prediction="v", eta=0.0)
-    if kind == "flow":
-        return ProcessConfig(type="flow")
-    raise ConfigError(f"config key 'process.type': expected one of ['diffusion', 'flow'], got {kind!r}")
+PROCESSES = ("diffusion", "flow")
+PREDICTIONS = ("epsilon", "sample", "v")
 
 
 @dataclass(frozen=True)
@@ -56,7 +48,9 @@ class ImageModelConfig:
     Attributes:
         image_size: H = W. channels: C. patch_size: p, dividing image_size.
         num_classes: K >= 0; 0 = unconditional (no guidance).
-        process: the core process (`ProcessConfig`; `image_process("diffusion" | "flow")`).
+        process: "diffusion" (cosine schedule, x0 clipped to [-1, 1]) or "flow" (Euler steps).
+        prediction, eta: diffusion only: the network's output ("v" default) and the DDIM
+            stochasticity of its steps (0 = deterministic DDIM, good at few steps; 1 = DDPM).
         backbone: DiT keyword arguments for `nn.make_backbone({"type": "dit", ...})`.
         cond_dropout: probability of training on the null condition (classifier-free guidance).
     """
@@ -65,27 +59,28 @@ class ImageModelConfig:
     channels: int = 1
     patch_size: int = 4
     num_classes: int = 10
-    process: ProcessConfig = field(default_factory=lambda: image_process("flow"))
+    process: str = "flow"
+    prediction: str = "v"
+    eta: float = 0.0
     backbone: dict[str, Any] = field(default_factory=lambda: {"hidden_dim": 128, "depth": 4, "num_heads": 4,
                                                               "time_embed_dim": 128})
     cond_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        _positive_int("image_size", self.image_size)
-        _positive_int("channels", self.channels)
-        _positive_int("num_classes", self.num_classes, 0)
+        check_int("image_size", self.image_size, 1)
+        check_int("channels", self.channels, 1)
+        check_int("num_classes", self.num_classes, 0)
         try:
             check_patch_size(self.image_size, self.image_size, self.patch_size, "ImageModelConfig")
         except InvalidValueError as err:
             raise ConfigError(f"config key 'patch_size': {err}") from None
-        if not isinstance(self.process, ProcessConfig):
-            raise ConfigError(f"config key 'process': expected a ProcessConfig, got {self.process!r}")
+        check_choice("process", self.process, PROCESSES)
+        check_choice("prediction", self.prediction, PREDICTIONS)
+        check_float("eta", self.eta, 0.0, maximum=1.0)
         if not isinstance(self.backbone, dict) or "type" in self.backbone:
             raise ConfigError(f"config key 'backbone': expected a dict of DiT arguments (no 'type'), "
                               f"got {self.backbone!r}")
-        if isinstance(self.cond_dropout, bool) or not isinstance(self.cond_dropout, (int, float)) \
-                or not 0 <= self.cond_dropout < 1:
-            raise ConfigError(f"config key 'cond_dropout': expected a number in [0, 1), got {self.cond_dropout!r}")
+        check_float("cond_dropout", self.cond_dropout, 0.0, maximum=0.99)
 
     @property
     def num_tokens(self) -> int:
@@ -95,19 +90,18 @@ class ImageModelConfig:
     def token_dim(self) -> int:
         return self.channels * self.patch_size ** 2
 
+    def make_process(self) -> Process:
+        """The core process this config names."""
+        if self.process == "flow":
+            return FlowMatching()
+        return GaussianDiffusion(make_schedule("cosine"), prediction=self.prediction, eta=self.eta, clip_x0=1.0)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Any) -> ImageModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - names:
-            unknown = sorted(set(data) - names) if isinstance(data, dict) else data
-            raise ConfigError(f"image model config: unknown keys {unknown}; expected keys of {sorted(names)}")
-        values = dict(data)
-        if "process" in values:
-            values["process"] = ProcessConfig.from_dict(values["process"])
-        return cls(**values)
+        return from_dict(cls, data)
 
 
 class ImageModel(nn.Module):
@@ -123,7 +117,7 @@ class ImageModel(nn.Module):
         self.config = config
         self.denoiser = make_backbone({"type": "dit", **config.backbone}, config.token_dim, config.num_tokens,
                                       config.num_classes)
-        self.process = make_process(config.process)
+        self.process = config.make_process()
 
     # ------------------------------------------------------------------ conditions
     def condition(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -207,7 +201,7 @@ class ImageModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
-        """Write `model.safetensors` and `config.json` atomically (the policies' checkpoint format)."""
+        """Write `model.safetensors` and `config.json` (`generative.checkpoint`)."""
         save_model(directory, self, self.config.to_dict(), KIND, metadata)
 
     @classmethod

@@ -9,7 +9,6 @@ without time input (`time_input=False`: the MASK tokens tell the level). Samplin
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,11 +18,11 @@ import torch
 from torch import nn
 
 from diffpolicy.core import MaskedDiffusion, PrefixInpainting, sample
-from diffpolicy.errors import InvalidTypeError, InvalidValueError
+from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
 from diffpolicy.generative import corpus
 from diffpolicy.generative.checkpoint import load_model_files, save_model
 from diffpolicy.nn import make_backbone
-from diffpolicy.policies.errors import ConfigError
+from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_dict
 
 KIND = "text_model"
 MIN_LEVEL = 1e-3  # training levels are drawn from U(MIN_LEVEL, 1): the 1 / t weight stays bounded
@@ -41,27 +40,19 @@ class TextModelConfig:
                                                               "time_embed_dim": 128})
 
     def __post_init__(self) -> None:
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise ConfigError(f"config key 'seq_len': expected an integer >= 2, got {self.seq_len!r}")
-        if not isinstance(self.time_input, bool):
-            raise ConfigError(f"config key 'time_input': expected a bool, got {self.time_input!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not self.temperature >= 0:
-            raise ConfigError(f"config key 'temperature': expected a number >= 0, got {self.temperature!r}")
+        check_int("seq_len", self.seq_len, 2)
+        check_bool("time_input", self.time_input)
+        check_float("temperature", self.temperature, 0.0)
         if not isinstance(self.backbone, dict) or {"type", "time_input"} & set(self.backbone):
             raise ConfigError(f"config key 'backbone': expected a dict of DiT arguments (without 'type' and "
                               f"'time_input'), got {self.backbone!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Any) -> TextModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or set(data) - names:
-            unknown = sorted(set(data) - names) if isinstance(data, dict) else data
-            raise ConfigError(f"text model config: unknown keys {unknown}; expected keys of {sorted(names)}")
-        return cls(**data)
+        return from_dict(cls, data)
 
 
 class TextModel(nn.Module):
@@ -123,7 +114,7 @@ class TextModel(nn.Module):
         return [corpus.decode(ids) for ids in self.process.decode(x0)]
 
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
-        """Write `model.safetensors` and `config.json` atomically (the policies' checkpoint format)."""
+        """Write `model.safetensors` and `config.json` (`generative.checkpoint`)."""
         save_model(directory, self, self.config.to_dict(), KIND, metadata)
 
     @classmethod
