@@ -270,3 +270,17 @@ def test_generate_command_trains_writes_a_png_grid_and_samples_text(tmp_path, ca
                  "--count", "2", "--prompt", "Return", *small]) == 0
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     assert all(line.startswith("Return") and len(line) == 64 for line in lines)
+
+
+def test_model_directory_errors_name_the_file(tmp_path):
+    with pytest.raises(MissingFileError, match="no config.json; save a image_model there first"):
+        ImageModel.from_pretrained(tmp_path / "none")
+    model = tiny_image_model()
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")
+    with pytest.raises(DiffpolicyError, match="sha256 differs"):
+        ImageModel.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(DiffpolicyError, match="not valid JSON"):
+        ImageModel.from_pretrained(tmp_path / "m")
