@@ -190,3 +190,19 @@ def test_sinusoidal_time_embedding_closed_form():
         torch.testing.assert_close(out[idx], torch.tensor(expected), atol=2e-4, rtol=0)
     with pytest.raises(NNConfigError, match="even integer >= 4"):
         SinusoidalTimeEmbedding(7)
+
+
+def test_dit_without_time_input_ignores_t_and_has_no_time_parameters():
+    timed = SMALL["dit"](3, 8, 4)
+    untimed = DiT(3, 8, 4, hidden_dim=32, depth=2, num_heads=4, time_embed_dim=16, time_input=False)
+    assert any(k.startswith("time_encoder.") for k in timed.state_dict())
+    assert not any(k.startswith("time_encoder.") for k in untimed.state_dict())
+    assert set(untimed.state_dict()) == {k for k in timed.state_dict() if not k.startswith("time_encoder.")}
+    randomize_zero_weights(untimed)
+    g = torch.Generator().manual_seed(0)
+    x, cond = torch.randn(2, 8, 3, generator=g), torch.randn(2, 4, generator=g)
+    out = untimed(x, torch.rand(2, 8, generator=g), cond)
+    assert torch.equal(out, untimed(x, torch.rand(2, 8, generator=g), cond))
+    assert not torch.allclose(out, untimed(x, torch.rand(2, 8, generator=g), -cond))
+    with pytest.raises(NNConfigError, match="time_input must be a bool"):
+        DiT(3, 8, 4, time_input=1)

@@ -8,6 +8,9 @@ Every model is a denoiser over tokens, each with its own noise level:
 - `processes`: `GaussianDiffusion` (DDPM / DDIM with eta) and `FlowMatching` (linear path, Euler,
   optional explicit step noise): corruption, targets, x0 / noise predictions and Gaussian reverse
   steps with log-probabilities.
+- `masked`: `MaskedDiffusion`, the absorbing-state process over one-hot tokens `(B, L, V + 1)`:
+  forward marginals, the per-token negative-ELBO loss, the likelihood bound, and
+  confidence-ordered unmasking as its reverse step (driven by the same `sample` loop).
 - `losses`: the per-token denoising loss with masks and Min-SNR-gamma weighting.
 - `samplers`: `sample(...)`, one loop with per-token start levels, guidance and a recorded chain.
 - `guidance`: classifier-free guidance, hard prefix inpainting, RTC-style guided inpainting.
@@ -23,6 +26,7 @@ from diffpolicy.core.guidance import (
     rtc_prefix_weights,
 )
 from diffpolicy.core.losses import denoising_loss, loss_weight, min_snr_weight, per_token_loss
+from diffpolicy.core.masked import MaskedDiffusion
 from diffpolicy.core.processes import (
     FlowMatching,
     GaussianDiffusion,
@@ -42,7 +46,7 @@ from diffpolicy.core.schedules import (
 __all__ = [
     "ChainStep", "ClassifierFreeGuidance", "ComposedGuidance", "CoreConfigError", "CoreInputError",
     "CosineSchedule", "FlowMatching", "GaussianDiffusion", "Guidance", "GuidedInpainting",
-    "LinearBetaSchedule", "NoiseSchedule", "PrefixInpainting", "Process", "SampleResult",
+    "LinearBetaSchedule", "MaskedDiffusion", "NoiseSchedule", "PrefixInpainting", "Process", "SampleResult",
     "SigmoidSchedule", "StepResult", "denoising_loss", "gaussian_log_prob", "loss_weight",
     "make_schedule", "min_snr_weight", "per_token_loss", "rtc_prefix_weights", "sample",
 ]

@@ -5,6 +5,7 @@ Encoders: `forward(obs: dict[str, Tensor]) -> (B, C)` (`ResNetImageEncoder` take
 """
 
 from diffpolicy.nn.dit import DiT
+from diffpolicy.nn.dit_image_encoder import DiTImageEncoder, skipping_init
 from diffpolicy.nn.ema import EMA
 from diffpolicy.nn.embeddings import SinusoidalTimeEmbedding, TimeEncoder
 from diffpolicy.nn.errors import NNConfigError, NNInputError
@@ -18,7 +19,7 @@ from diffpolicy.nn.state_encoder import MLPStateEncoder
 from diffpolicy.nn.unet1d import ConditionalUnet1D
 
 __all__ = [
-    "BACKBONES", "BACKBONE_DEFAULTS", "ConditionalUnet1D", "DiT", "EMA", "MLPDenoiser", "MLPStateEncoder",
+    "BACKBONES", "BACKBONE_DEFAULTS", "ConditionalUnet1D", "DiT", "DiTImageEncoder", "EMA", "MLPDenoiser", "MLPStateEncoder",
     "NNConfigError", "NNInputError", "ObservationEncoder", "ResNetImageEncoder", "ResNetTrunk",
-    "SinusoidalTimeEmbedding", "SpatialSoftmax", "TimeEncoder", "make_backbone", "make_observation_encoder",
+    "SinusoidalTimeEmbedding", "SpatialSoftmax", "TimeEncoder", "make_backbone", "make_observation_encoder", "skipping_init",
 ]

@@ -1,7 +1,10 @@
-"""`DiT`: a transformer denoiser over the L action tokens with adaLN-Zero (Peebles & Xie, 2023).
+"""`DiT`: a transformer denoiser over L tokens with adaLN-Zero (Peebles & Xie, 2023).
 
-Each token carries its own conditioning vector `c_i = time_mlp(t_i) + cond_proj(cond)`, which
-modulates (shift, scale, gate) every block's LayerNorms and residual branches at that token.
+The tokens are whatever the model generates: action chunks (the policies), image patches and
+one-hot text tokens (`diffpolicy.generative`). Each token carries its own conditioning vector
+`c_i = time_mlp(t_i) + cond_proj(cond)` (without the time term when `time_input=False`, e.g. for
+masked diffusion, where the mask itself tells the level), which modulates (shift, scale, gate)
+every block's LayerNorms and residual branches at that token.
 The modulation layers and the output projection start at zero, so at initialization every block
 is the identity and the output is exactly zero (the "Zero" in adaLN-Zero).
 """
@@ -68,6 +71,8 @@ class DiT(nn.Module):
         hidden_dim: token width H, divisible by num_heads. depth: number of blocks.
         mlp_ratio: MLP width / H. time_embed_dim: sinusoidal features per token before the MLP.
         time_scale: multiplier of t in [0, 1] inside the sinusoidal embedding.
+        time_input: False drops the time embedding (no `time_encoder` parameters); t is still
+            validated but does not reach the network.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         time_embed_dim: int = 256,
         time_scale: float = 1000.0,
+        time_input: bool = True,
     ):
         super().__init__()
         if hidden_dim < 1 or num_heads < 1 or hidden_dim % num_heads:
@@ -96,7 +102,11 @@ class DiT(nn.Module):
         self.action_dim, self.horizon, self.cond_dim = action_dim, horizon, cond_dim
         self.input_proj = nn.Linear(action_dim, hidden_dim)
         self.pos_embedding = nn.Parameter(torch.zeros(1, horizon, hidden_dim))
-        self.time_encoder = TimeEncoder(time_embed_dim, hidden_dim, hidden_dim, nn.SiLU, time_scale)
+        if not isinstance(time_input, bool):
+            raise NNConfigError(f"DiT: time_input must be a bool, got {time_input!r}")
+        self.hidden_dim = hidden_dim
+        self.time_encoder = (TimeEncoder(time_embed_dim, hidden_dim, hidden_dim, nn.SiLU, time_scale)
+                             if time_input else None)
         self.cond_proj = nn.Linear(cond_dim, hidden_dim) if cond_dim else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.final_norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
@@ -110,7 +120,7 @@ class DiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.pos_embedding, std=0.02)
-        for linear in self.time_encoder.mlp:
+        for linear in self.time_encoder.mlp if self.time_encoder is not None else ():
             if isinstance(linear, nn.Linear):
                 nn.init.normal_(linear.weight, std=0.02)
         zero_init = [block.modulation[-1] for block in self.blocks] + [self.final_modulation[-1], self.output_proj]
@@ -118,13 +128,22 @@ class DiT(nn.Module):
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's token features and the conditioning: `(B, L, H)` each (inputs as `forward`)."""
         cond = check_denoiser_inputs("DiT", x_t, t, cond, self.action_dim, self.horizon, self.cond_dim)
-        c = self.time_encoder(t)  # (B, L, H)
+        if self.time_encoder is not None:
+            c = self.time_encoder(t)  # (B, L, H)
+        else:
+            c = x_t.new_zeros(*x_t.shape[:2], self.hidden_dim)
         if self.cond_proj is not None:
             c = c + self.cond_proj(cond).unsqueeze(1)
         x = self.input_proj(x_t) + self.pos_embedding
         for block in self.blocks:
             x = block(x, c)
+        return x, c
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x, c = self.features(x_t, t, cond)
         shift, scale = self.final_modulation(c).chunk(2, dim=-1)
         return self.output_proj(modulate(self.final_norm(x), shift, scale))

@@ -39,6 +39,17 @@ def center_crop(images: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:
     return images[:, top:top + crop_h, left:left + crop_w]
 
 
+def crop_images(images: torch.Tensor, crop_shape: Sequence[int], training: bool,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random (training) or center crop to `crop_shape`: `(N, H, W, C) -> (N, h, w, C)`; no-op at full size."""
+    crop_h, crop_w = crop_shape
+    if (crop_h, crop_w) == tuple(images.shape[1:3]):
+        return images
+    if training:
+        return random_crop(images, crop_h, crop_w, generator)
+    return center_crop(images, crop_h, crop_w)
+
+
 class ResNetImageEncoder(nn.Module):
     """`forward(images (..., H, W, 3) uint8, generator=None) -> (..., feature_dim)`.
 
@@ -80,12 +91,7 @@ class ResNetImageEncoder(nn.Module):
 
     def crop(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Random (train mode) or center (eval mode) crop: `(N, H, W, 3) -> (N, h, w, 3)`."""
-        crop_h, crop_w = self.crop_shape
-        if (crop_h, crop_w) == images.shape[1:3]:
-            return images
-        if self.training:
-            return random_crop(images, crop_h, crop_w, generator)
-        return center_crop(images, crop_h, crop_w)
+        return crop_images(images, self.crop_shape, self.training, generator)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8:

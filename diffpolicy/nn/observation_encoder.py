@@ -7,8 +7,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from diffpolicy.nn.dit_image_encoder import DiTImageEncoder
 from diffpolicy.nn.errors import NNConfigError, NNInputError
 from diffpolicy.nn.image_encoder import ResNetImageEncoder
+
+IMAGE_BACKBONES = ("resnet", "dit")
 from diffpolicy.nn.state_encoder import MLPStateEncoder
 
 
@@ -17,7 +20,7 @@ class ObservationEncoder(nn.Module):
 
     Low-dim keys are float `(B, To, d)`, image keys uint8 `(B, To, H, W, 3)`. Per time step the
     features are concatenated as `[low-dim keys (sorted, through MLPStateEncoder), image keys
-    (sorted, one ResNetImageEncoder each)]`, then flattened over To: `output_dim = To * step_dim`
+    (sorted, one image encoder each)]`, then flattened over To: `output_dim = To * step_dim`
     (the Diffusion Policy layout). Keys of `obs` that are not in `obs_shapes` are ignored.
     `generator` drives the random crops in train mode (torch's global RNG when None).
 
@@ -30,6 +33,9 @@ class ObservationEncoder(nn.Module):
         image_widths, image_blocks_per_stage, num_keypoints, image_feature_dim: image encoder
             settings (see `ResNetImageEncoder`).
         share_image_encoder: one image encoder for all cameras (they must have equal shapes).
+        image_backbone: None or `{"type": "resnet"}`: `ResNetImageEncoder` (trained from scratch);
+            `{"type": "dit", **kwargs}`: `DiTImageEncoder(**kwargs)`, a generative image model's
+            denoiser (`init`: the model's directory; `freeze`: keep it fixed or fine-tune it).
     """
 
     def __init__(
@@ -44,6 +50,7 @@ class ObservationEncoder(nn.Module):
         num_keypoints: int = 32,
         image_feature_dim: int = 64,
         share_image_encoder: bool = False,
+        image_backbone: Mapping[str, object] | None = None,
     ):
         super().__init__()
         shapes = {key: tuple(int(s) for s in shape) for key, shape in obs_shapes.items()}
@@ -74,7 +81,18 @@ class ObservationEncoder(nn.Module):
                 + ", ".join(f"{key}={shapes[key]}" for key in self.image_keys)
             )
 
-        def image_encoder(key: str) -> ResNetImageEncoder:
+        backbone = dict(image_backbone or {"type": "resnet"})
+        kind = backbone.pop("type", None)
+        if kind not in IMAGE_BACKBONES or (kind == "resnet" and backbone):
+            raise NNConfigError(f"ObservationEncoder: image_backbone must be None, {{'type': 'resnet'}} or "
+                                f"{{'type': 'dit', ...DiTImageEncoder arguments}}, got {image_backbone!r}")
+
+        def image_encoder(key: str) -> nn.Module:
+            if kind == "dit":
+                try:
+                    return DiTImageEncoder(shapes[key], crop_shape, feature_dim=image_feature_dim, **backbone)
+                except TypeError as err:
+                    raise NNConfigError(f"ObservationEncoder: image_backbone {image_backbone!r}: {err}") from None
             return ResNetImageEncoder(shapes[key], crop_shape, image_widths, image_blocks_per_stage,
                                       num_keypoints, image_feature_dim)
 

@@ -23,6 +23,7 @@ from diffpolicy.core.samplers import SampleResult, start_levels
 from diffpolicy.core.samplers import sample as run_sampler
 from diffpolicy.core.schedules import make_schedule
 from diffpolicy.errors import InvalidTypeError, InvalidValueError
+from diffpolicy.nn.dit_image_encoder import skipping_init
 from diffpolicy.nn.factory import make_backbone, make_observation_encoder
 from diffpolicy.policies.checkpoint import read_checkpoint, write_checkpoint
 from diffpolicy.policies.config import PolicyConfig, ProcessConfig
@@ -262,7 +263,8 @@ class ChunkPolicy(nn.Module):
         except ConfigError as err:
             raise CheckpointError(f"{config_path}: invalid policy_config: {err}") from None
         dims = {ACTION_KEY: config.action_dim, **{k: config.obs_shapes[k][0] for k in config.low_dim_keys}}
-        policy = cls(config, Normalizer.placeholder(dims, config.image_keys))
+        with skipping_init():  # every weight, a pretrained image backbone's included, comes from the checkpoint
+            policy = cls(config, Normalizer.placeholder(dims, config.image_keys))
         _check_tensors(policy.state_dict(), checkpoint.tensors, os.path.join(os.fspath(directory), "model.safetensors"))
         policy.load_state_dict(checkpoint.tensors, strict=True)
         policy.metadata = dict(checkpoint.metadata)

@@ -1,0 +1,213 @@
+"""Generative benchmark on CPU: images and text on the shared core, and the image model as perception.
+
+Images: a class-conditional `ImageModel` per process (diffusion, flow) is trained on scikit-learn's
+digits upsampled to 16 x 16 (cached under --out). A classifier of real digits (scikit-learn's
+MLPClassifier, one hidden layer of 64, trained on 80 % of the real digits; its accuracy on the other
+20 % is the reference) scores 50 generated images per class:
+
+    acc     share of generated digits the classifier recognises as the requested class (chance 0.10)
+    FD      Frechet distance between the classifier's hidden features of the generated digits and of
+            the held-out real digits (lower is closer; `real` row: training vs held-out real digits)
+
+vs sampling steps (1, 2, 4, 10, 50), with guidance w = 1 (none) and w = 3.
+
+Text: a `TextModel` (masked diffusion, DiT without time input) on the docstrings of Python's standard
+library (cached); on the held-out last 10 % of the windows, the likelihood bound in bits per
+character, continuous-time and as the K-step bound of K-step random-order unmasking, and one
+confidence-ordered sample per K.
+
+Perception: reads the PushT-image runs of `benchmarks/generative_perception.sh` (the same policy
+trained for the same steps with the ResNet-18 encoder from scratch and with the PushT image model's
+DiT, frozen or fine-tuned): training CPU seconds per step from the run's `train_time.txt` (bash
+`time`), held-out success from the run's evaluation `summary.json`.
+
+    python benchmarks/generative.py [--train-steps 1500] [--text-steps 1500] [--out runs/gen/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffpolicy.generative import ImageModel, ImageModelConfig, TextModel, TextModelConfig, corpus, fit
+from diffpolicy.generative.data import digits
+
+SAMPLING_STEPS = (1, 2, 4, 10, 50)
+GUIDANCE = (1.0, 3.0)
+PER_CLASS = 50
+TEXT_STEPS = (1, 4, 16, 64)
+IMAGE_BACKBONE = {"hidden_dim": 64, "depth": 2, "num_heads": 4, "time_embed_dim": 64}
+TEXT_BACKBONE = {"hidden_dim": 96, "depth": 3, "num_heads": 4, "time_embed_dim": 96}
+
+
+# ---------------------------------------------------------------------------- images
+def digit_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0):
+    """An MLP on 80 % of the real digits -> (classifier, held-out images, held-out labels, train images)."""
+    from sklearn.neural_network import MLPClassifier
+
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    split = int(0.8 * len(images))
+    train, held = order[:split], order[split:]
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
+    clf.fit(images[train].flatten(1).numpy(), labels[train].numpy())
+    return clf, images[held], labels[held], images[train]
+
+
+def hidden_features(clf, images: torch.Tensor) -> np.ndarray:
+    """The classifier's hidden ReLU activations `(N, 64)`."""
+    return np.maximum(images.flatten(1).numpy() @ clf.coefs_[0] + clf.intercepts_[0], 0.0)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets `(N, F)`."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # dead hidden units make the covariances singular; sqrtm still converges
+        warnings.simplefilter("ignore")
+        root = linalg.sqrtm(cov_a @ cov_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * np.real(root)))
+
+
+def image_model(kind: str, images, labels, steps: int, out: Path) -> tuple[ImageModel, float]:
+    """Train (or load the cached) digits model of `kind`; -> (model, training seconds)."""
+    path = out / f"digits_{kind}_{steps}"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        model = ImageModel(ImageModelConfig(process=kind, backbone=IMAGE_BACKBONE))
+        result = fit(model, lambda i, g: model.loss(images[i], labels[i], g), len(images), steps, 64, 3e-3,
+                     warmup=100, seed=0)
+        model.save_pretrained(path, {"train_seconds": result.seconds, "train_steps": steps})
+    model = ImageModel.from_pretrained(path)
+    return model, float(model.metadata["train_seconds"])
+
+
+def image_table(args: argparse.Namespace) -> list[str]:
+    images, labels = digits(16)
+    clf, held, held_labels, train = digit_classifier(images, labels)
+    real_acc = float((clf.predict(held.flatten(1).numpy()) == held_labels.numpy()).mean())
+    held_features = hidden_features(clf, held)
+    real_fd = frechet_distance(hidden_features(clf, train), held_features)
+    lines = [f"Digits 16 x 16, DiT {IMAGE_BACKBONE['hidden_dim']} wide x {IMAGE_BACKBONE['depth']} blocks, "
+             f"{args.train_steps} training steps (batch 64); {PER_CLASS} samples per class. Classifier on "
+             f"real held-out digits: acc {real_acc:.3f}; FD(real train, real held-out) = {real_fd:.2f}.",
+             "", "| process | train s | guidance w | " + " | ".join(f"{k} steps acc / FD" for k in SAMPLING_STEPS)
+             + " | sample ms/image @10 |", "|---|---|---|" + "---|" * (len(SAMPLING_STEPS) + 1)]
+    want = torch.arange(10).repeat_interleave(PER_CLASS)
+    for kind in ("diffusion", "flow"):
+        model, seconds = image_model(kind, images, labels, args.train_steps, args.out)
+        for w in GUIDANCE:
+            cells, ms = [], float("nan")
+            for steps in SAMPLING_STEPS:
+                start = time.perf_counter()
+                samples = model.generate(want, steps, w, generator=torch.Generator().manual_seed(1))
+                if steps == 10:
+                    ms = 1000 * (time.perf_counter() - start) / len(want)
+                acc = float((clf.predict(samples.flatten(1).numpy()) == want.numpy()).mean())
+                cells.append(f"{acc:.3f} / {frechet_distance(hidden_features(clf, samples), held_features):.1f}")
+            lines.append(f"| {kind} | {seconds:.0f} | {w:g} | " + " | ".join(cells) + f" | {ms:.1f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+# ---------------------------------------------------------------------------- text
+def text_table(args: argparse.Namespace) -> list[str]:
+    config = TextModelConfig(seq_len=64, backbone=TEXT_BACKBONE)
+    train, val = corpus.windows(corpus.stdlib_docstrings(), config.seq_len)
+    path = args.out / f"text_{args.text_steps}"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        model = TextModel(config)
+        result = fit(model, lambda i, g: model.loss(train[i], g), len(train), args.text_steps, 64, 2e-3,
+                     warmup=100, seed=0)
+        model.save_pretrained(path, {"train_seconds": result.seconds, "train_steps": args.text_steps})
+    model = TextModel.from_pretrained(path)
+    val = val[:256]
+    lines = [f"Character-level masked diffusion, L = 64, DiT {TEXT_BACKBONE['hidden_dim']} wide x "
+             f"{TEXT_BACKBONE['depth']} blocks without time input, {args.text_steps} training steps (batch 64, "
+             f"{model.metadata['train_seconds']:.0f} s); corpus: {len(train)} training / {len(val)} held-out "
+             f"windows of stdlib docstrings (Python {platform.python_version()}); uniform = "
+             f"{math.log2(95):.2f} bits/char.", "",
+             "| unmasking steps K | bound (bits/char), K-step | sample (confidence-ordered, K steps, temperature 1) |",
+             "|---|---|---|"]
+    bpc = model.bits_per_character(val, None, generator=torch.Generator().manual_seed(0))
+    lines.append(f"| continuous (K -> inf) | {bpc:.3f} | |")
+    for k in TEXT_STEPS:
+        bpc = model.bits_per_character(val, k, generator=torch.Generator().manual_seed(0))
+        text = model.generate(1, k, generator=torch.Generator().manual_seed(2), temperature=1.0)[0]
+        text = text.replace("|", "/").replace("`", "'")
+        lines.append(f"| {k} | {bpc:.3f} | `{text}` |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+# ---------------------------------------------------------------------------- perception
+def cpu_seconds(path: Path) -> float | None:
+    """user + sys seconds of the first bash `time` report in a log (the training command)."""
+    if not path.is_file():
+        return None
+    found = {k: float(m) * 60 + float(s) for k, m, s in re.findall(r"^(user|sys)\s+(\d+)m([\d.]+)s", path.read_text(),
+                                                                       re.MULTILINE)[:2]}
+    return sum(found.values()) if len(found) == 2 else None
+
+
+def perception_table(args: argparse.Namespace) -> list[str]:
+    lines = ["| encoder | train steps | encoder params (trainable) | train CPU s/step | held-out success |",
+             "|---|---|---|---|---|"]
+    for name in ("resnet", "dit_frozen", "dit_finetuned"):
+        run = Path("runs/gen") / f"policy_{name}"
+        if not (run / "config.json").is_file():
+            continue
+        config = json.loads((run / "config.json").read_text())
+        steps = config["train"]["steps"]
+        cpu = cpu_seconds(Path(f"runs/perception_{name}.log"))
+        summaries = sorted(run.glob("checkpoints/*/eval_*/summary.json"))
+        success = "not evaluated"
+        if summaries:
+            s = json.loads(summaries[-1].read_text())
+            rate = s["success_rate"]
+            success = (f"{rate['rate']:.2f} [{rate['ci95_low']:.2f}, {rate['ci95_high']:.2f}] of "
+                       f"{s['episodes']} (mean coverage {s['mean_coverage']:.3f})")
+        from diffpolicy.policies import ChunkPolicy
+        checkpoints = sorted((run / "checkpoints").glob("step_*"))
+        params = "?"
+        if checkpoints:
+            policy = ChunkPolicy.from_pretrained(checkpoints[-1] / "policy")
+            encoder = policy.obs_encoder.image_encoders
+            total = sum(p.numel() for p in encoder.parameters())
+            trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+            params = f"{total / 1e6:.2f} M ({trainable / 1e6:.2f} M)"
+        per_step = f"{cpu / steps:.2f}" if cpu is not None else "?"
+        lines.append(f"| {name} | {steps} | {params} | {per_step} | {success} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-steps", type=int, default=1500, help="image model training steps")
+    parser.add_argument("--text-steps", type=int, default=1500, help="text model training steps")
+    parser.add_argument("--out", type=Path, default=Path("runs/gen/bench"), help="cache of trained models")
+    parser.add_argument("--only", choices=("images", "text", "perception"), default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)")
+    tables = {"images": image_table, "text": text_table, "perception": perception_table}
+    for name, table in tables.items():
+        if args.only in (None, name):
+            print(f"\n## {name}\n" + "\n".join(table(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
