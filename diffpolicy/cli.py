@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("collect", "collect", "record expert demonstrations of a task into a zarr dataset (resumable)"),
     ("train", "train", "imitation-train a diffusion or flow chunk policy on a task's dataset (resumable, DDP)"),
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
+    ("finetune", "finetune", "RL fine-tuning of a checkpoint: DPPO, flow PPO or DSRL (resumable, curves, tensorboard)"),
     ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
 ]
 

@@ -1,0 +1,92 @@
+"""`diffpolicy finetune`: RL fine-tuning of an imitation checkpoint (DPPO, flow PPO, DSRL).
+
+    diffpolicy finetune --algo dppo --checkpoint runs/pusht_diffusion --task pusht --env-steps 200000
+    diffpolicy finetune --algo flowppo --checkpoint runs/pusht_flow --task pusht clip=0.02 lr=3e-5
+    diffpolicy finetune --algo dsrl --checkpoint runs/pusht_diffusion --task pusht algorithm=sac
+    diffpolicy finetune --algo dppo --checkpoint runs/pusht_diffusion --task pusht --resume   # continue
+
+Writes into `--out` (default runs/finetune_<task>_<algo>): `curves.csv` and `curves.png` (success
+and return vs environment steps), `tensorboard/`, and the fine-tuned policy: for dppo / flowppo
+`checkpoints/step_*/policy` (loads with `ChunkPolicy.from_pretrained`, sampling through the
+fine-tuned copy), for dsrl `policy/` (loads with `diffpolicy.rl.dsrl.DSRLPolicy.load`). Both run
+under `diffpolicy eval --checkpoint ...` for dppo / flowppo. Overrides `key=value` set fields of
+the algorithm's config (`DPPOConfig`, `FlowPPOConfig`, `DSRLConfig`; values parsed as JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from diffpolicy.envs.tasks import load_task, make_env
+from diffpolicy.errors import DiffpolicyError, UsageError
+from diffpolicy.policies import ChunkPolicy
+from diffpolicy.rl import dppo, dsrl, flow_ppo
+from diffpolicy.rl.chunk_env import check_task
+from diffpolicy.train.checkpoints import resolve_policy_dir
+
+ALGORITHMS = {"dppo": (dppo, dppo.DPPOConfig), "flowppo": (flow_ppo, flow_ppo.FlowPPOConfig),
+              "dsrl": (dsrl, dsrl.DSRLConfig)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--algo", required=True, choices=sorted(ALGORITHMS), help="fine-tuning algorithm")
+    parser.add_argument("--checkpoint", required=True, help="imitation run, checkpoint or save_pretrained directory")
+    parser.add_argument("--task", required=True, help="task name or card path (must be the checkpoint's task)")
+    parser.add_argument("--out", default=None, help="run directory (default: runs/finetune_<task>_<algo>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--env-steps", type=int, default=None, help="budget in environment steps")
+    parser.add_argument("--n-envs", type=int, default=None, help="environments stepped together")
+    parser.add_argument("--async", dest="asynchronous", action="store_true",
+                        help="subprocess environments (dppo, flowppo)")
+    parser.add_argument("--seed", type=int, default=None, help="run seed")
+    parser.add_argument("--no-progress", action="store_true", help="no per-iteration progress lines")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="algorithm config overrides")
+
+
+def build_config(config_cls: type, args: argparse.Namespace) -> Any:
+    """The algorithm's config from its defaults, the flags and `key=value` overrides."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    for flag, key in (("env_steps", "env_steps"), ("n_envs", "n_envs"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            values[key] = getattr(args, flag)
+    if args.asynchronous:
+        if "asynchronous" not in fields:
+            raise UsageError(f"--async: {config_cls.__name__} has no subprocess environments")
+        values["asynchronous"] = True
+    for item in args.overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise UsageError(f"override {item!r}: expected key=value with key one of {sorted(fields)}")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return config_cls(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    module, config_cls = ALGORITHMS[args.algo]
+    try:
+        card = load_task(args.task)
+        config = build_config(config_cls, args)
+        policy_dir = resolve_policy_dir(args.checkpoint)
+        policy = ChunkPolicy.from_pretrained(policy_dir)
+        check_task(policy.metadata, card.name, str(policy_dir))
+        run_dir = Path(args.out or f"runs/finetune_{card.name}_{args.algo}")
+        result = module.finetune(policy, functools.partial(make_env, card), config, run_dir, resume=args.resume,
+                                 progress=not args.no_progress)
+    except DiffpolicyError as err:
+        print(f"diffpolicy finetune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffpolicy finetune: interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    print(f"{run_dir}: {args.algo} fine-tuned policy at {result.checkpoint}; curves in {run_dir / 'curves.csv'}")
+    return 0
