@@ -8,6 +8,9 @@ policy stops about 0.57 away from the goal and never succeeds: imitation is poor
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -49,7 +52,13 @@ def biased_action(pos: np.ndarray) -> np.ndarray:
 
 
 def make_bc_policy(kind: str = "diffusion", steps: int = 250, inference_steps: int = 5, seed: int = 0) -> ChunkPolicy:
-    """Behaviour-clone the biased demonstrator (To = 1, Tp = 4, Ta = 2) in a few seconds."""
+    """Behaviour-clone the biased demonstrator (To = 1, Tp = 4, Ta = 2) in a few seconds (a fresh
+    copy of a cached policy: `bc_policy`)."""
+    return copy.deepcopy(_bc_policy(kind, steps, inference_steps, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _bc_policy(kind: str, steps: int, inference_steps: int, seed: int) -> ChunkPolicy:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     process = diffusion_process(train_steps=20) if kind == "diffusion" else flow_process()
@@ -76,3 +85,34 @@ def make_bc_policy(kind: str = "diffusion", steps: int = 250, inference_steps: i
         optimizer.step()
     policy.metadata = {"task": TASK}
     return policy.eval()
+
+
+class WideActionReach(PointReach):
+    """PointReach with a 3-D action space (a mismatch for the 2-D policy); counts its steps."""
+
+    steps_taken = 0
+
+    def __init__(self, render_mode=None) -> None:
+        super().__init__(render_mode)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+    def step(self, action):
+        WideActionReach.steps_taken += 1
+        return super().step(action[:2])
+
+
+def write_card(path, entry_point: str = "rl_tasks:PointReach", name: str = TASK) -> str:
+    """A task card for `PointReach` (the CLI takes tasks as cards)."""
+    path.write_text(f"""name: {name}
+env: {{entry_point: "{entry_point}", kwargs: {{}}}}
+observation: {{pos: {{shape: [2], dtype: float32}}}}
+action: {{shape: [2], low: -1.0, high: 1.0}}
+horizons: {{obs: 1, pred: 4, exec: 2}}
+control_hz: 10.0
+max_episode_steps: {MAX_STEPS}
+success: {{metric: is_success}}
+expert: {{entry_point: "rl_tasks:PointReach", kwargs: {{}}}}
+dataset: {{episodes: 1, path: unused.zarr}}
+eval: {{episodes: 8, seed_start: 100000}}
+""")
+    return str(path)

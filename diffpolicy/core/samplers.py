@@ -233,7 +233,9 @@ def chain_log_prob(denoiser: Denoiser, process: Process, chain: Chain, cond: tor
     Returns:
         `(B, len(steps))`: log N(x[:, k+1]; mean_theta(x[:, k]), std^2), differentiable in the
         denoiser's (and std_fn's) parameters. Without guidance this equals `chain.log_prob[:, steps]`
-        for the denoiser that sampled the chain.
+        for the denoiser that sampled the chain, up to the float rounding of running the network on
+        B len(steps) rows instead of B (PPO therefore takes its old log-probabilities from this
+        function too, so its ratio is exactly 1 before an update).
     """
     check_chain(chain, "chain_log_prob")
     noise.check(process, "chain_log_prob")

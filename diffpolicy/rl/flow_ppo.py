@@ -152,7 +152,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
                     critic_optimizer.step()
             # 4. Log, evaluate the deterministic fine-tuned sampler, checkpoint.
             session.iteration += 1
-            row = {"policy_loss": float(policy_loss), "value_loss": float(value_loss), **stats,
+            row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
                    "first_ratio_error": first_ratio_error}
             history.append(row)
             if session.done() or (config.eval_every and session.iteration % config.eval_every == 0):
