@@ -28,6 +28,7 @@ from diffpolicy.errors import DiffpolicyError, UsageError
 from diffpolicy.policies import ChunkPolicy
 from diffpolicy.rl import dppo, dsrl, flow_ppo
 from diffpolicy.rl.chunk_env import check_task
+from diffpolicy.rl.rewards import absorbing_success_env
 from diffpolicy.train.checkpoints import resolve_policy_dir
 
 ALGORITHMS = {"dppo": (dppo, dppo.DPPOConfig), "flowppo": (flow_ppo, flow_ppo.FlowPPOConfig),
@@ -45,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--async", dest="asynchronous", action="store_true",
                         help="subprocess environments (dppo, flowppo)")
     parser.add_argument("--seed", type=int, default=None, help="run seed")
+    parser.add_argument("--absorbing-success", action="store_true",
+                        help="treat success as absorbing: it pays reward 1 for every step left (PushT's "
+                             "dense reward otherwise favours hovering below the threshold)")
     parser.add_argument("--no-progress", action="store_true", help="no per-iteration progress lines")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="algorithm config overrides")
 
@@ -80,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         policy = ChunkPolicy.from_pretrained(policy_dir)
         check_task(policy.metadata, card.name, str(policy_dir))
         run_dir = Path(args.out or f"runs/finetune_{card.name}_{args.algo}")
-        result = module.finetune(policy, functools.partial(make_env, card), config, run_dir, resume=args.resume,
+        env_fn = functools.partial(make_env, card)
+        if args.absorbing_success:
+            env_fn = functools.partial(absorbing_success_env, env_fn, card.max_episode_steps)
+        result = module.finetune(policy, env_fn, config, run_dir, resume=args.resume,
                                  progress=not args.no_progress)
     except DiffpolicyError as err:
         print(f"diffpolicy finetune: error: {err}", file=sys.stderr)

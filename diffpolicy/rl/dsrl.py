@@ -187,7 +187,7 @@ class DSRLPolicy(nn.Module):
         actor = _build_actor(spec["layers"])
         actor.load_state_dict(load_file(str(directory / "actor.safetensors")), strict=True)
         return cls(ChunkPolicy.from_pretrained(directory / "base"), actor, spec["layers"], spec["squash"],
-                   spec["action_magnitude"]).eval()
+                   spec["action_magnitude"]).eval().requires_grad_(False)
 
 
 def _build_actor(layers: list[list[Any]]) -> nn.Sequential:
