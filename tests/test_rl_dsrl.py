@@ -89,3 +89,21 @@ def test_bad_input_fails_before_any_environment_step(tmp_path):
     assert WideActionReach.steps_taken == 0
     with pytest.raises(dsrl.FinetuneError, match="config key 'algorithm': expected one of"):
         dsrl.DSRLConfig(algorithm="td3")
+
+
+def test_sb3_ppo_ratio_is_exactly_one_before_the_first_update():
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import CallbackList
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    env = DummyVecEnv([noise_env])
+    model = PPO("MlpPolicy", env, n_steps=16, batch_size=8, seed=0, device="cpu", policy_kwargs={"net_arch": [32]})
+    model._setup_learn(total_timesteps=16, callback=None)
+    callback = CallbackList([])
+    callback.init_callback(model)
+    assert model.collect_rollouts(env, callback, model.rollout_buffer, n_rollout_steps=16)
+    buffer = model.rollout_buffer
+    for batch in buffer.get(batch_size=8):
+        with torch.no_grad():
+            _, log_prob, _ = model.policy.evaluate_actions(batch.observations, batch.actions)
+        assert torch.equal(torch.exp(log_prob - batch.old_log_prob), torch.ones_like(log_prob))

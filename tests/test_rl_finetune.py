@@ -121,3 +121,12 @@ def test_bad_input_fails_before_any_environment_step(tmp_path, capsys):
     assert main(["finetune", "--algo", "dppo", "--checkpoint", str(tmp_path / "other"), "--task", card,
                  "nosuch=1"]) == 2
     assert "override 'nosuch=1': expected key=value with key one of" in capsys.readouterr().err
+
+
+def test_subprocess_environments_give_the_same_run(tmp_path):
+    module, _, config = ALGOS["dppo"]
+    config = dataclasses.replace(config, env_steps=20, n_envs=2, eval_every=0, eval_episodes=2)  # one iteration
+    inline = module.finetune(policy_for("dppo"), make_env, config, tmp_path / "sync", progress=False)
+    spawned = module.finetune(policy_for("dppo"), make_env, dataclasses.replace(config, asynchronous=True),
+                              tmp_path / "async", progress=False)
+    assert spawned.history == inline.history
