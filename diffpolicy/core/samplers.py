@@ -222,7 +222,8 @@ def check_chain(chain: Any, where: str) -> None:
 
 
 def chain_log_prob(denoiser: Denoiser, process: Process, chain: Chain, cond: torch.Tensor | None,
-                   steps: Sequence[int] | None = None, noise: StepNoise = DEFAULT_NOISE) -> torch.Tensor:
+                   steps: Sequence[int] | None = None, noise: StepNoise = DEFAULT_NOISE,
+                   tokens: slice | None = None) -> torch.Tensor:
     """Recompute the log-probability of recorded transitions under `denoiser`, in one batched pass.
 
     Args:
@@ -230,6 +231,7 @@ def chain_log_prob(denoiser: Denoiser, process: Process, chain: Chain, cond: tor
         cond: `(B, ...)` tensor condition (repeated per scored step) or None.
         steps: which steps k to score (default all K), e.g. the last K' fine-tuned ones.
         noise: the `StepNoise` the chain was sampled with (the same floor / learned std).
+        tokens: count only these tokens (e.g. DPPO's executed actions of a chunk); default all.
     Returns:
         `(B, len(steps))`: log N(x[:, k+1]; mean_theta(x[:, k]), std^2), differentiable in the
         denoiser's (and std_fn's) parameters. Without guidance this equals `chain.log_prob[:, steps]`
@@ -255,4 +257,6 @@ def chain_log_prob(denoiser: Denoiser, process: Process, chain: Chain, cond: tor
                                  f"{tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}")
         cond = cond.repeat_interleave(n, dim=0)
     mean, std = noise.transition(process, x_t, t, s, denoiser(x_t, t, cond), cond)
+    if tokens is not None:
+        x_s, mean, std = x_s[:, tokens], mean[:, tokens], std[:, tokens]
     return gaussian_log_prob(x_s, mean, std).reshape(batch, n)

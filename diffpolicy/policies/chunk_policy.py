@@ -294,26 +294,27 @@ class ChunkPolicy(nn.Module):
                            generator=generator, record=True, noise=noise)
 
     def chain_log_prob(self, cond: torch.Tensor, chain: Chain, noise: StepNoise = StepNoise(),
-                       steps: list[int] | None = None) -> torch.Tensor:
+                       steps: list[int] | None = None, tokens: slice | None = None) -> torch.Tensor:
         """Log-probabilities `(B, len(steps))` of a recorded chain's transitions under this policy,
         each group of steps that shares a network in one batched pass.
 
         Args:
             cond: `(B, C)` from `encode_obs`; chain: from `sample_chain` (the same `noise`).
             steps: the steps to score (default: the fine-tuned ones if any, else all K).
+            tokens: count only these chunk positions (e.g. the executed actions); default all Tp.
         For the policy and noise that recorded it, this equals `chain.log_prob[:, steps]`.
         """
         if steps is None:
             steps = self.finetuned_step_indices or list(range(chain.steps))
         denoisers = self.step_denoisers(chain.steps)
         if callable(denoisers):
-            return score_chain(denoisers, self.process, chain, cond, steps, noise)
+            return score_chain(denoisers, self.process, chain, cond, steps, noise, tokens)
         groups: dict[int, list[int]] = {}
         for k in steps:
             groups.setdefault(id(denoisers[k]), []).append(k)
         parts = {}
         for ks in groups.values():
-            for k, column in zip(ks, score_chain(denoisers[ks[0]], self.process, chain, cond, ks, noise).unbind(1)):
+            for k, column in zip(ks, score_chain(denoisers[ks[0]], self.process, chain, cond, ks, noise, tokens).unbind(1)):
                 parts[k] = column
         return torch.stack([parts[k] for k in steps], 1)
 

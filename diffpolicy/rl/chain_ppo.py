@@ -51,9 +51,9 @@ class PPOBatch:
 
 
 def ppo_batch(policy: ChunkPolicy, critic: Critic, rollout: Rollout, noise: StepNoise, gamma: float,
-              gae_lambda: float) -> PPOBatch:
+              gae_lambda: float, tokens: slice | None = None) -> PPOBatch:
     """GAE over environment steps with the critic, and the old log-probabilities of the fine-tuned
-    steps recomputed by `chain_log_prob` (the same function the update calls)."""
+    steps (over `tokens` of the chunk) recomputed by `chain_log_prob`, the function the update calls."""
     steps, n_envs = rollout.rewards.shape
 
     def flat(t: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,6 @@ def ppo_batch(policy: ChunkPolicy, critic: Critic, rollout: Rollout, noise: Step
         advantages, returns = gae(rollout.rewards, values, next_values, rollout.terminated, rollout.truncated,
                                   gamma, gae_lambda)
         cond = policy.encode_obs(obs)
-        old_log_prob = policy.chain_log_prob(cond, chain, noise)
+        old_log_prob = policy.chain_log_prob(cond, chain, noise, tokens=tokens)
     return PPOBatch(obs, cond, chain, old_log_prob, flat(advantages), flat(returns))
 

@@ -6,7 +6,8 @@ in the log-probability alike; DDIM with eta = `train_eta`, 1 = DDPM). Only the l
 fine-tuned, through a trainable copy of the backbone; the base stays frozen. The advantage of an
 environment step (GAE over environment steps with a critic V(s)) is given to each of its fine-tuned
 denoising steps, discounted by `denoising_gamma` per step away from the clean end, and PPO's clip
-ramps from `clip_start` (noisiest fine-tuned step) to `clip_end` (the last). Evaluation and the
+ramps from `clip_start` (noisiest fine-tuned step) to `clip_end` (the last). With `executed_only`
+the log-probabilities count only the Ta executed actions of each chunk. Evaluation and the
 saved policy sample with DDIM eta = `eval_eta` (0: deterministic) through the same fine-tuned copy.
 
     result = finetune(ChunkPolicy.from_pretrained("runs/pusht/..."), make_env, DPPOConfig(), "runs/dppo")
@@ -44,6 +45,7 @@ class DPPOConfig(OnPolicyConfig):
     denoising_gamma: float = 0.99
     clip_start: float = 0.001
     clip_end: float = 0.01
+    executed_only: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +93,8 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
     clip = torch.linspace(config.clip_start, config.clip_end, config.finetune_steps)
     noise = StepNoise(std_floor=config.std_floor, eta=config.train_eta)
     actor = chain_actor(policy, noise, generator)
+    start = policy.config.obs_horizon - 1
+    tokens = slice(start, start + policy.config.action_horizon) if config.executed_only else None
     history: list[dict[str, float]] = []
     try:
         while not session.done():
@@ -100,14 +104,14 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
             rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats)
             session.env_steps += int(rollout.env_steps.sum())
             # 2. Advantages over environment steps, old log-probs of the fine-tuned steps.
-            batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda)
+            batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda, tokens)
             advantages = normalize_advantages(batch.advantages)
             # 3. PPO epochs over minibatches of (environment step x fine-tuned denoising steps).
             stats: dict[str, float] = {}
             first_ratio_error = None  # max |ratio - 1| before this iteration's first update: exactly 0
             for _ in range(config.epochs):
                 for index in minibatches(len(batch), config.batch_size, generator):
-                    log_prob = policy.chain_log_prob(batch.cond[index], batch.chain.index(index), noise)
+                    log_prob = policy.chain_log_prob(batch.cond[index], batch.chain.index(index), noise, tokens=tokens)
                     policy_loss, stats = clipped_surrogate(log_prob, batch.old_log_prob[index],
                                                            advantages[index, None] * discount, clip)
                     if first_ratio_error is None:
