@@ -5,7 +5,7 @@ Stages (each resumes or is skipped when its result is cached under `--out`):
   1. `bc`: the imitation checkpoint on `--eval-episodes` held-out seeds from `--eval-seed`
      (with `--eval-eta`, DDIM eta = 0 by default: DPPO's evaluation sampler);
   2. `<algo>` for each of `--algos`: `diffpolicy finetune --algo <algo>` in-process into
-     `<out>/<algo>` (resumed if there), then its final policy on the same seeds;
+     `<out>/<algo>` (resumed if there), then its final (latest, not best) policy on the same seeds;
   3. `sb3_ppo`: SB3 PPO ("MlpPolicy", Gaussian) from scratch on the task with observations scaled
      by the observation bounds and actions rescaled to [-1, 1], `--env-steps` steps, checkpointed
      every 50k steps; its deterministic policy on the same seeds.
@@ -15,7 +15,7 @@ table: stage, environment steps, held-out success and mean return, process CPU t
 `<out>/finetune_<task>.png` (held-out evaluation success vs environment steps of every run).
 
     python benchmarks/finetune.py --task pusht --checkpoint runs/ft_bench/bc_diffusion --out runs/ft_bench \
-        --algos dppo --env-steps 400000 --set n_steps=40 --set finetune_steps=5 --set lr=1e-4
+        --algos dppo dsrl --env-steps 400000 --set dppo:n_steps=40 --set dppo:lr=3e-5 --set dsrl:eval_every=50000
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ import torch  # noqa: E402
 from diffpolicy.cli import main as cli_main  # noqa: E402
 from diffpolicy.envs.tasks import load_task, make_env  # noqa: E402
 from diffpolicy.evaluation.rollout import rollout  # noqa: E402
+from diffpolicy.fsutil import atomic_write_text  # noqa: E402
 from diffpolicy.policies import ChunkPolicy  # noqa: E402
 from diffpolicy.rl.dsrl import DSRLPolicy  # noqa: E402
 from diffpolicy.rl.rewards import absorbing_success_env  # noqa: E402
-from diffpolicy.train.checkpoints import resolve_policy_dir  # noqa: E402
+from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -145,7 +146,8 @@ def main() -> int:
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--eval-seed", type=int, default=100_000)
     parser.add_argument("--eval-eta", type=float, default=0.0)
-    parser.add_argument("--set", action="append", default=[], metavar="key=value", help="finetune overrides")
+    parser.add_argument("--set", action="append", default=[], metavar="ALGO:key=value",
+                        help="an override of one algorithm's config, e.g. dppo:lr=3e-5")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,8 +158,11 @@ def main() -> int:
     results_path = out / f"finetune_{card.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
-    def save() -> None:
-        results_path.write_text(json.dumps(results, indent=1))
+    def save() -> None:  # merged into what other runs of this script wrote meanwhile
+        merged = json.loads(results_path.read_text()) if results_path.exists() else {}
+        merged.update(results)
+        atomic_write_text(results_path, json.dumps(merged, indent=1))
+        results.update(merged)
 
     if "bc" not in results:
         start = cpu_seconds()
@@ -174,16 +179,15 @@ def main() -> int:
         start = cpu_seconds()
         command = ["finetune", "--algo", algo, "--checkpoint", args.checkpoint, "--task", args.task, "--out",
                    str(run_dir), "--env-steps", str(args.env_steps), "--n-envs", str(args.n_envs),
-                   "--absorbing-success", *args.set]
+                   "--absorbing-success", *[item.split(":", 1)[1] for item in args.set if item.startswith(f"{algo}:")]]
         if (run_dir / "checkpoints").exists() or (run_dir / "sb3").exists():
             command.append("--resume")
         if cli_main(command) != 0:
             return 1
         if algo == "dsrl":
             policy, env_steps = DSRLPolicy.load(run_dir / "policy"), None
-        else:
-            policy_dir = resolve_policy_dir(run_dir)
-            policy = ChunkPolicy.from_pretrained(policy_dir)
+        else:  # the latest checkpoint: no selection on evaluation seeds
+            policy = ChunkPolicy.from_pretrained(CheckpointManager(run_dir / "checkpoints").latest() / "policy")
             env_steps = policy.metadata.get("finetune_env_steps")
         with open(run_dir / "curves.csv", newline="") as f:
             rows = list(csv.DictReader(f))
@@ -197,7 +201,7 @@ def main() -> int:
         if baseline not in results:
             results[baseline] = sb3_ppo(card, env_fn, out / baseline, args.env_steps, seeds, args.n_envs)
             save()
-    write_table(results, card.name, out, args)
+    write_table(json.loads(results_path.read_text()), card.name, out, args)
     return 0
 
 

@@ -130,3 +130,17 @@ def test_subprocess_environments_give_the_same_run(tmp_path):
     spawned = module.finetune(policy_for("dppo"), make_env, dataclasses.replace(config, asynchronous=True),
                               tmp_path / "async", progress=False)
     assert spawned.history == inline.history
+
+
+def test_resume_refuses_other_settings_but_takes_a_new_budget(tmp_path):
+    module, _, config = ALGOS["flowppo"]
+    config = dataclasses.replace(config, env_steps=60, eval_every=0, eval_episodes=2)  # one iteration
+    module.finetune(policy_for("flowppo"), make_env, config, tmp_path / "run", progress=False)
+    with pytest.raises(dppo.FinetuneError, match=r"already holds a fine-tuning run .* pass --resume"):
+        module.finetune(policy_for("flowppo"), make_env, config, tmp_path / "run", progress=False)
+    with pytest.raises(dppo.FinetuneError, match=r"other settings \(\['clip'\]\)"):
+        module.finetune(policy_for("flowppo"), make_env, dataclasses.replace(config, clip=0.1), tmp_path / "run",
+                        resume=True, progress=False)
+    longer = module.finetune(policy_for("flowppo"), make_env, dataclasses.replace(config, env_steps=120),
+                             tmp_path / "run", resume=True, progress=False)
+    assert len(longer.history) == 1

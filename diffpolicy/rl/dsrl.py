@@ -248,8 +248,10 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
     net = [config.hidden_dim] * config.layers
     if resume:
         saved = json.loads(state_path.read_text())
-        if saved["config"] != asdict(config):
-            raise FinetuneError(f"{state_path}: the run was started with other settings; resume with the same ones")
+        changed = sorted(k for k in saved["config"] if k != "env_steps" and saved["config"][k] != asdict(config)[k])
+        if changed:
+            raise FinetuneError(f"{state_path}: the run was started with other settings ({changed}); resume with "
+                                "the same ones (only env_steps, the budget, may change)")
         model = (SAC if config.algorithm == "sac" else PPO).load(model_path, env=env, device="cpu")
         if config.algorithm == "sac":
             model.load_replay_buffer(buffer_path)

@@ -183,10 +183,12 @@ class Session:
         groups, meta = CheckpointManager.load_state(latest)
         if meta["algo"] != self.algo:
             raise FinetuneError(f"{latest}: a {meta['algo']} run, cannot resume it with --algo {self.algo}")
-        if meta["config"] != config_dict(self.config):
-            changed = sorted(k for k in meta["config"] if meta["config"][k] != config_dict(self.config).get(k))
+        now = config_dict(self.config)
+        changed = sorted(k for k in set(meta["config"]) | set(now)
+                         if k != "env_steps" and meta["config"].get(k) != now.get(k))
+        if changed:
             raise FinetuneError(f"{latest}: the run was started with other settings ({changed}); resume with the "
-                                "same ones (bit-exact resume needs them)")
+                                "same ones (bit-exact resume needs them; only env_steps, the budget, may change)")
         for name, module in modules.items():
             module.load_state_dict(groups[f"module.{name}"], strict=True)
         for name, optimizer in optimizers.items():
