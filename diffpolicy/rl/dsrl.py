@@ -34,6 +34,7 @@ from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.chunk_env import ChunkEnv
 from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
+from diffpolicy.rl.evaluate import evaluate
 from diffpolicy.rl.session import FinetuneResult
 
 ALGORITHMS = ("sac", "ppo")
@@ -231,8 +232,6 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from diffpolicy.evaluation.rollout import rollout
-
     run_dir = Path(run_dir)
     base = deterministic(policy, config.inference_steps)
     probe = make_env()
@@ -279,12 +278,10 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
             model.save_replay_buffer(buffer_path)
         atomic_write_text(state_path, json.dumps({"config": asdict(config), "counters": counters}))
 
-    def evaluate() -> dict[str, float]:
+    def evaluate_actor() -> dict[str, float]:
         actor, layers, squash = _export_actor(model)
-        episodes, _ = rollout(DSRLPolicy(base, actor, layers, squash, config.action_magnitude), make_env, seeds,
-                              n_envs=min(8, len(seeds)))
-        return {"eval_success": float(np.mean([e.success for e in episodes])),
-                "eval_return": float(np.mean([e.episode_return for e in episodes]))}
+        return evaluate(DSRLPolicy(base, actor, layers, squash, config.action_magnitude).sample, base.config,
+                        make_env, seeds)
 
     class Budget(BaseCallback):
         """Counts environment steps from the wrapper's infos, logs episodes, evaluates, saves, stops."""
@@ -308,7 +305,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
                 counters["iteration"] += 1
                 counters["next_eval"] += config.eval_every or config.env_steps
                 row: dict[str, Any] = {"iteration": counters["iteration"], "env_steps": counters["env_steps"],
-                                       **evaluate(), "train_episodes": len(self.finished)}
+                                       **evaluate_actor(), "train_episodes": len(self.finished)}
                 if self.finished:
                     row["train_return"] = float(np.mean([r for r, _ in self.finished]))
                     row["train_success"] = float(np.mean([s for _, s in self.finished]))

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffpolicy.evaluation.rollout import rollout
 from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.errors import FinetuneError
+from diffpolicy.rl.evaluate import evaluate
 from diffpolicy.rl.rollout import EpisodeStats
 from diffpolicy.rl.vec_env import make_chunk_vec_env
 from diffpolicy.train.checkpoints import (CheckpointManager, capture_rng_state, flatten_optimizer_state,
@@ -136,10 +136,9 @@ class Session:
 
     def evaluate(self, policy: ChunkPolicy) -> dict[str, float]:
         """Held-out success rate and mean return with the policy's own sampler (`policy.sample`)."""
-        seeds = list(range(self.config.eval_seed_start, self.config.eval_seed_start + self.config.eval_episodes))
-        episodes, _ = rollout(policy.eval(), self.make_env, seeds, n_envs=min(self.config.n_envs, len(seeds)))
-        return {"eval_success": float(np.mean([e.success for e in episodes])),
-                "eval_return": float(np.mean([e.episode_return for e in episodes]))}
+        seeds = range(self.config.eval_seed_start, self.config.eval_seed_start + self.config.eval_episodes)
+        policy.eval()
+        return evaluate(policy.sample, policy.config, self.make_env, seeds, self.config.n_envs)
 
     # ------------------------------------------------------------------ curves
     def log(self, row: dict[str, Any], progress: bool) -> None:
