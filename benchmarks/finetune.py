@@ -27,24 +27,23 @@ import json
 import os
 import resource
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import gymnasium as gym
+import numpy as np
+import torch
 
-from diffpolicy.cli import main as cli_main  # noqa: E402
-from diffpolicy.envs.tasks import load_task, make_env  # noqa: E402
-from diffpolicy.evaluation.rollout import rollout  # noqa: E402
-from diffpolicy.fsutil import atomic_write_text  # noqa: E402
-from diffpolicy.policies import ChunkPolicy  # noqa: E402
-from diffpolicy.rl.dsrl import DSRLPolicy  # noqa: E402
-from diffpolicy.rl.rewards import absorbing_success_env  # noqa: E402
-from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir  # noqa: E402
+from diffpolicy.cli import main as cli_main
+from diffpolicy.envs.tasks import load_task, make_env
+from diffpolicy.evaluation.rollout import rollout
+from diffpolicy.fsutil import atomic_write_text
+from diffpolicy.policies import ChunkPolicy
+from diffpolicy.rl.dsrl import DSRLPolicy
+from diffpolicy.rl.rewards import absorbing_success_env
+from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir
 
 
 def cpu_seconds() -> float:
@@ -206,8 +205,9 @@ def main() -> int:
 
 
 def write_table(results: dict, task: str, out: Path, args) -> None:
-    lines = [f"| {task} | env steps | held-out success ({args.eval_episodes} seeds from {args.eval_seed}) "
-             "| mean return | process CPU s |", "|---|---|---|---|---|"]
+    header = (f"| {task} | env steps | held-out success ({args.eval_episodes} seeds from {args.eval_seed}) "
+              "| mean return | process CPU s |")
+    lines = [header, "|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['env_steps']} | {r['success']}/{r['episodes']} | {r['mean_return']:.1f} "
                      f"| {r['cpu_s']:.0f} |")

@@ -57,7 +57,7 @@ def make_bc_policy(kind: str = "diffusion", steps: int = 250, inference_steps: i
     return copy.deepcopy(_bc_policy(kind, steps, inference_steps, seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bc_policy(kind: str, steps: int, inference_steps: int, seed: int) -> ChunkPolicy:
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)

@@ -5,11 +5,10 @@ loads as a `DSRLPolicy`; bad input fails before any environment step."""
 
 import json
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from rl_tasks import MAX_STEPS, WideActionReach, make_bc_policy, make_env
+from rl_tasks import WideActionReach, make_bc_policy, make_env
 from stable_baselines3.common.env_checker import check_env
 
 from diffpolicy.rl import dsrl
@@ -38,7 +37,7 @@ def test_one_deterministic_sampling_per_step_from_the_given_noise(monkeypatch):
         return original(self, obs, **kwargs)
 
     monkeypatch.setattr(type(policy), "sample", counting)
-    obs, _ = env.reset(seed=3)
+    env.reset(seed=3)
     w = np.linspace(-1.5, 1.5, 8).astype(np.float32)
     _, _, _, _, info = env.step(w)
     assert len(calls) == 1 and torch.equal(calls[0].flatten(), torch.from_numpy(w))

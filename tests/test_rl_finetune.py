@@ -25,7 +25,7 @@ ALGOS = {
 
 
 def policy_for(algo):
-    module, kind, config = ALGOS[algo]
+    kind = ALGOS[algo][1]
     return make_bc_policy(kind, inference_steps=5 if kind == "diffusion" else 4)
 
 

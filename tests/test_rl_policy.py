@@ -4,7 +4,7 @@ policies, bad input."""
 
 import pytest
 import torch
-from policy_helpers import B, DA, TP, make_obs, make_policy
+from policy_helpers import DA, TP, B, make_obs, make_policy
 from torch.distributions import Normal
 
 from diffpolicy.core import StepNoise

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"diffpolicy finetune: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"diffpolicy finetune: interrupted; continue with the same command and --resume", file=sys.stderr)
+        print("diffpolicy finetune: interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
     print(f"{run_dir}: {args.algo} fine-tuned policy at {result.checkpoint}; curves in {run_dir / 'curves.csv'}")
     return 0

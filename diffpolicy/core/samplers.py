@@ -13,9 +13,9 @@ no step reads a tensor value on the host (no host-device synchronisation in the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -314,7 +314,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
                 history.append(row)
                 save_all()
                 if progress:
-                    print(f"[dsrl] " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    print("[dsrl] " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                 for k, v in row.items()), flush=True)
             return not finished
 

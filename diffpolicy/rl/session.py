@@ -28,8 +28,14 @@ from diffpolicy.rl.errors import FinetuneError
 from diffpolicy.rl.evaluate import evaluate
 from diffpolicy.rl.rollout import EpisodeStats
 from diffpolicy.rl.vec_env import make_chunk_vec_env
-from diffpolicy.train.checkpoints import (CheckpointManager, capture_rng_state, flatten_optimizer_state,
-                                          restore_rng_state, state_dict_tensors, unflatten_optimizer_state)
+from diffpolicy.train.checkpoints import (
+    CheckpointManager,
+    capture_rng_state,
+    flatten_optimizer_state,
+    restore_rng_state,
+    state_dict_tensors,
+    unflatten_optimizer_state,
+)
 
 
 @dataclass(frozen=True)
