@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -291,6 +292,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
             self.finished: list[tuple[float, float]] = []
             self.returns = np.zeros(config.n_envs)
             self.success = np.zeros(config.n_envs, dtype=bool)
+            self.cpu_start = time.process_time()
 
         def _on_step(self) -> bool:
             for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
@@ -304,7 +306,10 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
             if finished or counters["env_steps"] >= counters["next_eval"]:
                 counters["iteration"] += 1
                 counters["next_eval"] += config.eval_every or config.env_steps
+                counters["cpu_s"] = counters.get("cpu_s", 0.0) + time.process_time() - self.cpu_start
+                self.cpu_start = time.process_time()
                 row: dict[str, Any] = {"iteration": counters["iteration"], "env_steps": counters["env_steps"],
+                                       "cpu_s": round(counters["cpu_s"], 2),
                                        **evaluate_actor(), "train_episodes": len(self.finished)}
                 if self.finished:
                     row["train_return"] = float(np.mean([r for r, _ in self.finished]))
