@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("dataset", "dataset", "import a LeRobot v3.0 dataset into a zarr replay buffer, or export one to LeRobot's layout"),
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
     ("generate", "generate", "train and sample the image (digits, PushT frames) and text models of the shared core"),
+    ("finetune", "finetune", "RL fine-tuning of a checkpoint: DPPO, flow PPO or DSRL (resumable, curves, tensorboard)"),
     ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
 ]
 

@@ -92,14 +92,15 @@ def test_confidence_ordered_unmasking_is_exact_through_the_shared_sampler(steps)
     order = torch.sort(confidence, descending=True, stable=True).indices.tolist()
     masked = L
     unmasked_so_far: list[int] = []
-    for k, step in enumerate(result.chain):
+    chain = result.chain  # stacked: x (B, K+1, L, V+1), std (B, K, L, V+1)
+    for k in range(steps):
         t, s = (steps - k) / steps, (steps - k - 1) / steps
         keep = math.floor(masked * s / t + 0.5)
         unmasked_so_far += order[len(unmasked_so_far):len(unmasked_so_far) + masked - keep]
         masked = keep
-        now = (~process.is_masked(step.x_s[:1])[0]).nonzero().flatten().tolist()
+        now = (~process.is_masked(chain.x[:1, k + 1])[0]).nonzero().flatten().tolist()
         assert sorted(now) == sorted(unmasked_so_far), f"step {k}"
-        assert torch.equal(step.std, torch.zeros_like(step.std))
+        assert torch.equal(chain.std[:, k], torch.zeros_like(chain.std[:, k]))
     tokens = process.decode(result.x0)
     assert torch.equal(tokens, logits[:, :V].argmax(-1).expand(2, L))  # temperature 0: argmax everywhere
 

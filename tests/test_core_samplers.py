@@ -67,19 +67,20 @@ def test_per_token_start_levels_and_frozen_tokens(process):
     assert torch.equal(result.x0[frozen], x_init[frozen])
     assert calls == [((batch, length, 2), (batch, length), "c")] * steps
     chain = result.chain
-    assert len(chain) == steps
-    for k, step in enumerate(chain):
-        torch.testing.assert_close(step.t, t_start * (steps - k) / steps)
-        torch.testing.assert_close(step.s, t_start * (steps - k - 1) / steps)
-        assert torch.equal(step.x_s[frozen], x_init[frozen]) and bool((step.std[frozen] == 0).all())
-        random = step.std > 0
-        expected = torch.stack([Normal(step.mean[b][random[b]], step.std[b][random[b]])
-                                .log_prob(step.x_s[b][random[b]]).sum() for b in range(batch)])
-        torch.testing.assert_close(step.log_prob, expected)
-        if k + 1 < steps:
-            assert step.x_s is chain[k + 1].x_t and torch.equal(step.s, chain[k + 1].t)
-    assert bool((chain[-1].s == 0).all()) and chain[-1].x_s is result.x0
-    assert torch.equal(chain[1].log_prob[1], torch.tensor(0.0))  # an all-frozen batch element
+    assert chain.x.shape == (batch, steps + 1, length, 2) and chain.levels.shape == (batch, steps + 1, length)
+    assert chain.mean.shape == chain.std.shape == (batch, steps, length, 2) and chain.log_prob.shape == (batch, steps)
+    assert torch.equal(chain.x[:, 0], x_init) and torch.equal(chain.x[:, -1], result.x0)
+    for k in range(steps + 1):
+        torch.testing.assert_close(chain.levels[:, k], t_start * (steps - k) / steps)
+    for k in range(steps):
+        x_s, mean, std = chain.x[:, k + 1], chain.mean[:, k], chain.std[:, k]
+        assert torch.equal(x_s[frozen], x_init[frozen]) and bool((std[frozen] == 0).all())
+        random = std > 0
+        expected = torch.stack([Normal(mean[b][random[b]], std[b][random[b]])
+                                .log_prob(x_s[b][random[b]]).sum() for b in range(batch)])
+        torch.testing.assert_close(chain.log_prob[:, k], expected)
+    assert bool((chain.levels[:, -1] == 0).all())
+    assert torch.equal(chain.log_prob[1, 1], torch.tensor(0.0))  # an all-frozen batch element
 
 
 def test_t_start_float_per_batch_and_per_token_agree():
@@ -89,7 +90,7 @@ def test_t_start_float_per_batch_and_per_token_agree():
     runs = [sample(denoiser, process, x_init, 5, t_start=t, generator=gen(1)).x0
             for t in (0.6, torch.full((3,), 0.6), torch.full((3, 4), 0.6))]
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
-    assert sample(denoiser, process, x_init, 5, generator=gen(1), record=True).chain[0].t[0, 0] == 1.0
+    assert sample(denoiser, process, x_init, 5, generator=gen(1), record=True).chain.levels[0, 0, 0] == 1.0
     assert sample(denoiser, process, x_init, 5).chain is None
 
 
@@ -100,7 +101,7 @@ def test_ddim_sampler_is_deterministic_given_x_init():
     a = sample(denoiser, process, x_init, 8, generator=gen(1), record=True)
     b = sample(denoiser, process, x_init, 8, generator=gen(2))
     assert torch.equal(a.x0, b.x0)
-    assert all(bool((step.log_prob == 0).all()) for step in a.chain)
+    assert bool((a.chain.log_prob == 0).all())
 
 
 def test_bad_inputs_raise_clear_errors():

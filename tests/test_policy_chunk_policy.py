@@ -191,7 +191,7 @@ def test_sample_equals_encode_then_sample_normalized():
     assert cond.shape == (B, policy.obs_encoder.output_dim)
     with torch.no_grad():
         result = policy.sample_normalized(cond, steps=5, generator=torch.Generator().manual_seed(4), record=True)
-    assert len(result.chain) == 5
+    assert result.chain.steps == 5
     expected = policy.sample(obs, steps=5, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(policy.unnormalize_action(result.x0), expected, rtol=0, atol=0)
 

@@ -12,7 +12,8 @@ Every model is a denoiser over tokens, each with its own noise level:
   forward marginals, the per-token negative-ELBO loss, the likelihood bound, and
   confidence-ordered unmasking as its reverse step (driven by the same `sample` loop).
 - `losses`: the per-token denoising loss with masks and Min-SNR-gamma weighting.
-- `samplers`: `sample(...)`, one loop with per-token start levels, guidance and a recorded chain.
+- `samplers`: `sample(...)`, one loop with per-token start levels, guidance, per-step noise control
+  (`StepNoise`) and a recorded, stacked `Chain`; `chain_log_prob` re-scores a chain in one pass.
 - `guidance`: classifier-free guidance, hard prefix inpainting, RTC-style guided inpainting.
 """
 
@@ -34,7 +35,7 @@ from diffpolicy.core.processes import (
     StepResult,
     gaussian_log_prob,
 )
-from diffpolicy.core.samplers import ChainStep, SampleResult, sample
+from diffpolicy.core.samplers import Chain, SampleResult, StepNoise, chain_log_prob, sample
 from diffpolicy.core.schedules import (
     CosineSchedule,
     LinearBetaSchedule,
@@ -44,9 +45,10 @@ from diffpolicy.core.schedules import (
 )
 
 __all__ = [
-    "ChainStep", "ClassifierFreeGuidance", "ComposedGuidance", "CoreConfigError", "CoreInputError",
+    "Chain", "ClassifierFreeGuidance", "ComposedGuidance", "CoreConfigError", "CoreInputError",
     "CosineSchedule", "FlowMatching", "GaussianDiffusion", "Guidance", "GuidedInpainting",
     "LinearBetaSchedule", "MaskedDiffusion", "NoiseSchedule", "PrefixInpainting", "Process", "SampleResult",
-    "SigmoidSchedule", "StepResult", "denoising_loss", "gaussian_log_prob", "loss_weight",
+    "SigmoidSchedule", "StepNoise", "StepResult", "chain_log_prob", "denoising_loss", "gaussian_log_prob",
+    "loss_weight",
     "make_schedule", "min_snr_weight", "per_token_loss", "rtc_prefix_weights", "sample",
 ]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffpolicy.errors import MissingFileError
+from diffpolicy.errors import InvalidTypeError, MissingFileError
 from diffpolicy.nn.dit import DiT
 from diffpolicy.nn.errors import NNConfigError, NNInputError
 from diffpolicy.nn.image_encoder import crop_images
@@ -109,7 +109,7 @@ class DiTImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8:
-            raise TypeError(f"DiTImageEncoder: images must be uint8 (..., H, W, 3), got dtype {images.dtype}")
+            raise InvalidTypeError(f"DiTImageEncoder: images must be uint8 (..., H, W, 3), got dtype {images.dtype}")
         if images.dim() < 4 or tuple(images.shape[-3:]) != self.image_shape:
             raise NNInputError(f"DiTImageEncoder: images must have shape (..., {', '.join(map(str, self.image_shape))}),"
                                f" got {tuple(images.shape)}")

@@ -8,6 +8,7 @@ public boundary (`compute_loss` batches, `sample` inputs and outputs).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -19,7 +20,8 @@ from torch import nn
 from diffpolicy.core.guidance import Guidance
 from diffpolicy.core.losses import denoising_loss, loss_weight
 from diffpolicy.core.processes import FlowMatching, GaussianDiffusion, Process
-from diffpolicy.core.samplers import SampleResult, start_levels
+from diffpolicy.core.samplers import Chain, Denoiser, SampleResult, StepNoise, start_levels
+from diffpolicy.core.samplers import chain_log_prob as score_chain
 from diffpolicy.core.samplers import sample as run_sampler
 from diffpolicy.core.schedules import make_schedule
 from diffpolicy.errors import InvalidTypeError, InvalidValueError
@@ -91,6 +93,8 @@ class ChunkPolicy(nn.Module):
 
     Submodules: `normalizer`, `obs_encoder` (`(obs) -> (B, C)`), `backbone`
     (`(x_t (B, Tp, Da), t (B, Tp), cond (B, C)) -> (B, Tp, Da)`); `process` is the core process.
+    With `config.finetune_steps` = K' > 0 also `finetuned_backbone`, the copy that runs the last K'
+    of the `inference_steps` denoising steps (see `start_finetuning`).
     """
 
     def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
@@ -106,6 +110,8 @@ class ChunkPolicy(nn.Module):
                                       self.obs_encoder.output_dim)
         self.process = make_process(config.process)
         self.metadata: dict[str, Any] = {}
+        if config.finetune_steps > 0:
+            self.finetuned_backbone = copy.deepcopy(self.backbone)
 
     # ------------------------------------------------------------------ units
     def normalize_action(self, action: torch.Tensor) -> torch.Tensor:
@@ -189,7 +195,7 @@ class ChunkPolicy(nn.Module):
             raise ObservationError(f"sample: x_init must have shape (B={shape[0]}, Tp={shape[1]}, Da={shape[2]}), "
                                    f"got {tuple(x_init.shape)}")
         levels = start_levels(1.0 if t_start is None else t_start, x_init)
-        result = run_sampler(self.backbone, self.process, x_init, steps, cond=cond, t_start=levels,
+        result = run_sampler(self.step_denoisers(steps), self.process, x_init, steps, cond=cond, t_start=levels,
                              guidance=guidance, generator=generator, record=record)
         clip = self.config.process.clip
         if self.config.process.type == "flow" and clip is not None:
@@ -242,6 +248,82 @@ class ChunkPolicy(nn.Module):
         steps = self.config.inference_steps if inference_steps is None else inference_steps
         self.config = dataclasses.replace(self.config, process=process, inference_steps=steps)
         self.process = make_process(process)
+
+    # ------------------------------------------------------------------ RL fine-tuning
+    def start_finetuning(self, last_steps: int) -> list[nn.Parameter]:
+        """Fine-tune only the last K' = `last_steps` of the `inference_steps` denoising steps.
+
+        Adds `finetuned_backbone`, a trainable copy of the backbone that runs those steps; the
+        base (backbone, observation encoder) is frozen (requires_grad False) and keeps running the
+        first K - K' steps. `save_pretrained` then writes both, and `from_pretrained` rebuilds the
+        combined sampler. Returns the copy's parameters (the ones to optimize).
+        """
+        steps = self.config.inference_steps
+        if isinstance(last_steps, bool) or not isinstance(last_steps, int) or not 1 <= last_steps <= steps:
+            raise ConfigError(f"finetune_steps: expected an integer in [1, inference_steps = {steps}], "
+                              f"got {last_steps!r}")
+        if self.config.finetune_steps > 0:
+            raise ConfigError(f"finetune_steps: this policy already fine-tunes its last {self.config.finetune_steps} "
+                              "steps; load it and continue, or start from the base policy")
+        self.config = dataclasses.replace(self.config, finetune_steps=last_steps)
+        self.finetuned_backbone = copy.deepcopy(self.backbone)
+        for module in (self.backbone, self.obs_encoder):
+            module.requires_grad_(False)
+        self.finetuned_backbone.requires_grad_(True)
+        return list(self.finetuned_backbone.parameters())
+
+    @property
+    def finetuned_step_indices(self) -> list[int]:
+        """Indices k of the denoising steps run by `finetuned_backbone` (empty without one)."""
+        steps, tuned = self.config.inference_steps, self.config.finetune_steps
+        return list(range(steps - tuned, steps)) if tuned else []
+
+    def step_denoisers(self, steps: int) -> Denoiser | list[Denoiser]:
+        """What the core sampler runs for `steps` steps: the backbone, or with fine-tuning the
+        backbone for the first K - K' steps and the fine-tuned copy for the last K'."""
+        if self.config.finetune_steps == 0:
+            return self.backbone
+        if steps != self.config.inference_steps:
+            raise ConfigError(f"inference_steps: this policy fine-tuned its last {self.config.finetune_steps} of "
+                              f"{self.config.inference_steps} steps and samples with exactly that many, got {steps}")
+        tuned = set(self.finetuned_step_indices)
+        return [self.finetuned_backbone if k in tuned else self.backbone for k in range(steps)]
+
+    def sample_chain(self, cond: torch.Tensor, noise: StepNoise = StepNoise(),
+                     generator: torch.Generator | None = None) -> SampleResult:
+        """Sample chunks from noise with `inference_steps` steps under the noise control `noise`,
+        recording the stacked `Chain` (normalized units). cond `(B, C)` -> x0 `(B, Tp, Da)`, chain
+        with x `(B, K+1, Tp, Da)`. Runs under the caller's grad mode."""
+        shape = (cond.shape[0], self.config.pred_horizon, self.config.action_dim)
+        x_init = _randn(shape, cond, generator)
+        steps = self.config.inference_steps
+        return run_sampler(self.step_denoisers(steps), self.process, x_init, steps, cond=cond,
+                           generator=generator, record=True, noise=noise)
+
+    def chain_log_prob(self, cond: torch.Tensor, chain: Chain, noise: StepNoise = StepNoise(),
+                       steps: list[int] | None = None, tokens: slice | None = None) -> torch.Tensor:
+        """Log-probabilities `(B, len(steps))` of a recorded chain's transitions under this policy,
+        each group of steps that shares a network in one batched pass.
+
+        Args:
+            cond: `(B, C)` from `encode_obs`; chain: from `sample_chain` (the same `noise`).
+            steps: the steps to score (default: the fine-tuned ones if any, else all K).
+            tokens: count only these chunk positions (e.g. the executed actions); default all Tp.
+        For the policy and noise that recorded it, this equals `chain.log_prob[:, steps]`.
+        """
+        if steps is None:
+            steps = self.finetuned_step_indices or list(range(chain.steps))
+        denoisers = self.step_denoisers(chain.steps)
+        if callable(denoisers):
+            return score_chain(denoisers, self.process, chain, cond, steps, noise, tokens)
+        groups: dict[int, list[int]] = {}
+        for k in steps:
+            groups.setdefault(id(denoisers[k]), []).append(k)
+        parts = {}
+        for ks in groups.values():
+            for k, column in zip(ks, score_chain(denoisers[ks[0]], self.process, chain, cond, ks, noise, tokens).unbind(1)):
+                parts[k] = column
+        return torch.stack([parts[k] for k in steps], 1)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> None:

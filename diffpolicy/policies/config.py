@@ -131,6 +131,9 @@ class PolicyConfig:
         encoder: spec for `nn.make_observation_encoder`.
         inference_steps: default number of denoising steps of `sample`.
         loss: `LossConfig`.
+        finetune_steps: K', how many of the last `inference_steps` denoising steps run through
+            the policy's fine-tuned copy of the backbone (RL fine-tuning; 0: none). A policy with
+            K' > 0 samples with exactly `inference_steps` steps.
     """
 
     obs_shapes: dict[str, tuple[int, ...]]
@@ -144,6 +147,7 @@ class PolicyConfig:
     encoder: dict[str, Any] = field(default_factory=dict)
     inference_steps: int = 100
     loss: LossConfig = field(default_factory=LossConfig)
+    finetune_steps: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.obs_shapes, dict) or not self.obs_shapes:
@@ -186,6 +190,9 @@ class PolicyConfig:
         check_int("inference_steps", self.inference_steps, 1)
         if not isinstance(self.loss, LossConfig):
             raise fail("loss", "a LossConfig", self.loss)
+        check_int("finetune_steps", self.finetune_steps, 0)
+        if self.finetune_steps > self.inference_steps:
+            raise fail("finetune_steps", f"at most inference_steps = {self.inference_steps}", self.finetune_steps)
 
     @property
     def low_dim_keys(self) -> tuple[str, ...]:

@@ -1,0 +1,333 @@
+"""DSRL: reinforcement learning in the noise space of a frozen chunk policy (Wagenmaker et al., 2025).
+
+`NoiseActionEnv` wraps the frozen policy and a task environment as a gymnasium environment whose
+action w is the policy's initial noise, all Tp x Da entries, bounded by `action_magnitude`. Each
+step runs the policy's deterministic sampler once from w (DDIM eta = 0, or Euler flow steps) and
+executes the same Ta actions of the chunk that deployment executes, returning their summed
+reward. stable-baselines3's SAC (or PPO) learns the noise actor; timesteps are counted in
+environment steps (each wrapper step adds the Ta, or fewer at an episode end, it executed), and
+SB3 keeps terminated and truncated apart in SAC's targets (a truncated transition is
+bootstrapped: `handle_timeout_termination`). The result is a `DSRLPolicy` (noise actor + frozen
+base) that saves and loads on its own:
+
+    policy = DSRLPolicy.load("runs/dsrl/policy")
+    chunk = policy.sample(obs)                       # (B, Tp, Da), data units
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from diffpolicy.fsutil import atomic_write_text
+from diffpolicy.policies.chunk_policy import ChunkPolicy
+from diffpolicy.rl.chunk_env import ChunkEnv
+from diffpolicy.rl.curves import Curves
+from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
+from diffpolicy.rl.evaluate import evaluate
+from diffpolicy.rl.session import FinetuneResult
+
+ALGORITHMS = ("sac", "ppo")
+
+
+@dataclass(frozen=True)
+class DSRLConfig:
+    """DSRL's settings.
+
+    env_steps: budget in environment steps. algorithm: "sac" or "ppo" (stable-baselines3).
+    action_magnitude: the noise action's bound m (Box(-m, m)). n_envs: SB3 environments.
+    inference_steps: steps of the deterministic sampler (None: the policy's). hidden_dim, layers:
+    the SB3 actor / critic MLPs. lr, batch_size, buffer_size, learning_starts (SB3 steps),
+    gradient_steps (SAC updates per SB3 step). eval_every: environment steps between held-out
+    evaluations (0: at the end only); eval_episodes, eval_seed_start: held-out seeds.
+    """
+
+    env_steps: int = 100_000
+    algorithm: str = "sac"
+    action_magnitude: float = 1.5
+    n_envs: int = 1
+    seed: int = 0
+    inference_steps: int | None = None
+    hidden_dim: int = 256
+    layers: int = 2
+    lr: float = 3e-4
+    batch_size: int = 256
+    buffer_size: int = 1_000_000
+    learning_starts: int = 200
+    gradient_steps: int = 1
+    gamma: float = 0.99
+    eval_every: int = 10_000
+    eval_episodes: int = 20
+    eval_seed_start: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise FinetuneError(f"config key 'algorithm': expected one of {list(ALGORITHMS)}, got {self.algorithm!r}")
+        if not self.action_magnitude > 0:
+            raise FinetuneError(f"config key 'action_magnitude': expected a number > 0, got {self.action_magnitude!r}")
+        for name in ("env_steps", "n_envs", "hidden_dim", "layers", "batch_size", "buffer_size", "gradient_steps",
+                     "eval_episodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FinetuneError(f"config key {name!r}: expected an integer >= 1, got {value!r}")
+
+
+def check_policy(policy: ChunkPolicy) -> None:
+    """DSRL needs a deterministic sampler: diffusion (run with DDIM eta = 0) or noiseless flow."""
+    process = policy.config.process
+    if process.type == "flow" and process.step_std:
+        raise UnsupportedProcessError(f"dsrl needs a deterministic sampler; this flow policy adds step noise "
+                                      f"(process.step_std = {process.step_std})")
+    if policy.config.image_keys:
+        raise FinetuneError(f"dsrl's noise actor takes low-dim observations; this policy has image keys "
+                            f"{list(policy.config.image_keys)}")
+
+
+def deterministic(policy: ChunkPolicy, inference_steps: int | None) -> ChunkPolicy:
+    """The policy set to sample deterministically (DDIM eta = 0) with `inference_steps` steps, frozen."""
+    check_policy(policy)
+    policy.set_sampling(inference_steps=inference_steps, eta=0.0 if policy.config.process.type == "diffusion" else None)
+    return policy.eval().requires_grad_(False)
+
+
+def flat_observation(policy: ChunkPolicy, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """`{key: (B, To, d)}` -> the noise actor's input `(B, To * sum d)` (the policy's normalization)."""
+    return torch.cat([policy.normalizer.normalize(k, obs[k]).flatten(1) for k in policy.config.low_dim_keys], 1)
+
+
+class NoiseActionEnv(gym.Env):
+    """A task environment driven through a frozen policy's initial noise (see the module docstring).
+
+    Observation: the flattened normalized To history `(To * sum d,)`; action: w `(Tp * Da,)` in
+    [-m, m]; info["env_steps"]: environment steps the chunk took.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, env: gym.Env, policy: ChunkPolicy, action_magnitude: float) -> None:
+        self.policy = policy
+        self.chunk_env = ChunkEnv(env, policy.config)
+        config = policy.config
+        width = config.obs_horizon * sum(config.obs_shapes[k][0] for k in config.low_dim_keys)
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (width,), np.float32)
+        self.action_space = gym.spaces.Box(-action_magnitude, action_magnitude,
+                                           (config.pred_horizon * config.action_dim,), np.float32)
+        self._obs: dict[str, np.ndarray] = {}
+
+    def _flat(self) -> np.ndarray:
+        obs = {k: torch.as_tensor(np.asarray(v, np.float32))[None] for k, v in self._obs.items()}
+        return flat_observation(self.policy, obs)[0].numpy().astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._obs, info = self.chunk_env.reset(seed=seed, options=options)
+        return self._flat(), info
+
+    def step(self, action: np.ndarray):
+        noise = torch.as_tensor(np.clip(action, self.action_space.low, self.action_space.high), dtype=torch.float32)
+        obs = {k: torch.as_tensor(np.asarray(v, np.float32))[None] for k, v in self._obs.items()}
+        config = self.policy.config
+        chunk = self.policy.sample(obs, x_init=noise.reshape(1, config.pred_horizon, config.action_dim))
+        self._obs, reward, terminated, truncated, info = self.chunk_env.step(chunk[0].numpy())
+        return self._flat(), float(reward), bool(terminated), bool(truncated), info
+
+    def close(self) -> None:
+        self.chunk_env.close()
+
+
+class DSRLPolicy(nn.Module):
+    """A noise actor + the frozen base policy: `sample(obs)` -> chunks `(B, Tp, Da)` in data units.
+
+    Duck-types a `ChunkPolicy` for `evaluation.rollout` (it ignores the x_init it is handed: the
+    actor chooses the noise). `save(dir)` writes `base/` (the base policy's `save_pretrained`),
+    `actor.safetensors` and `dsrl.json`; `DSRLPolicy.load(dir)` reads them (nothing unpickled).
+    """
+
+    def __init__(self, base: ChunkPolicy, actor: nn.Sequential, layers: list[list[Any]], squash: str,
+                 action_magnitude: float) -> None:
+        super().__init__()
+        self.base, self.actor, self.layers = base, actor, layers
+        self.squash, self.action_magnitude = squash, float(action_magnitude)
+        self.config = base.config
+
+    def noise(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The actor's deterministic initial noise `(B, Tp, Da)` for observations `{key: (B, To, d)}`."""
+        out = self.actor(flat_observation(self.base, obs))
+        out = torch.tanh(out) * self.action_magnitude if self.squash == "tanh" else out.clamp(
+            -self.action_magnitude, self.action_magnitude)
+        return out.reshape(-1, self.config.pred_horizon, self.config.action_dim)
+
+    @torch.no_grad()
+    def sample(self, obs: Mapping[str, torch.Tensor], steps: int | None = None, x_init: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, **_: Any) -> torch.Tensor:
+        return self.base.sample(obs, steps=steps, x_init=self.noise(obs))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        self.base.save_pretrained(directory / "base", metadata=self.base.metadata)
+        save_file({k: v.contiguous() for k, v in self.actor.state_dict().items()}, str(directory / "actor.safetensors"))
+        atomic_write_text(directory / "dsrl.json", json.dumps({"layers": self.layers, "squash": self.squash,
+                                                               "action_magnitude": self.action_magnitude}, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> DSRLPolicy:
+        directory = Path(directory)
+        if not (directory / "dsrl.json").is_file():
+            raise FinetuneError(f"{directory}: not a DSRL policy (no dsrl.json)")
+        spec = json.loads((directory / "dsrl.json").read_text())
+        actor = _build_actor(spec["layers"])
+        actor.load_state_dict(load_file(str(directory / "actor.safetensors")), strict=True)
+        return cls(ChunkPolicy.from_pretrained(directory / "base"), actor, spec["layers"], spec["squash"],
+                   spec["action_magnitude"]).eval().requires_grad_(False)
+
+
+def _build_actor(layers: list[list[Any]]) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    for layer in layers:
+        if layer[0] == "linear":
+            modules.append(nn.Linear(int(layer[1]), int(layer[2])))
+        elif layer[0] in ("relu", "tanh"):
+            modules.append(nn.ReLU() if layer[0] == "relu" else nn.Tanh())
+        else:
+            raise FinetuneError(f"dsrl.json: unknown actor layer {layer!r}")
+    return nn.Sequential(*modules)
+
+
+def _export_actor(model: Any) -> tuple[nn.Sequential, list[list[Any]], str]:
+    """The SB3 model's deterministic actor as plain modules, their spec and the output squash."""
+    from stable_baselines3 import SAC
+
+    if isinstance(model, SAC):
+        source, squash = [*model.actor.latent_pi, model.actor.mu], "tanh"
+    else:
+        source, squash = [*model.policy.mlp_extractor.policy_net, model.policy.action_net], "clip"
+    layers = []
+    for module in source:
+        if isinstance(module, nn.Linear):
+            layers.append(["linear", module.in_features, module.out_features])
+        elif isinstance(module, (nn.ReLU, nn.Tanh)):
+            layers.append(["relu" if isinstance(module, nn.ReLU) else "tanh"])
+        else:
+            raise FinetuneError(f"dsrl: cannot export actor layer {type(module).__name__}")
+    actor = _build_actor(layers)
+    actor.load_state_dict(nn.Sequential(*source).state_dict())
+    return actor.cpu(), layers, squash
+
+
+def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLConfig, run_dir: str | Path,
+             resume: bool = False, progress: bool = True) -> FinetuneResult:
+    """Train a DSRL noise actor for the frozen `policy`; writes `run_dir/policy` (a `DSRLPolicy`),
+    `run_dir/sb3/` (the SB3 model and replay buffer, for --resume), curves and TensorBoard."""
+    from stable_baselines3 import PPO, SAC
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    run_dir = Path(run_dir)
+    base = deterministic(policy, config.inference_steps)
+    probe = make_env()
+    ChunkEnv(probe, base.config).close()  # checks the spaces before any step
+    state_path, model_path, buffer_path = run_dir / "sb3" / "state.json", run_dir / "sb3" / "model.zip", run_dir / "sb3" / "replay_buffer.pkl"
+    if state_path.exists() and not resume:
+        raise FinetuneError(f"{run_dir} already holds a DSRL run; pass --resume to continue it or choose another --out")
+    if resume and not state_path.exists():
+        raise FinetuneError(f"--resume: {run_dir} holds no DSRL run to continue")
+    env = DummyVecEnv([lambda: NoiseActionEnv(make_env(), base, config.action_magnitude)
+                       for _ in range(config.n_envs)])
+    env.seed(config.seed)
+    net = [config.hidden_dim] * config.layers
+    if resume:
+        saved = json.loads(state_path.read_text())
+        changed = sorted(k for k in saved["config"] if k != "env_steps" and saved["config"][k] != asdict(config)[k])
+        if changed:
+            raise FinetuneError(f"{state_path}: the run was started with other settings ({changed}); resume with "
+                                "the same ones (only env_steps, the budget, may change)")
+        model = (SAC if config.algorithm == "sac" else PPO).load(model_path, env=env, device="cpu")
+        if config.algorithm == "sac":
+            model.load_replay_buffer(buffer_path)
+        counters = saved["counters"]
+    else:
+        if config.algorithm == "sac":
+            model = SAC("MlpPolicy", env, learning_rate=config.lr, batch_size=config.batch_size,
+                        buffer_size=config.buffer_size, learning_starts=config.learning_starts,
+                        gradient_steps=config.gradient_steps, gamma=config.gamma, seed=config.seed,
+                        policy_kwargs={"net_arch": net}, device="cpu", verbose=0)
+        else:
+            model = PPO("MlpPolicy", env, learning_rate=config.lr, batch_size=config.batch_size, gamma=config.gamma,
+                        n_steps=max(config.batch_size // config.n_envs, 16), seed=config.seed,
+                        policy_kwargs={"net_arch": net}, device="cpu", verbose=0)
+        counters = {"env_steps": 0, "next_eval": config.eval_every or config.env_steps, "iteration": 0}
+    curves = Curves(run_dir, counters["iteration"])
+    seeds = list(range(config.eval_seed_start, config.eval_seed_start + config.eval_episodes))
+    history: list[dict[str, float]] = []
+
+    def save_all() -> None:
+        actor, layers, squash = _export_actor(model)
+        DSRLPolicy(base, actor, layers, squash, config.action_magnitude).save(run_dir / "policy")
+        model.save(model_path)
+        if config.algorithm == "sac":
+            model.save_replay_buffer(buffer_path)
+        atomic_write_text(state_path, json.dumps({"config": asdict(config), "counters": counters}))
+
+    def evaluate_actor() -> dict[str, float]:
+        actor, layers, squash = _export_actor(model)
+        return evaluate(DSRLPolicy(base, actor, layers, squash, config.action_magnitude).sample, base.config,
+                        make_env, seeds)
+
+    class Budget(BaseCallback):
+        """Counts environment steps from the wrapper's infos, logs episodes, evaluates, saves, stops."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.finished: list[tuple[float, float]] = []
+            self.returns = np.zeros(config.n_envs)
+            self.success = np.zeros(config.n_envs, dtype=bool)
+            self.cpu_start = time.process_time()
+
+        def _on_step(self) -> bool:
+            for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
+                counters["env_steps"] += int(info["env_steps"])
+                self.returns[i] += float(self.locals["rewards"][i])
+                self.success[i] |= bool(info["is_success"])
+                if done:
+                    self.finished.append((self.returns[i], float(self.success[i])))
+                    self.returns[i], self.success[i] = 0.0, False
+            finished = counters["env_steps"] >= config.env_steps
+            if finished or counters["env_steps"] >= counters["next_eval"]:
+                counters["iteration"] += 1
+                counters["next_eval"] += config.eval_every or config.env_steps
+                counters["cpu_s"] = counters.get("cpu_s", 0.0) + time.process_time() - self.cpu_start
+                self.cpu_start = time.process_time()
+                row: dict[str, Any] = {"iteration": counters["iteration"], "env_steps": counters["env_steps"],
+                                       "cpu_s": round(counters["cpu_s"], 2),
+                                       **evaluate_actor(), "train_episodes": len(self.finished)}
+                if self.finished:
+                    row["train_return"] = float(np.mean([r for r, _ in self.finished]))
+                    row["train_success"] = float(np.mean([s for _, s in self.finished]))
+                self.finished = []
+                curves.log(row)
+                history.append(row)
+                save_all()
+                if progress:
+                    print("[dsrl] " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in row.items()), flush=True)
+            return not finished
+
+    try:
+        if counters["env_steps"] < config.env_steps:
+            # SB3 counts wrapper steps; each takes at most Ta environment steps, the callback stops at the budget.
+            model.learn(total_timesteps=config.env_steps, callback=Budget(), reset_num_timesteps=not resume)
+    finally:
+        curves.close()
+        env.close()
+    return FinetuneResult(DSRLPolicy.load(run_dir / "policy"), run_dir / "policy", history)

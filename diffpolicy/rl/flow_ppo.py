@@ -1,0 +1,164 @@
+"""Flow PPO (ReinFlow-style): PPO for flow-matching chunk policies with a learned step noise.
+
+A noise network sigma_theta(x_t, t, cond), bounded in [`std_min`, `std_max`], turns each Euler
+step x_s = x_t + (s - t) v(x_t, t, cond) + sigma_theta * eps into a Gaussian, so the chain of K
+(1-4) steps has an exact log-probability: the sum of its transitions. The velocity network of the
+last K' = `finetune_steps` steps (default all) is a trainable copy of the base's, trained with the
+noise network by PPO (GAE over environment steps, critic V(s), entropy bonus
+`entropy_coef` * mean log sigma). Evaluation and the saved policy sample deterministic Euler steps
+through the fine-tuned copy; the noise network is part of the training state only.
+
+    result = finetune(ChunkPolicy.from_pretrained("runs/pusht_flow/..."), make_env, FlowPPOConfig(), "runs/fppo")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import torch
+from torch import nn
+
+from diffpolicy.core.samplers import StepNoise
+from diffpolicy.policies.chunk_policy import ChunkPolicy
+from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
+from diffpolicy.rl.critic import Critic
+from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
+from diffpolicy.rl.ppo import clipped_surrogate, minibatches, normalize_advantages
+from diffpolicy.rl.rollout import collect_rollout
+from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
+
+
+@dataclass(frozen=True)
+class FlowPPOConfig(OnPolicyConfig):
+    """Flow PPO's settings (see the module docstring) on top of `OnPolicyConfig`.
+
+    inference_steps: flow steps K of training and evaluation (1-4; None keeps the policy's).
+    finetune_steps: K' (None: all K). clip: PPO clip. std_min, std_max: bounds of sigma_theta in
+    normalized action units. noise_hidden_dim: width of the noise network.
+    """
+
+    lr: float = 1e-4
+    inference_steps: int | None = 4
+    finetune_steps: int | None = None
+    clip: float = 0.01
+    entropy_coef: float = 0.03
+    std_min: float = 0.05
+    std_max: float = 0.2
+    noise_hidden_dim: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inference_steps is not None and not (isinstance(self.inference_steps, int) and 1 <= self.inference_steps <= 4):
+            raise FinetuneError(f"config key 'inference_steps': expected an integer in [1, 4] (flow PPO's chains) "
+                                f"or None, got {self.inference_steps!r}")
+        if self.finetune_steps is not None and not (isinstance(self.finetune_steps, int) and self.finetune_steps >= 1):
+            raise FinetuneError(f"config key 'finetune_steps': expected an integer >= 1 or None, got {self.finetune_steps!r}")
+        if not 0 < self.std_min < self.std_max:
+            raise FinetuneError(f"config keys 'std_min', 'std_max': expected 0 < std_min < std_max, got "
+                                f"{self.std_min!r}, {self.std_max!r}")
+        if not self.clip > 0 or self.entropy_coef < 0:
+            raise FinetuneError(f"config keys 'clip' > 0 and 'entropy_coef' >= 0 expected, got {self.clip!r}, "
+                                f"{self.entropy_coef!r}")
+
+
+class NoiseNetwork(nn.Module):
+    """sigma_theta(x_t (B, Tp, Da), t (B, Tp), s, cond (B, C)) -> std `(B, Tp, Da)` in [std_min, std_max]."""
+
+    def __init__(self, policy: ChunkPolicy, config: FlowPPOConfig) -> None:
+        super().__init__()
+        horizon, dim = policy.config.pred_horizon, policy.config.action_dim
+        width = horizon * dim + horizon + policy.obs_encoder.output_dim
+        self.shape, self.std_min, self.std_max = (horizon, dim), config.std_min, config.std_max
+        self.net = nn.Sequential(nn.Linear(width, config.noise_hidden_dim), nn.Mish(),
+                                 nn.Linear(config.noise_hidden_dim, config.noise_hidden_dim), nn.Mish(),
+                                 nn.Linear(config.noise_hidden_dim, horizon * dim))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([x_t.flatten(1), t, cond], dim=1)
+        unit = torch.sigmoid(self.net(features)).reshape(-1, *self.shape)
+        return self.std_min + (self.std_max - self.std_min) * unit
+
+
+def check_policy(policy: ChunkPolicy) -> None:
+    """Flow PPO needs a flow-matching policy without observation images (the critic is low-dim)."""
+    if policy.config.process.type != "flow":
+        raise UnsupportedProcessError(f"flowppo fine-tunes flow-matching policies; this checkpoint's process is "
+                                      f"{policy.config.process.type!r} (use --algo dppo or dsrl)")
+
+
+def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowPPOConfig, run_dir: str | Path,
+             resume: bool = False, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `policy` (a base flow checkpoint) with flow PPO."""
+    torch.manual_seed(config.seed)
+    check_policy(policy)
+    if config.inference_steps is not None:
+        policy.set_sampling(inference_steps=config.inference_steps)
+    tuned_steps = config.finetune_steps or policy.config.inference_steps
+    if tuned_steps > policy.config.inference_steps:
+        raise FinetuneError(f"config key 'finetune_steps': at most the {policy.config.inference_steps} flow steps, "
+                            f"got {tuned_steps}")
+    velocity_params = policy.start_finetuning(tuned_steps)
+    noise_net = NoiseNetwork(policy, config)
+    critic = Critic(policy)
+    actor_params = velocity_params + list(noise_net.parameters())
+    actor_optimizer = torch.optim.Adam(actor_params, lr=config.lr)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    session = Session(run_dir, "flowppo", config, policy, make_env, resume)
+    modules = {"finetuned_backbone": policy.finetuned_backbone, "noise_network": noise_net, "critic": critic}
+    optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
+    if resume:
+        session.restore(modules, optimizers, {"sampling": generator})
+
+    noise = StepNoise(std_fn=noise_net)
+    actor = chain_actor(policy, noise, generator)
+    tuned = torch.tensor(policy.finetuned_step_indices)
+    history: list[dict[str, float]] = []
+    try:
+        while not session.done():
+            # 1. Roll out the noisy flow chain in every environment (one batched call per step).
+            policy.eval()
+            obs = session.reset()
+            rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats)
+            session.env_steps += int(rollout.env_steps.sum())
+            # 2. Advantages over environment steps; old log-probs of the chain (sum of transitions).
+            batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda)
+            advantages = normalize_advantages(batch.advantages)
+            old_log_prob = batch.old_log_prob.sum(1)
+            # 3. PPO epochs: the chain's log-probability is one action's, entropy from log sigma.
+            stats: dict[str, float] = {}
+            first_ratio_error = None  # max |ratio - 1| before this iteration's first update: exactly 0
+            for _ in range(config.epochs):
+                for index in minibatches(len(batch), config.batch_size, generator):
+                    cond, chain = batch.cond[index], batch.chain.index(index)
+                    log_prob = policy.chain_log_prob(cond, chain, noise).sum(1)
+                    policy_loss, stats = clipped_surrogate(log_prob, old_log_prob[index], advantages[index], config.clip)
+                    if first_ratio_error is None:
+                        first_ratio_error = float((log_prob.detach() - old_log_prob[index]).exp().sub(1).abs().max())
+                    x_t, levels = chain.x[:, tuned], chain.levels[:, tuned]
+                    sigma = noise_net(x_t.flatten(0, 1), levels.flatten(0, 1), chain.levels[:, tuned + 1].flatten(0, 1),
+                                      cond.repeat_interleave(len(tuned), 0))
+                    entropy = sigma.log().mean()
+                    value_loss = (critic({k: v[index] for k, v in batch.obs.items()}) - batch.returns[index]).pow(2).mean()
+                    actor_optimizer.zero_grad()
+                    critic_optimizer.zero_grad()
+                    (policy_loss - config.entropy_coef * entropy + value_loss).backward()
+                    torch.nn.utils.clip_grad_norm_(actor_params, config.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
+                    actor_optimizer.step()
+                    critic_optimizer.step()
+            # 4. Log, evaluate the deterministic fine-tuned sampler, checkpoint.
+            session.iteration += 1
+            row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
+                   "first_ratio_error": first_ratio_error}
+            history.append(row)
+            if session.done() or (config.eval_every and session.iteration % config.eval_every == 0):
+                row.update(session.evaluate(policy))
+            session.log(row, progress)
+            session.save(policy, modules, optimizers, {"sampling": generator}, row.get("eval_success"))
+    finally:
+        session.close()
+    return FinetuneResult(policy, session.checkpoints.latest(), history)

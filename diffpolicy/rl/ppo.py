@@ -1,0 +1,45 @@
+"""The pieces of PPO every on-policy algorithm here shares: the clipped surrogate, minibatches,
+advantage normalization."""
+
+from __future__ import annotations
+
+import torch
+
+
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                      clip: float | torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's clipped policy loss (to minimize) and its diagnostics.
+
+    Args:
+        log_prob, old_log_prob, advantages: the same shape, e.g. `(B, K')` per denoising step.
+        clip: epsilon, a float or a tensor broadcastable to them (DPPO ramps it over steps).
+    Returns:
+        (loss, {"ratio": mean ratio, "clip_fraction": share of clipped terms, "approx_kl": ...}).
+    """
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = torch.max(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"ratio": float(ratio.mean()),
+                 "clip_fraction": float(((ratio - 1.0).abs() > clip).float().mean()),
+                 "approx_kl": float(((ratio - 1.0) - log_ratio).mean())}
+    return loss, stats
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random permutation of range(n) (from `generator`) cut into index tensors of `batch_size`
+    (the last one shorter if n is not a multiple; a 1-row remainder joins the previous batch, so
+    every batch has at least 2 rows and batched networks give row-exact results)."""
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = torch.cat(batches[-2:])
+        batches.pop()
+    return batches
+
+
+def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """(A - mean) / (std + 1e-8) over all entries."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)

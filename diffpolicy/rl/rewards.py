@@ -1,0 +1,37 @@
+"""Reward shaping a fine-tuning run may need.
+
+`AbsorbingSuccess`: tasks such as PushT end the episode at success and pay a dense reward in
+[0, 1] per step; maximizing that return favours hovering just below the success threshold until
+the time limit over succeeding early. Treating success as an absorbing state that keeps paying
+`success_reward` per remaining step until the time limit removes that incentive.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+
+class AbsorbingSuccess(gym.Wrapper):
+    """On a terminated step with `info["is_success"]`, add `success_reward` x the steps left of
+    `max_episode_steps` to its reward."""
+
+    def __init__(self, env: gym.Env, max_episode_steps: int, success_reward: float = 1.0) -> None:
+        super().__init__(env)
+        self.max_episode_steps, self.success_reward = int(max_episode_steps), float(success_reward)
+        self._t = 0
+
+    def reset(self, **kwargs):
+        self._t = 0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._t += 1
+        if terminated and info.get("is_success", False):
+            reward = float(reward) + self.success_reward * max(self.max_episode_steps - self._t, 0)
+        return obs, reward, terminated, truncated, info
+
+
+def absorbing_success_env(make_env, max_episode_steps: int) -> gym.Env:
+    """`make_env()` wrapped in `AbsorbingSuccess` (picklable with functools.partial)."""
+    return AbsorbingSuccess(make_env(), max_episode_steps)

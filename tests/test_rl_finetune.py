@@ -1,0 +1,155 @@
+"""DPPO and flow PPO end to end on a tiny point-reaching task whose behaviour-cloned policy is
+biased: the PPO ratio is exactly 1 before every update, fine-tuning raises the held-out return,
+resuming continues bit-exactly, and bad input fails before any environment step."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from rl_tasks import TASK, WideActionReach, make_bc_policy, make_env, write_card
+
+from diffpolicy.cli import main
+from diffpolicy.evaluation.rollout import rollout
+from diffpolicy.policies import ChunkPolicy
+from diffpolicy.rl import dppo, flow_ppo
+from diffpolicy.rl.errors import ActionSpaceMismatchError, UnsupportedProcessError
+from diffpolicy.rl.evaluate import evaluate
+from diffpolicy.rl.session import Session
+
+SMALL = {"n_envs": 8, "n_steps": 6, "batch_size": 16, "epochs": 4, "eval_episodes": 16}
+ALGOS = {
+    "dppo": (dppo, "diffusion", dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, **SMALL)),
+    "flowppo": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3, **SMALL)),
+}
+
+
+def policy_for(algo):
+    kind = ALGOS[algo][1]
+    return make_bc_policy(kind, inference_steps=5 if kind == "diffusion" else 4)
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_ppo_ratio_is_exactly_one_before_every_update(algo, tmp_path):
+    module, _, config = ALGOS[algo]
+    config = dataclasses.replace(config, env_steps=150, eval_every=0)  # two iterations
+    result = module.finetune(policy_for(algo), make_env, config, tmp_path / "run", progress=False)
+    assert len(result.history) == 2
+    assert [row["first_ratio_error"] for row in result.history] == [0.0, 0.0]
+    assert result.history[-1]["ratio"] != 1.0  # later minibatches did move the policy
+
+
+def held_out_return(policy, seeds=range(100000, 100016)):
+    episodes, _ = rollout(policy, make_env, list(seeds), n_envs=8)
+    return float(np.mean([e.episode_return for e in episodes])), float(np.mean([e.success for e in episodes]))
+
+
+@pytest.mark.parametrize("algo,env_steps", [
+    pytest.param("dppo", 2400, marks=pytest.mark.slow),  # ~20 s: keeps the file's default run under a minute
+    ("flowppo", 1500),
+])
+def test_finetuning_raises_the_return_where_imitation_is_poor(algo, env_steps, tmp_path):
+    module, _, config = ALGOS[algo]
+    base = policy_for(algo)
+    if algo == "dppo":
+        base.set_sampling(eta=0.0)  # DPPO evaluates with DDIM eta = 0
+    bc_return, bc_success = held_out_return(base)
+    assert bc_success == 0.0  # the demonstrations are biased: imitation never reaches the goal
+    result = module.finetune(policy_for(algo), make_env, dataclasses.replace(config, env_steps=env_steps, eval_every=0),
+                             tmp_path / "run", progress=False)
+    tuned = ChunkPolicy.from_pretrained(result.checkpoint / "policy")  # what the run saved, with its copy
+    tuned_return, tuned_success = held_out_return(tuned)
+    assert tuned_return > bc_return + 1.0 and tuned_success > 0.0, (bc_return, tuned_return, tuned_success)
+    # The run evaluated exactly the sampler it saved.
+    assert result.history[-1]["eval_return"] == evaluate(tuned.sample, tuned.config, make_env, range(100000, 100016),
+                                                         8)["eval_return"]
+    curves = (tmp_path / "run" / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("iteration,env_steps,cpu_s") and len(curves) == 1 + len(result.history)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_resume_continues_bit_exactly(tmp_path, monkeypatch):
+    module, _, config = ALGOS["dppo"]
+    config = dataclasses.replace(config, env_steps=230, eval_every=0)  # three iterations
+    straight = module.finetune(policy_for("dppo"), make_env, config, tmp_path / "straight", progress=False)
+
+    original_save = Session.save
+
+    def save_then_die(self, *args, **kwargs):
+        path = original_save(self, *args, **kwargs)
+        if self.iteration == 1:
+            raise KeyboardInterrupt  # killed right after the first checkpoint
+        return path
+
+    monkeypatch.setattr(Session, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        module.finetune(policy_for("dppo"), make_env, config, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(Session, "save", original_save)
+    resumed = module.finetune(policy_for("dppo"), make_env, config, tmp_path / "resumed", resume=True, progress=False)
+    assert len(resumed.history) == 2 and resumed.history == straight.history[1:]
+    for name, tensor in straight.policy.state_dict().items():
+        assert torch.equal(tensor, resumed.policy.state_dict()[name]), name
+
+    def rows(run):
+        lines = (tmp_path / run / "curves.csv").read_text().splitlines()
+        return [",".join(v for i, v in enumerate(line.split(",")) if i != 2) for line in lines]  # without cpu_s
+
+    assert rows("straight") == rows("resumed")
+
+
+def test_bad_input_fails_before_any_environment_step(tmp_path, capsys):
+    card = write_card(tmp_path / "point.yaml")
+    flow = policy_for("flowppo")
+    flow.save_pretrained(tmp_path / "flow", metadata={"task": TASK})
+    other = policy_for("dppo")
+    other.save_pretrained(tmp_path / "other", metadata={"task": "pusht"})
+    # A checkpoint of another task.
+    assert main(["finetune", "--algo", "dppo", "--checkpoint", str(tmp_path / "other"), "--task", card,
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "trained on task 'pusht', not 'point_reach'" in capsys.readouterr().err
+    # A process the algorithm does not support.
+    assert main(["finetune", "--algo", "dppo", "--checkpoint", str(tmp_path / "flow"), "--task", card,
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "dppo fine-tunes diffusion policies; this checkpoint's process is 'flow'" in capsys.readouterr().err
+    with pytest.raises(UnsupportedProcessError, match="flowppo fine-tunes flow-matching policies"):
+        flow_ppo.finetune(policy_for("dppo"), make_env, ALGOS["flowppo"][2], tmp_path / "c")
+    # An environment whose action space differs from the policy's: no step taken.
+    WideActionReach.steps_taken = 0
+    wide = write_card(tmp_path / "wide.yaml", entry_point="rl_tasks:WideActionReach")
+    assert main(["finetune", "--algo", "flowppo", "--checkpoint", str(tmp_path / "flow"), "--task", wide,
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "action space is Box(-1.0, 1.0, (3,), float32), the policy acts in Box of shape (2,)" in capsys.readouterr().err
+    with pytest.raises(ActionSpaceMismatchError):
+        dppo.finetune(policy_for("dppo"), lambda: WideActionReach(), ALGOS["dppo"][2], tmp_path / "e")
+    assert WideActionReach.steps_taken == 0
+    # Bad overrides and an existing run without --resume.
+    assert main(["finetune", "--algo", "dppo", "--checkpoint", str(tmp_path / "other"), "--task", card,
+                 "nosuch=1"]) == 2
+    assert "unknown config key 'nosuch'" in capsys.readouterr().err
+    assert main(["finetune", "--algo", "dppo", "--checkpoint", str(tmp_path / "other"), "--task", card,
+                 "lr=fast"]) == 2
+    assert "config key 'lr': expected a finite number (float), got 'fast'" in capsys.readouterr().err
+
+
+def test_subprocess_environments_give_the_same_run(tmp_path):
+    module, _, config = ALGOS["dppo"]
+    config = dataclasses.replace(config, env_steps=20, n_envs=2, eval_every=0, eval_episodes=2)  # one iteration
+    inline = module.finetune(policy_for("dppo"), make_env, config, tmp_path / "sync", progress=False)
+    spawned = module.finetune(policy_for("dppo"), make_env, dataclasses.replace(config, asynchronous=True),
+                              tmp_path / "async", progress=False)
+    assert spawned.history == inline.history
+
+
+def test_resume_refuses_other_settings_but_takes_a_new_budget(tmp_path):
+    module, _, config = ALGOS["flowppo"]
+    config = dataclasses.replace(config, env_steps=60, eval_every=0, eval_episodes=2)  # one iteration
+    module.finetune(policy_for("flowppo"), make_env, config, tmp_path / "run", progress=False)
+    with pytest.raises(dppo.FinetuneError, match=r"already holds a fine-tuning run .* pass --resume"):
+        module.finetune(policy_for("flowppo"), make_env, config, tmp_path / "run", progress=False)
+    with pytest.raises(dppo.FinetuneError, match=r"other settings \(\['clip'\]\)"):
+        module.finetune(policy_for("flowppo"), make_env, dataclasses.replace(config, clip=0.1), tmp_path / "run",
+                        resume=True, progress=False)
+    longer = module.finetune(policy_for("flowppo"), make_env, dataclasses.replace(config, env_steps=120),
+                             tmp_path / "run", resume=True, progress=False)
+    assert len(longer.history) == 1
