@@ -16,6 +16,7 @@ from train_helpers import TINY, make_pusht_dataset
 
 from diffpolicy.cli import main
 from diffpolicy.envs.pusht import contact_side, first_contact
+from diffpolicy.evaluation.stats import success_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -107,6 +108,40 @@ def test_finetuning_curves_notebook(tiny_finetune, tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     # The biased imitation start never reaches the goal on the runs' 8 held-out seeds.
     assert "imitation start: success 0.000" in text and "seeds 100000..100007" in text
+
+
+def write_controller_summary(path, successes, episodes, nfe_per_action, jerk, seam_jump, underruns):
+    """`path/summary.json` in the layout `diffpolicy eval --controller MODE --delay D --out path` writes
+    (`evaluation.rollout.summarize` with its `control` section, issue 12)."""
+    path.mkdir(parents=True)
+    summary = {"success_rate": success_rate([True] * successes + [False] * (episodes - successes)).to_dict(),
+               "episodes": episodes, "mean_return": 10.0 * successes / episodes, "mean_length": 120.0,
+               "mean_coverage": 0.5, "control": {"nfe_per_action": nfe_per_action, "mean_jerk": jerk,
+                                                  "mean_seam_jump": seam_jump / 2, "max_seam_jump": seam_jump,
+                                                  "underruns": underruns},
+               "seeds": f"100000..{100000 + episodes - 1}"}
+    (path / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def test_compare_controllers_notebook(tmp_path, monkeypatch):
+    """The notebook's reading and plotting on summary.json files in the layout issue 12's
+    `diffpolicy eval --controller MODE --delay D` writes (synthetic values, exact keys); the end-to-end
+    path through real controller evaluations is exercised once issue 12 is merged."""
+    root, out = tmp_path / "controllers", tmp_path / "compare"
+    for policy, mode, delay, successes, nfe, jerk, jump, underruns in [
+            ("shared", "sync", 0, 9, 1.25, 3.0, 40.0, 0), ("shared", "sync", 3, 4, 1.25, 9.0, 120.0, 0),
+            ("shared", "rtc", 0, 9, 1.25, 2.0, 20.0, 0), ("shared", "rtc", 3, 8, 1.6, 2.5, 25.0, 0),
+            ("mix", "streaming", 0, 8, 0.4, 2.0, 15.0, 0), ("mix", "streaming", 3, 7, 0.4, 2.2, 18.0, 2)]:
+        write_controller_summary(root / policy / f"{mode}_d{delay}", successes, 10, nfe, jerk, jump, underruns)
+    notebook = execute("compare_controllers.ipynb", monkeypatch, DIFFPOLICY_EVAL_DIRS=f"{root}/*/*",
+                       DIFFPOLICY_NOTEBOOK_OUT=out)
+    assert (out / "controllers.png").stat().st_size > 10_000
+    assert len(outputs_of(notebook, "image/png")) == 1
+    html = "".join(outputs_of(notebook, "text/html"))
+    assert html.count("<tr>") == 7  # a header and 6 evaluations
+    assert "<td>rtc</td><td>3</td><td>8/10</td>" in html and "<td>1.600</td>" in html
+    text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "6 evaluations: mix/streaming at delays [0, 3], shared/rtc at delays [0, 3], shared/sync at delays [0, 3]" in text
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
