@@ -203,8 +203,8 @@ class StreamingMode(ChunkMode):
     def _warm(self, policy, layout, cond, noise, delay, previous, generator, steps):
         _, after = self.targets(layout, delay, noise.dtype, noise.device)
         state, _ = align_previous(previous.state, previous.shift)
-        levels, valid = align_previous(previous.levels, previous.shift)
-        fresh = ~valid
+        levels, valid = align_previous(previous.levels.unsqueeze(-1), previous.shift)
+        levels, fresh = levels.squeeze(-1), ~valid
         state = torch.where(fresh[None, :, None], noise, state)
         levels = torch.where(fresh[None, :], torch.ones_like(levels), levels)
         target = torch.minimum(levels, after.expand_as(levels))
