@@ -101,7 +101,7 @@ def test_streaming_emits_only_clean_actions_and_shifts_its_ladder(process):
         assert torch.all(out.levels[:, executed] == 0) and torch.all(out.levels[:, executed.stop:] > 0)
         assert torch.equal(out.levels[0], after)
         assert torch.equal(out.levels[0], after)
-        assert out.nfe == mode.calls_per_inference(policy, layout, 2, None) == math.ceil(6 / 2)
+        assert out.nfe == mode.calls_per_inference(policy, layout, 2, None) == math.ceil(6 / 3)  # 3 rungs of 4 over Tp - 3 = 9 tokens
     # the head that was already clean (the committed actions) comes back bit-exactly
     aligned, _ = align_previous(previous.state, TA)
     assert torch.equal(out.state[:, :layout.committed(2).stop], aligned[:, :layout.committed(2).stop])
