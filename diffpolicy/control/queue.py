@@ -58,8 +58,8 @@ class ActionQueue:
     def pop(self, tick: int) -> QueuedAction | None:
         """Remove and return the action of `tick` (None if there is none); earlier ticks are dropped."""
         with self._lock:
-            for stale in [t for t in self._entries if t < tick]:
-                del self._entries[stale]
+            for stale in range(self._next, tick):
+                self._entries.pop(stale, None)
             self._next = max(self._next, tick + 1)
             return self._entries.pop(tick, None)
 

@@ -72,19 +72,19 @@ class ObservationHistory:
             self.steps.append(step)
         self.tick, self.time = tick, time
 
-    def batch(self) -> dict[str, torch.Tensor]:
-        """`{key: (1, To, *shape)}` tensors of the history."""
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """`{key: (To, *shape)}` arrays of the history (copies; cheap enough for the control tick)."""
         if not self.steps:
             raise ControlError("observation history is empty: reset the controller with a first observation")
-        return {k: torch.as_tensor(np.stack([s[k] for s in self.steps]))[None] for k in self.obs_shapes}
+        return {k: np.stack([s[k] for s in self.steps]) for k in self.obs_shapes}
 
 
 @dataclass
 class Request:
-    """One inference: observations `{key: (1, To, ...)}` of tick `obs_tick`, started at tick
+    """One inference: observations `{key: (To, ...)}` (numpy) of tick `obs_tick`, started at tick
     `started` with the planned delay, the previous chunk, and the chunk's id."""
 
-    obs: dict[str, torch.Tensor]
+    obs: dict[str, np.ndarray]
     obs_tick: int
     started: int
     delay: int
@@ -145,7 +145,7 @@ class ChunkScheduler:
                 return remaining == 0
             return remaining <= self.estimator.estimate or tick - self.last_obs_tick >= self.horizon
 
-    def begin(self, obs: dict[str, torch.Tensor], obs_tick: int, tick: int) -> Request:
+    def begin(self, obs: dict[str, np.ndarray], obs_tick: int, tick: int) -> Request:
         """Start an inference at `tick` from observations of `obs_tick`."""
         with self.lock:
             if self.running is not None:
@@ -335,7 +335,7 @@ class RealTimeController:
             with self._wake:
                 if self._pending is None:
                     self.inference_started = now
-                    self._pending = self.scheduler.begin(self.history.batch(), self.history.tick, self.tick_index)
+                    self._pending = self.scheduler.begin(self.history.snapshot(), self.history.tick, self.tick_index)
                     self._wake.notify_all()
 
     def _work(self) -> None:
@@ -374,6 +374,7 @@ class RealTimeController:
 
     def _policy_infer(self, request: Request) -> Generated:
         noise = torch.randn((1, self.layout.pred_horizon, self.policy.config.action_dim), generator=self.generator)
+        obs = {key: torch.as_tensor(value)[None] for key, value in request.obs.items()}
         with torch.no_grad():
-            return self.mode.generate(self.policy, self.layout, request.obs, noise, request.delay, request.previous,
+            return self.mode.generate(self.policy, self.layout, obs, noise, request.delay, request.previous,
                                       self.generator, self.steps)
