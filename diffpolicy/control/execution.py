@@ -36,13 +36,15 @@ class ControlSpec:
 class ExecutionStats:
     """Per-episode controller metrics: denoiser calls, executed actions (ticks), queue underruns,
     the mean jerk (norm of the third difference of executed actions, per tick^3) and the largest
-    action jump at a chunk seam (norm of a_k - a_{k-1} where a_k comes from a newer chunk)."""
+    action jump at a chunk seam (norm of a_k - a_{k-1} where a_k comes from a newer chunk); `delays`:
+    the actions consumed during each inference, where they were measured (wall clock)."""
 
     nfe: int = 0
     actions: int = 0
     underruns: int = 0
     jerk: float = 0.0
     seam_jump: float = 0.0
+    delays: list[int] | None = None  # measured delays per inference (wall-clock runs)
 
 
 class EpisodeExecution:

@@ -272,12 +272,16 @@ class RealTimeController:
         self._pending: Request | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def reset(self, obs: dict[str, Any], position: np.ndarray, now: float) -> None:
-        """Start an episode: the first observation (tick 0) and the robot's position."""
+    def reset(self, obs: dict[str, Any], position: np.ndarray | None, now: float) -> None:
+        """Start an episode: the first observation (tick 0) and the robot's commanded position
+        (None: the robot starts at rest at the first chunk's first action)."""
         self.history.steps.clear()
         self.history.append(obs, 0, now)
-        self.safety.reset(position)
-        self.last_command = self.safety.position.copy()
+        self.safety.position = None
+        self.last_command = None
+        if position is not None:
+            self.safety.reset(position)
+            self.last_command = self.safety.position.copy()
         self.tick_index = 0
         self._request_if_due(now)
 
@@ -306,6 +310,11 @@ class RealTimeController:
         entry = self.scheduler.pop(self.tick_index)
         if entry is None and not self.mode.blocking:
             flags.append("underrun")
+        if self.safety.position is None:
+            if entry is None or not np.isfinite(entry.action).all():
+                raise ControlError("RealTimeController.tick: no position to hold yet: pass the robot's position to "
+                                   "reset() or wait for the first chunk (wait_first_chunk)")
+            self.safety.reset(entry.action)
         target = entry.action if (entry is not None and not flags) else self.last_command
         if target is not None and not np.isfinite(target).all():
             flags.append("nonfinite_target")
