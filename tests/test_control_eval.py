@@ -77,6 +77,7 @@ def test_eval_command_with_a_controller(tmp_path, checkpoint, capsys):
     (["--delay", "2"], "--delay and --exec-horizon need --controller"),
     (["--wall-clock"], "--wall-clock needs --controller"),
     (["--controller", "rtc", "--wall-clock", "--profile", "nope"], "robot profile 'nope'"),
+    (["--cuda-graphs"], "CUDA graphs need the policy on a CUDA device"),
 ])
 def test_eval_controller_bad_inputs(checkpoint, capsys, argv, message):
     code = main(["eval", "--checkpoint", str(checkpoint), "--episodes", "1", "--no-progress", *argv])

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from diffpolicy.envs.tasks import TaskCard, TaskCardError, load_task
+from diffpolicy.control.acceleration import accelerate
 from diffpolicy.control.errors import ProfileMissingError
 from diffpolicy.control.execution import ControlSpec
 from diffpolicy.control.modes import MODES, make_mode
@@ -79,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wall-clock", action="store_true",
                         help="real threads and real inference time instead of a simulated delay")
     parser.add_argument("--profile", default=None, help="robot profile for --wall-clock (default: the task's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser call")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture the denoiser call in CUDA graphs (CUDA only)")
+    parser.add_argument("--bf16", action="store_true", help="run the denoiser under bf16 autocast")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -164,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
             device = resolve_device(args.device)
         except ValueError as err:
             raise UsageError(f"--device: {err}") from None
+        policy = accelerate(policy.to(device), compile=args.compile, cuda_graphs=args.cuda_graphs, bf16=args.bf16)
         if args.wall_clock:
             result = evaluate_wall_clock(policy, card, args, episodes, seed, out)
         else:
