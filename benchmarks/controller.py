@@ -12,6 +12,7 @@ the shared policy: DDPM (eta = 1) with 100 steps, execute Ta = 8, sync at d = 0.
 
 Then the control tick: p50 / p99 of `RealTimeController.tick` (queue pop, watchdog, safety filter,
 interpolation; inference excluded: a stub returns chunks, completed between ticks on a fake clock),
+in wall time and in the thread's CPU time (on a shared machine the wall p99 is preemption),
 and a soak of `--soak-ticks` ticks with injected stalls (1 %), NaN chunks (2 %), chunks that jump
 (2 %) and stale observations (1 %) behind the PushT robot profile: every command is checked against
 the profile's limits (`safety.within_limits`).
@@ -52,11 +53,13 @@ def load(path: str) -> ChunkPolicy:
     return ChunkPolicy.from_pretrained(resolve_policy_dir(path)).eval()
 
 
-def run_config(name: str, policy: ChunkPolicy, spec: ControlSpec, args, cache: Path) -> dict:
-    """Evaluate one (mode, delay) on the held-out seeds, cached."""
+def run_config(name: str, policy: ChunkPolicy, spec: ControlSpec, args, cache: Path) -> dict | None:
+    """Evaluate one (mode, delay) on the held-out seeds, cached (None: not cached and --table-only)."""
     path = cache / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if args.table_only:
+        return None
     started = time.perf_counter()
     result = evaluate(policy, load_task("pusht"), episodes=args.episodes, seed_start=args.seed, n_envs=args.n_envs,
                       control=spec)
@@ -84,18 +87,20 @@ def tick_latency(config, ticks: int) -> dict:
     obs = {k: np.zeros(v) for k, v in config.obs_shapes.items()}
     controller.reset(obs, np.array([256.0, 256.0]), 0.0)
     controller.run_pending()
-    times = []
+    times, cpu = [], []
     for tick in range(ticks):
         now = tick * 0.1
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         controller.tick(now)
         times.append(time.perf_counter() - started)
+        cpu.append(time.thread_time() - started_cpu)
         controller.observe(obs, now)
         if controller.pending is not None and tick % 3 == 0:
             controller.run_pending()
-    us = 1e6 * np.array(times)
+    us, cpu_us = 1e6 * np.array(times), 1e6 * np.array(cpu)
     return {"ticks": ticks, "p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
-            "max_us": float(us.max())}
+            "max_us": float(us.max()), "cpu_p50_us": float(np.percentile(cpu_us, 50)),
+            "cpu_p99_us": float(np.percentile(cpu_us, 99))}
 
 
 def soak(config, ticks: int, seed: int = 0) -> dict:
@@ -139,8 +144,8 @@ def soak(config, ticks: int, seed: int = 0) -> dict:
     return {"ticks": ticks, "out_of_limit": int((~ok).sum()), "flags": dict(controller.flags)}
 
 
-def table(rows: list[dict], reference: dict) -> str:
-    ref_nfe = reference["control"]["nfe_per_action"]
+def table(rows: list[dict], reference: dict | None) -> str:
+    ref_nfe = None if reference is None else reference["control"]["nfe_per_action"]
     lines = ["| mode (policy) | d | success [95 % CI] | vs d = 0 | NFE / action | NFE vs reference | mean jerk | "
              "mean max seam jump | underruns |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -149,7 +154,7 @@ def table(rows: list[dict], reference: dict) -> str:
         delta = "" if base is None else f"{100 * (s['rate'] - base):+.0f} pts"
         lines.append(f"| {row['label']} | {row['delay']} | {s['successes']}/{row['summary']['episodes']} "
                      f"[{s['ci95_low']:.2f}, {s['ci95_high']:.2f}] | {delta} | {c['nfe_per_action']:.3f} | "
-                     f"{c['nfe_per_action'] / ref_nfe:.3f} | {c['mean_jerk']:.1f} | {c['mean_seam_jump']:.1f} | "
+                     f"{'n/a' if ref_nfe is None else format(c['nfe_per_action'] / ref_nfe, '.3f')} | {c['mean_jerk']:.1f} | {c['mean_seam_jump']:.1f} | "
                      f"{c['underruns']} |")
     return "\n".join(lines)
 
@@ -167,6 +172,8 @@ def main() -> None:
     parser.add_argument("--soak-ticks", type=int, default=1_000_000)
     parser.add_argument("--out", default="runs/bench_controller")
     parser.add_argument("--reference-only", action="store_true", help="run (and cache) the reference row only")
+    parser.add_argument("--table-only", action="store_true",
+                        help="no evaluation: the table of the rows cached in --out, then the tick and soak")
     parser.add_argument("--only-configs", action="store_true",
                         help="run (and cache) the mode x delay rows only: no reference, table, tick or soak "
                              "(to split one run over several processes sharing --out)")
@@ -201,17 +208,22 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         for delay in sorted(args.delays):
+            if results[mode, delay] is None:
+                continue
             base = results.get((mode, 0))
             rows.append({"label": f"{mode} ({POLICY_OF_MODE[mode]})", "delay": delay, "summary": results[mode, delay],
                          "base": None if base is None or delay == 0 else base["success_rate"]["rate"]})
-    rows.append({"label": "reference: DDPM 100 steps, sync (shared)", "delay": 0, "summary": reference, "base": None})
+    if reference is not None:
+        rows.append({"label": "reference: DDPM 100 steps, sync (shared)", "delay": 0, "summary": reference,
+                     "base": None})
     print(f"\nPushT (state), {args.episodes} held-out episodes from seed {args.seed}; {platform.processor() or 'cpu'}, "
           f"torch {torch.__version__}, 1 thread")
     print(table(rows, reference))
     config = policies["shared"].config
     latency = tick_latency(config, args.tick_samples)
-    print(f"\ncontrol tick (inference excluded), {latency['ticks']} ticks: p50 {latency['p50_us']:.0f} us, "
-          f"p99 {latency['p99_us']:.0f} us, max {latency['max_us']:.0f} us")
+    print(f"\ncontrol tick (inference excluded), {latency['ticks']} ticks: wall p50 {latency['p50_us']:.0f} us, "
+          f"p99 {latency['p99_us']:.0f} us, max {latency['max_us']:.0f} us; thread CPU time p50 "
+          f"{latency['cpu_p50_us']:.0f} us, p99 {latency['cpu_p99_us']:.0f} us")
     atomic_write_text(cache / "tick_latency.json", json.dumps(latency, indent=1))
     soaked = soak(config, args.soak_ticks)
     print(f"soak: {soaked['ticks']} ticks, {soaked['out_of_limit']} out-of-limit commands; flags {soaked['flags']}")
