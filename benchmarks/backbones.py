@@ -16,7 +16,7 @@ lower is faster; speed ratio for it/s, higher is faster).
 A second table measures the sampling loop's own cost per step for the MLP denoiser: one
 `sample_normalized` call (condition encoded once) at K = 10 and 100 steps against K network calls,
 with the core's value checks made once per call (the default) and, as the baseline in the same
-process, made inside every step (the loop before 2026-12). Usage:
+process, made inside every step (the loop before 2026-12); CPU time of the sampling thread. Usage:
 
     python benchmarks/backbones.py [--threads 1] [--repeats 5]
 """
@@ -58,14 +58,15 @@ def make_policy(backbone: dict, seed: int = 0) -> ChunkPolicy:
     return ChunkPolicy(config, normalizer)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls after one untimed warm-up call."""
+def median_seconds(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Median time of `fn()` on `clock` (wall time by default) over `repeats` calls after one
+    untimed warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
-        began = time.perf_counter()
+        began = clock()
         fn()
-        times.append(time.perf_counter() - began)
+        times.append(clock() - began)
     return statistics.median(times)
 
 
@@ -102,7 +103,9 @@ def measure(policy: ChunkPolicy, repeats: int, train_steps: int) -> dict[str, fl
 
 def loop_overhead(policy: ChunkPolicy, repeats: int, steps_list: tuple[int, ...] = (10, 100)) -> list[str]:
     """Lines of the per-step overhead table: for K steps, K network calls vs one sampling call with
-    value checks once per call and with them in every step (`samplers.values_checked` disabled)."""
+    value checks once per call and with them in every step (`samplers.values_checked` disabled).
+    Times are this thread's CPU time (`time.thread_time`), so other processes on the machine do not
+    inflate them."""
     g = torch.Generator().manual_seed(0)
     obs = {"state": torch.rand(1, TO, OBS_DIM, generator=g) * 512}
     policy.eval()
@@ -111,15 +114,15 @@ def loop_overhead(policy: ChunkPolicy, repeats: int, steps_list: tuple[int, ...]
     with torch.no_grad():
         cond = policy.encode_obs(obs)
         x, t = torch.randn(1, TP, DA, generator=g), torch.full((1, TP), 0.5)
-        call = median_seconds(lambda: policy.backbone(x, t, cond), repeats * 10)
+        call = median_seconds(lambda: policy.backbone(x, t, cond), repeats * 10, time.thread_time)
         for steps in steps_list:
             def run() -> None:
                 policy.sample_normalized(cond, steps=steps, generator=torch.Generator().manual_seed(1))
-            lean = median_seconds(run, repeats)
+            lean = median_seconds(run, repeats, time.thread_time)
             original = samplers.values_checked
             samplers.values_checked = contextlib.nullcontext  # the baseline: value checks in every step
             try:
-                checked = median_seconds(run, repeats)
+                checked = median_seconds(run, repeats, time.thread_time)
             finally:
                 samplers.values_checked = original
             per_step = [(total - steps * call) / steps * 1e6 for total in (checked, lean)]

@@ -43,7 +43,7 @@ from diffpolicy.envs.tasks import load_task
 from diffpolicy.evaluation.rollout import evaluate
 from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.policies import ChunkPolicy
-from diffpolicy.train.checkpoints import resolve_policy_dir
+from diffpolicy.policies.locate import resolve_policy_dir
 
 POLICY_OF_MODE = {"sync": "shared", "ensemble": "shared", "rtc": "shared",
                   "prefix": "mix", "streaming": "mix", "warmstart": "mix"}

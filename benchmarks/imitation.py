@@ -50,13 +50,13 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from diffpolicy.envs.collect import collect, recipe_settings  # noqa: E402
+from diffpolicy.collection.collect import collect, recipe_settings  # noqa: E402
 from diffpolicy.envs.tasks import TaskCard, load_task, make_env, make_expert  # noqa: E402
 from diffpolicy.evaluation.latency import chunk_latency_ms  # noqa: E402
 from diffpolicy.evaluation.rollout import evaluate  # noqa: E402
 from diffpolicy.evaluation.stats import SuccessRate, success_rate  # noqa: E402
-from diffpolicy.policies import ChunkPolicy, PolicyConfig  # noqa: E402
 from diffpolicy.fsutil import atomic_write_text  # noqa: E402
+from diffpolicy.policies import ChunkPolicy, PolicyConfig  # noqa: E402
 from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir  # noqa: E402
 from diffpolicy.train.config import METHODS, config_for_run  # noqa: E402
 from diffpolicy.train.trainer import train  # noqa: E402

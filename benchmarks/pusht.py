@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffpolicy.envs.collect import collect
+from diffpolicy.collection.collect import collect
 from diffpolicy.envs.experts.pusht import PushTExpert
 from diffpolicy.envs.pusht import PushTEnv
 

@@ -2,6 +2,8 @@
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
 lazily so that `--help` stays fast and a command's heavy dependencies load only when it runs.
+Bad input anywhere in the package raises a `DiffpolicyError`; it is caught once, here: the message
+goes to stderr and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from diffpolicy.errors import DiffpolicyError
 
 # (command name, module under diffpolicy.commands, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -48,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(command_parser)
     # Intermixed: `train --task pusht a=1 --resume b=2` mixes options and key=value overrides.
     args = command_parser.parse_intermixed_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except DiffpolicyError as err:
+        print(f"diffpolicy {name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

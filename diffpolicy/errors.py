@@ -25,8 +25,31 @@ class MissingFileError(DiffpolicyError, FileNotFoundError):
     """A file or directory the call needs does not exist (the message says which, and what makes it)."""
 
 
+class MissingKeyError(DiffpolicyError, KeyError):
+    """A key (data key, episode meta, observation) is not in the store or mapping asked."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidIndexError(DiffpolicyError, IndexError):
+    """An index (step, episode, token) is out of range."""
+
+
+class ReadOnlyError(DiffpolicyError, PermissionError):
+    """A write was asked of something opened read-only (a store opened with mode='r')."""
+
+
+class InvalidStateError(DiffpolicyError, RuntimeError):
+    """An object is used in a state that does not allow the call (step before reset, autograd off)."""
+
+
 class ExistingFileError(DiffpolicyError, FileExistsError):
     """A file or directory exists where the call would create a new one (and overwrite was not asked)."""
+
+
+class ConfigError(InvalidValueError):
+    """A configuration has an unknown key, a missing key, or a value of the wrong type or range."""
 
 
 class UsageError(InvalidValueError):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import yaml
 
-import diffpolicy.envs.collect as collect_module
+import diffpolicy.collection.collect as collect_module
 from diffpolicy.cli import main
+from diffpolicy.collection.collect import CollectError, collect
 from diffpolicy.data.replay_buffer import ReplayBuffer
-from diffpolicy.envs.collect import CollectError, collect
 from diffpolicy.envs.pusht import PushTEnv
 from diffpolicy.envs.tasks import CARDS_DIR, TaskCardError, load_task
 

@@ -13,7 +13,7 @@ from diffpolicy.cli import main
 from diffpolicy.control.execution import ControlSpec
 from diffpolicy.control.modes import MODES, make_mode
 from diffpolicy.control.profile import load_profile
-from diffpolicy.control.wall_clock import run_wall_clock
+from diffpolicy.evaluation.wall_clock import run_wall_clock
 from diffpolicy.envs.tasks import load_task, make_env
 from diffpolicy.evaluation.rollout import rollout
 

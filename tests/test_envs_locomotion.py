@@ -12,10 +12,15 @@ import yaml
 from gymnasium.utils.env_checker import check_env
 
 from diffpolicy.cli import main as cli_main
-from diffpolicy.envs.expert_training import ExpertTrainingError, ExpertTrainingSpec, evaluate_expert, train_expert
 from diffpolicy.envs.experts.learned import ExpertNotTrainedError, LearnedExpert
 from diffpolicy.envs.locomotion import LocomotionEnv
 from diffpolicy.envs.tasks import CARDS_DIR, load_task, make_env, make_expert
+from diffpolicy.rl.expert_training import (
+    ExpertTrainingError,
+    ExpertTrainingSpec,
+    evaluate_expert,
+    train_expert,
+)
 
 TASKS = ["hopper", "walker2d", "halfcheetah"]
 

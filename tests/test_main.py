@@ -35,7 +35,7 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
 
 
 def test_main_job_trains_on_its_own_demonstrations_from_a_larger_store(tmp_path, capsys):
-    from diffpolicy.envs.collect import collect
+    from diffpolicy.collection.collect import collect
 
     out, dataset = tmp_path / "main", tmp_path / "pusht.zarr"
     collect("pusht", episodes=4, out=dataset, only_success=True)

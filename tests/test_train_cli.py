@@ -59,8 +59,8 @@ def test_dataset_of_another_task(tmp_path, dataset, capsys):
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=1e-3", "did you mean optim.lr"),
-    ("train.steps=ten", "'train.steps' expects int, got 'ten'"),
-    ("train.bf16=2", "'train.bf16' expects bool"),
+    ("train.steps=ten", "config key 'train.steps': expected an integer, got 'ten' (str)"),
+    ("train.bf16=2", "config key 'train.bf16': expected a bool, got 2 (int)"),
 ])
 def test_bad_overrides(tmp_path, dataset, capsys, override, message):
     code, _, err = run_cli(capsys, "train", "--task", "pusht", "--out", str(tmp_path / "run"), override)

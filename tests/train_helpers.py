@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffpolicy.collection.collect import collect
 from diffpolicy.data.replay_buffer import ReplayBuffer
-from diffpolicy.envs.collect import collect
 from diffpolicy.envs.tasks import load_task
 
 # A small MLP denoiser and a handful of steps: the tests check mechanics, not quality.

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffpolicy.data.errors import DataFormatError
-from diffpolicy.envs.collect import CollectError, collect, recipe_settings
-from diffpolicy.envs.tasks import TaskCardError, load_task
+from diffpolicy.collection.collect import collect, recipe_settings
+from diffpolicy.envs.tasks import load_task
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    card = load_task(args.task)
+    recipe = card.dataset
+    settings = recipe_settings(card)
+    given = {"seed_start": args.seed_start, "only_success": args.only_success, "action_noise": args.action_noise}
+    settings.update({name: value for name, value in given.items() if value is not None})
     try:
-        card = load_task(args.task)
-        recipe = card.dataset
-        settings = recipe_settings(card)
-        given = {"seed_start": args.seed_start, "only_success": args.only_success, "action_noise": args.action_noise}
-        settings.update({name: value for name, value in given.items() if value is not None})
         summary = collect(
             card,
             episodes=args.episodes if args.episodes is not None else int(recipe["episodes"]),
@@ -47,9 +46,6 @@ def run(args: argparse.Namespace) -> int:
             **settings,
             progress=not args.no_progress,
         )
-    except (TaskCardError, CollectError, DataFormatError, FileExistsError, FileNotFoundError) as err:
-        print(f"diffpolicy collect: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("diffpolicy collect: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -12,7 +12,6 @@ regressor learns the conditional mean, which runs between the modes, through the
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffpolicy.errors import UsageError
 from diffpolicy.policies import ChunkPolicy, Normalizer, PolicyConfig, diffusion_process, flow_process
 
 GOAL = np.array([0.0, 1.0])
@@ -176,8 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.p_left <= 1.0:
-        print(f"diffpolicy demo: --p-left must be in [0, 1], got {args.p_left}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--p-left must be in [0, 1], got {args.p_left}")
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     data = make_bimodal_data(args.demos, args.p_left, args.horizon, rng)

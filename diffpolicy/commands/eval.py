@@ -23,36 +23,27 @@ safety filter.
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError
-
 import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 
-from diffpolicy.envs.tasks import TaskCard, TaskCardError, load_task
 from diffpolicy.control.acceleration import accelerate
 from diffpolicy.control.errors import ProfileMissingError
 from diffpolicy.control.execution import ControlSpec
 from diffpolicy.control.modes import MODES, make_mode
 from diffpolicy.control.profile import load_profile
-from diffpolicy.envs.tasks import make_env
-from diffpolicy.errors import DiffpolicyError
+from diffpolicy.envs.tasks import TaskCard, load_task, make_env
+from diffpolicy.errors import ConfigError, InvalidValueError, UsageError
 from diffpolicy.evaluation.rollout import Evaluation, evaluate, summarize
 from diffpolicy.fsutil import atomic_write_text
+from diffpolicy.nn.device import resolve_device
 from diffpolicy.policies import ChunkPolicy
-from diffpolicy.policies.errors import CheckpointError, ConfigError
-from diffpolicy.train.checkpoints import resolve_policy_dir
-from diffpolicy.train.distributed import resolve_device
+from diffpolicy.policies.locate import resolve_policy_dir
 
 
 class TaskMismatchError(InvalidValueError):
     """The checkpoint was trained on another task than the one asked for."""
-
-
-class UsageError(ValueError):
-    """A command-line value out of range."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,12 +120,12 @@ def control_spec(args: argparse.Namespace, card: TaskCard) -> ControlSpec | None
 
 def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Namespace, episodes: int, seed: int,
                         out: Path) -> Evaluation:
-    """`--wall-clock`: the controller's threads in real time (see `control.wall_clock`)."""
+    """`--wall-clock`: the controller's threads in real time (see `evaluation.wall_clock`)."""
     if args.controller is None:
         raise UsageError("--wall-clock needs --controller MODE")
     if args.delay != 0:
         raise UsageError("--wall-clock measures the delay; do not pass --delay")
-    from diffpolicy.control.wall_clock import run_wall_clock
+    from diffpolicy.evaluation.wall_clock import run_wall_clock
 
     profile = load_profile(args.profile or card.name)
     seeds = list(range(seed, seed + episodes))
@@ -149,36 +140,31 @@ def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Name
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("episodes", "n_envs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.videos < 0:
+        raise UsageError(f"--videos must be >= 0, got {args.videos}")
+    policy, card, policy_dir = load_policy_for_task(args.checkpoint, args.task)
     try:
-        for name in ("episodes", "n_envs"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if args.videos < 0:
-            raise UsageError(f"--videos must be >= 0, got {args.videos}")
-        policy, card, policy_dir = load_policy_for_task(args.checkpoint, args.task)
-        try:
-            policy.set_sampling(inference_steps=args.inference_steps, eta=args.eta)
-        except ConfigError as err:
-            raise UsageError(f"--inference-steps / --eta: {err}") from None
-        episodes = args.episodes if args.episodes is not None else int(card.eval["episodes"])
-        seed = args.seed if args.seed is not None else int(card.eval["seed_start"])
-        out = Path(args.out) if args.out else policy_dir.parent / f"eval_seed{seed}_n{episodes}"
-        try:
-            device = resolve_device(args.device)
-        except ValueError as err:
-            raise UsageError(f"--device: {err}") from None
-        policy = accelerate(policy.to(device), compile=args.compile, cuda_graphs=args.cuda_graphs, bf16=args.bf16)
-        if args.wall_clock:
-            result = evaluate_wall_clock(policy, card, args, episodes, seed, out)
-        else:
-            control = control_spec(args, card)
-            result = evaluate(policy.to(device), card, episodes=episodes, seed_start=seed, n_envs=args.n_envs,
-                              videos=min(args.videos, episodes), out_dir=out, device=device,
-                              progress=not args.no_progress, control=control)
-    except (CheckpointError, TaskMismatchError, TaskCardError, UsageError, DiffpolicyError) as err:
-        print(f"diffpolicy eval: error: {err}", file=sys.stderr)
-        return 2
+        policy.set_sampling(inference_steps=args.inference_steps, eta=args.eta)
+    except ConfigError as err:
+        raise UsageError(f"--inference-steps / --eta: {err}") from None
+    episodes = args.episodes if args.episodes is not None else int(card.eval["episodes"])
+    seed = args.seed if args.seed is not None else int(card.eval["seed_start"])
+    out = Path(args.out) if args.out else policy_dir.parent / f"eval_seed{seed}_n{episodes}"
+    try:
+        device = resolve_device(args.device)
+    except InvalidValueError as err:
+        raise UsageError(f"--device: {err}") from None
+    policy = accelerate(policy.to(device), compile=args.compile, cuda_graphs=args.cuda_graphs, bf16=args.bf16)
+    if args.wall_clock:
+        result = evaluate_wall_clock(policy, card, args, episodes, seed, out)
+    else:
+        result = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=args.n_envs,
+                          videos=min(args.videos, episodes), out_dir=out, device=device,
+                          progress=not args.no_progress, control=control_spec(args, card))
     summary = result.summary
     print(json.dumps({"checkpoint": str(policy_dir), "task": card.name, **summary}, indent=1))
     print(f"success rate {summary['success_rate']['rate']:.3f} "

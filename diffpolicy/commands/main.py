@@ -24,17 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from diffpolicy.data.errors import DataFormatError
-from diffpolicy.envs.collect import CollectError, collect, recipe_settings
-from diffpolicy.envs.tasks import TaskCardError, load_task
+from diffpolicy.collection.collect import collect, recipe_settings
+from diffpolicy.envs.tasks import load_task
 from diffpolicy.evaluation.latency import chunk_latency_ms
 from diffpolicy.evaluation.report import write_report
-from diffpolicy.evaluation.rollout import evaluate
+from diffpolicy.evaluation.rollout import evaluate, score_policy
 from diffpolicy.policies import ChunkPolicy
-from diffpolicy.policies.errors import CheckpointError, ConfigError, NormalizerError
-from diffpolicy.train.checkpoints import resolve_policy_dir
+from diffpolicy.policies.locate import resolve_policy_dir
 from diffpolicy.train.config import METHODS, config_for_run
-from diffpolicy.train.trainer import DatasetMismatchError, DatasetMissingError, RunDirectoryError, train
+from diffpolicy.train.trainer import train
 
 TASK = "pusht"
 # CPU-budget training on top of the method defaults (`train.config.METHOD_DEFAULTS`) and the card's
@@ -85,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"[2/4] training {args.policy} for {config.train.steps} steps into {run_dir}"
               + (" (resuming)" if resume else ""), flush=True)
         mark = time.perf_counter()
-        result = train(config, run_dir, resume=resume, progress=not args.no_progress, card=card)
+        result = train(config, run_dir, resume=resume, progress=not args.no_progress, card=card,
+                       scorer=score_policy)
         seconds["train"] = time.perf_counter() - mark
 
         policy_dir = resolve_policy_dir(run_dir)
@@ -97,10 +96,6 @@ def run(args: argparse.Namespace) -> int:
         evaluation = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=10,
                               videos=min(args.videos, episodes), out_dir=out / "eval", progress=not args.no_progress)
         seconds["evaluate"] = time.perf_counter() - mark
-    except (TaskCardError, CollectError, DataFormatError, ConfigError, DatasetMissingError, DatasetMismatchError,
-            RunDirectoryError, CheckpointError, NormalizerError) as err:
-        print(f"diffpolicy main: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("diffpolicy main: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130

@@ -16,14 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-from diffpolicy.data.errors import DataFormatError
-from diffpolicy.envs.tasks import TaskCardError, load_task
-from diffpolicy.policies.errors import CheckpointError, ConfigError, NormalizerError
+from diffpolicy.envs.tasks import load_task
+from diffpolicy.evaluation.rollout import score_policy
 from diffpolicy.train.config import METHODS, config_for_run
-from diffpolicy.train.trainer import DatasetMismatchError, DatasetMissingError, RunDirectoryError, train
-
-USER_ERRORS = (ConfigError, TaskCardError, DatasetMissingError, DatasetMismatchError, DataFormatError,
-               RunDirectoryError, CheckpointError, NormalizerError)
+from diffpolicy.train.trainer import train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out or f"runs/{Path(args.task).stem}_{args.policy}")
     is_main = int(os.environ.get("RANK", "0")) == 0
+    card = load_task(args.task)
+    config = config_for_run(card, args.policy, args.overrides, run_dir, args.resume)
     try:
-        card = load_task(args.task)
-        config = config_for_run(card, args.policy, args.overrides, run_dir, args.resume)
-        result = train(config, run_dir, resume=args.resume, progress=not args.no_progress, card=card)
-    except USER_ERRORS as err:
-        print(f"diffpolicy train: error: {err}", file=sys.stderr)
-        return 2
+        result = train(config, run_dir, resume=args.resume, progress=not args.no_progress, card=card,
+                       scorer=score_policy)
     except KeyboardInterrupt:
         print(f"diffpolicy train: interrupted; continue with: diffpolicy train --task {args.task} "
               f"--policy {args.policy} --out {run_dir} --resume", file=sys.stderr)

@@ -25,17 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from diffpolicy.envs.expert_training import ExpertTrainingError, train_expert
-    from diffpolicy.envs.tasks import TaskCardError, load_task
+    from diffpolicy.envs.tasks import load_task
+    from diffpolicy.rl.expert_training import train_expert
 
     torch.set_num_threads(args.threads)
-    try:
-        card = load_task(args.task)
-        result = train_expert(card, steps=args.steps, target_return=args.target_return, seed=args.seed,
-                              retrain=args.retrain, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (TaskCardError, ExpertTrainingError) as exc:
-        print(f"diffpolicy train-expert: error: {exc}", file=sys.stderr)
-        return 2
+    card = load_task(args.task)
+    result = train_expert(card, steps=args.steps, target_return=args.target_return, seed=args.seed,
+                          retrain=args.retrain, log=lambda line: print(line, file=sys.stderr, flush=True))
     summary = result.summary()
     summary.pop("history")
     print(json.dumps(summary, indent=2))

@@ -23,6 +23,7 @@ import torch
 
 from diffpolicy.core.errors import CoreConfigError, CoreInputError
 from diffpolicy.core.processes import Process, check_like, check_x
+from diffpolicy.errors import InvalidStateError, InvalidTypeError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -134,7 +135,7 @@ class GuidedInpainting(Guidance):
     def model_output(self, model_fn, process, x_t, t, cond):
         check_like(self.target, x_t, "GuidedInpainting", "target")
         if torch.is_inference_mode_enabled():
-            raise RuntimeError("GuidedInpainting needs autograd for its vector-Jacobian product and cannot run "
+            raise InvalidStateError("GuidedInpainting needs autograd for its vector-Jacobian product and cannot run "
                                "under torch.inference_mode(); sample under torch.no_grad() instead")
         target = self.target.to(x_t)
         weights = self.weights.to(x_t).unsqueeze(-1)
@@ -161,7 +162,7 @@ class ComposedGuidance(Guidance):
     def __init__(self, guidances: Sequence[Guidance]):
         bad = [i for i, g in enumerate(guidances) if not isinstance(g, Guidance)]
         if bad:
-            raise TypeError(f"ComposedGuidance: every element must be a Guidance, got "
+            raise InvalidTypeError(f"ComposedGuidance: every element must be a Guidance, got "
                             f"{type(guidances[bad[0]]).__name__} at index {bad[0]}")
         self.guidances = list(guidances)
 

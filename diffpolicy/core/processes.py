@@ -26,6 +26,7 @@ import torch
 from diffpolicy.core.checking import must_check_values
 from diffpolicy.core.errors import CoreConfigError, CoreInputError
 from diffpolicy.core.schedules import NoiseSchedule, check_time
+from diffpolicy.errors import InvalidTypeError
 
 PREDICTIONS = ("epsilon", "sample", "v")
 
@@ -41,9 +42,9 @@ class StepResult(NamedTuple):
 def check_x(x: torch.Tensor, where: str, x_name: str = "x_t") -> None:
     """Raise unless x is a floating `(B, L, D)` tensor."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: {x_name} must be a torch.Tensor (B, L, D), got {type(x).__name__}")
+        raise InvalidTypeError(f"{where}: {x_name} must be a torch.Tensor (B, L, D), got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{where}: {x_name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise InvalidTypeError(f"{where}: {x_name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != 3:
         raise CoreInputError(f"{where}: {x_name} must have shape (B, L, D), got {tuple(x.shape)}")
 
@@ -265,7 +266,7 @@ class GaussianDiffusion(Process):
     def __init__(self, schedule: NoiseSchedule, prediction: str = "epsilon", eta: float = 1.0,
                  clip_x0: float | None = None):
         if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"GaussianDiffusion: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+            raise InvalidTypeError(f"GaussianDiffusion: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if prediction not in PREDICTIONS:
             raise CoreConfigError(f"GaussianDiffusion: unknown prediction {prediction!r}; "
                                   f"expected one of {PREDICTIONS}")

@@ -20,6 +20,7 @@ from diffpolicy.core.errors import CoreConfigError, CoreInputError
 from diffpolicy.core.guidance import Guidance
 from diffpolicy.core.processes import Process, check_tokens, check_x, gaussian_log_prob
 from diffpolicy.core.schedules import check_time
+from diffpolicy.errors import InvalidTypeError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """denoiser(x_t (B, L, D), t (B, L), cond) -> network output (B, L, D)."""
@@ -88,7 +89,7 @@ def sample(denoiser: Denoiser, process: Process, x_init: torch.Tensor, steps: in
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
         raise CoreConfigError(f"sample: steps must be an int >= 1, got {steps!r}")
     if not isinstance(process, Process):
-        raise TypeError(f"sample: process must be a Process, got {type(process).__name__}")
+        raise InvalidTypeError(f"sample: process must be a Process, got {type(process).__name__}")
     t_start = start_levels(t_start, x_init)
     if guidance is not None:
         x_init, t_start = guidance.prepare(x_init, t_start)

@@ -30,6 +30,7 @@ import torch
 
 from diffpolicy.core.checking import must_check_values
 from diffpolicy.core.errors import CoreConfigError, CoreInputError
+from diffpolicy.errors import InvalidTypeError
 
 LOG_SNR_MIN = -15.0
 
@@ -38,9 +39,9 @@ def check_time(t: torch.Tensor, name: str = "t") -> None:
     """Raise unless `t` is a floating tensor with every entry finite and in [0, 1] (the range is
     not read inside `checking.values_checked()`)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        raise InvalidTypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+        raise InvalidTypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
     if not must_check_values():
         return
     bad = ~((t >= 0) & (t <= 1))  # also catches NaN

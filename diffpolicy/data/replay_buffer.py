@@ -38,6 +38,15 @@ import zarr.codecs
 import zarr.storage
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError
+from diffpolicy.errors import (
+    ExistingFileError,
+    InvalidIndexError,
+    InvalidTypeError,
+    InvalidValueError,
+    MissingFileError,
+    MissingKeyError,
+    ReadOnlyError,
+)
 
 FORMAT_INFO = {
     "name": "diffpolicy.replay_buffer",
@@ -101,10 +110,10 @@ class StepArray:
         """Rows at integer `indices` (any shape S) -> `(*S, ...)`; one zarr read for all rows."""
         indices = np.asarray(indices)
         if indices.dtype.kind not in "iu":
-            raise TypeError(f"data/{self.key}: indices must be integers, got dtype {indices.dtype}")
+            raise InvalidTypeError(f"data/{self.key}: indices must be integers, got dtype {indices.dtype}")
         flat = indices.reshape(-1)
         if flat.size and (flat.min() < -self._n or flat.max() >= self._n):
-            raise IndexError(
+            raise InvalidIndexError(
                 f"data/{self.key}: index out of range [-{self._n}, {self._n}) "
                 f"(got min {flat.min()}, max {flat.max()})"
             )
@@ -123,11 +132,11 @@ class StepArray:
         if isinstance(first, slice):
             start, stop, step = first.indices(self._n)
             if step < 1:
-                raise IndexError(f"data/{self.key}: slice step must be positive, got {step}")
+                raise InvalidIndexError(f"data/{self.key}: slice step must be positive, got {step}")
             return self._array[(slice(start, stop, step), *rest)]
         if isinstance(first, (int, np.integer)):
             if not -self._n <= first < self._n:
-                raise IndexError(f"data/{self.key}: step {first} out of range for {self._n} steps")
+                raise InvalidIndexError(f"data/{self.key}: step {first} out of range for {self._n} steps")
             return self._array[(int(first) % self._n, *rest)]
         rows = self.gather(np.asarray(first))
         return rows[(slice(None),) * np.ndim(first) + tuple(rest)] if rest else rows
@@ -164,9 +173,9 @@ class ReplayBuffer:
         """Create an empty store at `path` (zarr format 3, or 2 for Diffusion Policy tools)."""
         path = Path(path)
         if zarr_format not in (2, 3):
-            raise ValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
+            raise InvalidValueError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+            raise ExistingFileError(f"{path} already exists; pass overwrite=True to replace it")
         group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
         group.attrs.update({"diffpolicy_format": FORMAT_INFO, **dict(attrs or {})})
         group.require_group("data")
@@ -187,13 +196,13 @@ class ReplayBuffer:
         """
         path = Path(path)
         if mode not in ("r", "a"):
-            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+            raise InvalidValueError(f"mode must be 'r' or 'a', got {mode!r}")
         if not path.exists():
-            raise FileNotFoundError(f"no replay buffer at {path}")
+            raise MissingFileError(f"no replay buffer at {path}")
         store = None
         if path.is_file() and path.suffix == ".zip":
             if mode != "r":
-                raise ValueError(f"{path}: zip stores open read-only (mode='r'), got mode={mode!r}")
+                raise InvalidValueError(f"{path}: zip stores open read-only (mode='r'), got mode={mode!r}")
             store = zarr.storage.ZipStore(path, mode="r")
         try:
             group = zarr.open_group(store if store is not None else str(path),
@@ -264,7 +273,7 @@ class ReplayBuffer:
     def episode_slice(self, index: int) -> slice:
         """Steps of episode `index` (negative counts from the end) as a slice of axis 0."""
         if not -self.n_episodes <= index < self.n_episodes:
-            raise IndexError(f"{self.path}: episode {index} out of range for {self.n_episodes}")
+            raise InvalidIndexError(f"{self.path}: episode {index} out of range for {self.n_episodes}")
         index %= self.n_episodes
         start = int(self._ends[index - 1]) if index > 0 else 0
         return slice(start, int(self._ends[index]))
@@ -277,7 +286,7 @@ class ReplayBuffer:
     def episode_meta(self, name: str) -> np.ndarray:
         """(E,) per-episode values of `meta/<name>` (strings come as an object array of str)."""
         if name not in self.meta_keys():
-            raise KeyError(f"{self.path}: no episode meta {name!r}; present: {self.meta_keys()}")
+            raise MissingKeyError(f"{self.path}: no episode meta {name!r}; present: {self.meta_keys()}")
         return self._group["meta"][name][: self.n_episodes]
 
     def __repr__(self) -> str:
@@ -298,7 +307,7 @@ class ReplayBuffer:
         Nothing is written unless everything validates.
         """
         if self._group.read_only:
-            raise PermissionError(f"{self.path} is open read-only; open it with mode='a'")
+            raise ReadOnlyError(f"{self.path} is open read-only; open it with mode='a'")
         arrays, length = self._validate_data(data)
         values = self._validate_meta(meta or {})
         if self.n_episodes == 0:
@@ -324,7 +333,7 @@ class ReplayBuffer:
     def _data_array(self, key: str) -> zarr.Array:
         data = self._group["data"]
         if key not in data:
-            raise KeyError(f"{self.path}: no data key {key!r}; present: {self.keys()}")
+            raise MissingKeyError(f"{self.path}: no data key {key!r}; present: {self.keys()}")
         return data[key]
 
     def _read_committed_ends(self) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError
 from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array
+from diffpolicy.errors import ExistingFileError, InvalidValueError, MissingFileError
 
 ACTION_KEY = "action"
 DEMO_DATASETS = ("rewards", "dones", "states")
@@ -58,7 +59,7 @@ def export_robomimic(
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        raise ExistingFileError(f"{path} already exists; pass overwrite=True to replace it")
     attrs = dict(buffer.attrs)
     env_args = dict(env_args if env_args is not None else attrs.get("env_args") or {})
     if not env_args:
@@ -73,7 +74,7 @@ def export_robomimic(
     for name, episodes in filters.items():
         bad = [e for e in episodes if not 0 <= int(e) < buffer.n_episodes]
         if bad:
-            raise ValueError(f"filter {name!r} names episodes {bad} outside "
+            raise InvalidValueError(f"filter {name!r} names episodes {bad} outside "
                              f"[0, {buffer.n_episodes})")
     if "num_samples" in buffer.meta_keys():
         raise DataFormatError(f"{buffer.path}: episode meta 'num_samples' would clash with "
@@ -117,9 +118,9 @@ def import_robomimic(
     """
     path, out_zarr = Path(path), Path(out_zarr)
     if not path.is_file():
-        raise FileNotFoundError(f"no robomimic HDF5 file at {path}")
+        raise MissingFileError(f"no robomimic HDF5 file at {path}")
     if out_zarr.exists() and not overwrite:
-        raise FileExistsError(f"{out_zarr} already exists; pass overwrite=True to replace it")
+        raise ExistingFileError(f"{out_zarr} already exists; pass overwrite=True to replace it")
     tmp = out_zarr.with_name(out_zarr.name + ".partial")
     try:
         with h5py.File(path, "r") as f:

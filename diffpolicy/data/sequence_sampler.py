@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffpolicy.data.replay_buffer import ReplayBuffer, StepArray
+from diffpolicy.errors import InvalidIndexError, InvalidTypeError, InvalidValueError, MissingKeyError
 
 
 class SequenceSampler:
@@ -54,7 +55,7 @@ class SequenceSampler:
         episode_mask: np.ndarray | None = None,
     ):
         if isinstance(keys, str):
-            raise TypeError(f"keys must be a sequence of observation keys, got the string {keys!r}")
+            raise InvalidTypeError(f"keys must be a sequence of observation keys, got the string {keys!r}")
         _check_int("obs_horizon", obs_horizon, minimum=1)
         _check_int("pred_horizon", pred_horizon, minimum=1)
         _check_int("latency", latency, minimum=0)
@@ -67,7 +68,7 @@ class SequenceSampler:
         present = buffer.keys()
         for key in [*keys, action_key]:
             if key not in present:
-                raise KeyError(f"{buffer.path}: no data key {key!r}; present: {present}")
+                raise MissingKeyError(f"{buffer.path}: no data key {key!r}; present: {present}")
         self.obs_keys = list(keys)
         self.action_key = action_key
         self.obs_horizon = obs_horizon
@@ -105,7 +106,7 @@ class SequenceSampler:
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self) <= index < len(self):
-            raise IndexError(f"window {index} out of range for {len(self)} windows")
+            raise InvalidIndexError(f"window {index} out of range for {len(self)} windows")
         batch = self.sample_batch(np.array([index]))
         return {
             "obs": {key: value[0] for key, value in batch["obs"].items()},
@@ -117,10 +118,10 @@ class SequenceSampler:
         action_is_pad `(B, Tp)` bool, obs_is_pad `(B, To)` bool."""
         indices = np.asarray(indices)
         if indices.ndim != 1 or indices.dtype.kind not in "iu":
-            raise TypeError(f"indices must be a 1-D integer array, got {indices.dtype} "
+            raise InvalidTypeError(f"indices must be a 1-D integer array, got {indices.dtype} "
                             f"shape {indices.shape}")
         if indices.size and (indices.min() < -len(self) or indices.max() >= len(self)):
-            raise IndexError(f"window indices must lie in [-{len(self)}, {len(self)}), got "
+            raise InvalidIndexError(f"window indices must lie in [-{len(self)}, {len(self)}), got "
                              f"min {indices.min()}, max {indices.max()}")
         episode, offset = self._episode[indices], self._offset[indices]
         obs_rows, obs_is_pad = self._rows(episode, offset, self.obs_horizon)
@@ -164,13 +165,13 @@ def split_episodes(
     when val_fraction > 0 (Diffusion Policy's rule); none when val_fraction == 0.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        raise InvalidValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        raise InvalidTypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     val_mask = np.zeros(n_episodes, dtype=bool)
     if val_fraction > 0:
         if n_episodes < 2:
-            raise ValueError(f"a validation split needs at least 2 episodes, got {n_episodes}")
+            raise InvalidValueError(f"a validation split needs at least 2 episodes, got {n_episodes}")
         n_val = min(max(1, round(n_episodes * val_fraction)), n_episodes - 1)
         val_mask[rng.choice(n_episodes, size=n_val, replace=False)] = True
     return ~val_mask, val_mask
@@ -182,10 +183,10 @@ def _gather(array: np.ndarray | StepArray, rows: np.ndarray) -> np.ndarray:
 
 def _check_int(name: str, value, minimum: int, maximum: int | None = None) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise InvalidTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum or (maximum is not None and value > maximum):
         upper = "" if maximum is None else f", at most {maximum}"
-        raise ValueError(f"{name} must be at least {minimum}{upper}; got {value}")
+        raise InvalidValueError(f"{name} must be at least {minimum}{upper}; got {value}")
 
 
 def _check_mask(mask: np.ndarray | None, n_episodes: int, buffer: ReplayBuffer) -> np.ndarray:
@@ -193,6 +194,6 @@ def _check_mask(mask: np.ndarray | None, n_episodes: int, buffer: ReplayBuffer) 
         return np.ones(n_episodes, dtype=bool)
     mask = np.asarray(mask)
     if mask.dtype != bool or mask.shape != (n_episodes,):
-        raise ValueError(f"episode_mask must be a bool array of shape ({n_episodes},) for "
+        raise InvalidValueError(f"episode_mask must be a bool array of shape ({n_episodes},) for "
                          f"{buffer.path}, got {mask.dtype} shape {mask.shape}")
     return mask

@@ -21,6 +21,8 @@ from gymnasium import spaces
 from gymnasium.envs.mujoco import MujocoEnv
 from gymnasium.envs.registration import load_env_creator
 
+from diffpolicy.errors import InvalidValueError
+
 
 class LocomotionEnv(gymnasium.Env):
     """A registered gymnasium MuJoCo env with a `{"state": (obs_dim,)}` Dict observation.
@@ -36,10 +38,10 @@ class LocomotionEnv(gymnasium.Env):
         try:
             spec = gymnasium.spec(env_id)
         except gymnasium.error.Error as exc:
-            raise ValueError(f"LocomotionEnv: env_id {env_id!r} is not a registered gymnasium env: {exc}") from exc
+            raise InvalidValueError(f"LocomotionEnv: env_id {env_id!r} is not a registered gymnasium env: {exc}") from exc
         env = load_env_creator(spec.entry_point)(**{**spec.kwargs, **env_kwargs}, render_mode=render_mode)
         if not isinstance(env, MujocoEnv):
-            raise ValueError(
+            raise InvalidValueError(
                 f"LocomotionEnv: env_id {env_id!r} builds {type(env).__name__}, expected a gymnasium MujocoEnv"
             )
         self.env_id = env_id
@@ -92,7 +94,7 @@ class LocomotionEnv(gymnasium.Env):
         """
         state = np.asarray(state, dtype=np.float64)
         if state.shape != (self.state_dim,):
-            raise ValueError(
+            raise InvalidValueError(
                 f"{self.env_id} set_state: expected a state of shape ({self.state_dim},) "
                 f"(nq={self._env.model.nq} qpos then nv={self._env.model.nv} qvel), got {state.shape}"
             )

@@ -37,6 +37,7 @@ import pymunk
 import shapely
 
 from diffpolicy.envs.pusht_render import render_scene
+from diffpolicy.errors import InvalidStateError, InvalidValueError
 
 WORKSPACE = 512.0
 WALL_LOW, WALL_HIGH, WALL_RADIUS = 5.0, 506.0, 2.0
@@ -102,14 +103,14 @@ class PushTEnv(gym.Env):
     def __init__(self, obs_type: str = "state", render_mode: str | None = None,
                  image_size: int = 96, render_size: int = 256):
         if obs_type not in self.OBS_TYPES:
-            raise ValueError(f"PushTEnv: obs_type must be one of {list(self.OBS_TYPES)}, got {obs_type!r}")
+            raise InvalidValueError(f"PushTEnv: obs_type must be one of {list(self.OBS_TYPES)}, got {obs_type!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(
+            raise InvalidValueError(
                 f"PushTEnv: render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}"
             )
         for name, size in (("image_size", image_size), ("render_size", render_size)):
             if not isinstance(size, (int, np.integer)) or size < 8:
-                raise ValueError(f"PushTEnv: {name} must be an integer >= 8, got {size!r}")
+                raise InvalidValueError(f"PushTEnv: {name} must be an integer >= 8, got {size!r}")
         self.obs_type = obs_type
         self.render_mode = render_mode
         self.image_size = int(image_size)
@@ -167,7 +168,7 @@ class PushTEnv(gym.Env):
         """
         state = np.asarray(state, dtype=np.float64)
         if state.shape != (5,) or not np.all(np.isfinite(state)):
-            raise ValueError(f"PushTEnv.set_state: expected 5 finite numbers (agent xy, block xy, angle), got {state!r}")
+            raise InvalidValueError(f"PushTEnv.set_state: expected 5 finite numbers (agent xy, block xy, angle), got {state!r}")
         if self.space is None:
             self._build_space()
         self.agent.position = (float(state[0]), float(state[1]))
@@ -213,9 +214,9 @@ class PushTEnv(gym.Env):
     def step(self, action):
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (2,) or not np.all(np.isfinite(action)):
-            raise ValueError(f"PushTEnv.step: expected a finite target position of shape (2,), got {action!r}")
+            raise InvalidValueError(f"PushTEnv.step: expected a finite target position of shape (2,), got {action!r}")
         if self.space is None:
-            raise RuntimeError("PushTEnv.step: call reset() before step()")
+            raise InvalidStateError("PushTEnv.step: call reset() before step()")
         target = np.clip(action, 0.0, WORKSPACE)
         self.latest_action = target
         dt = 1.0 / SIM_HZ
@@ -238,7 +239,7 @@ class PushTEnv(gym.Env):
     def render_frame(self, size: int, draw_action: bool = False) -> np.ndarray:
         """The scene as `(size, size, 3)` uint8 (row = world y, column = world x)."""
         if self.space is None:
-            raise RuntimeError("PushTEnv.render_frame: call reset() first")
+            raise InvalidStateError("PushTEnv.render_frame: call reset() first")
         target = self.latest_action if draw_action else None
         block = local_to_world(T_OUTLINE_LOCAL, self.block_pose)
         return render_scene(size, np.asarray(self.agent.position), block, GOAL_OUTLINE, target)

@@ -40,6 +40,8 @@ import gymnasium  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from diffpolicy.errors import InvalidValueError
+
 TASK_ENV_NAMES = ("Lift", "PickPlaceCan", "NutAssemblySquare")
 LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
 DEFAULT_CAMERAS = ("agentview", "robot0_eye_in_hand")
@@ -71,10 +73,10 @@ def robosuite_kwargs(
     defaults; the keys in `MANAGED_KWARGS` are set from `obs_type`, `image_size`, `camera_names`.
     """
     if obs_type not in OBS_TYPES:
-        raise ValueError(f"RobosuiteEnv: obs_type must be one of {OBS_TYPES}, got {obs_type!r}")
+        raise InvalidValueError(f"RobosuiteEnv: obs_type must be one of {OBS_TYPES}, got {obs_type!r}")
     managed = sorted(set(env_kwargs) & set(MANAGED_KWARGS))
     if managed:
-        raise ValueError(
+        raise InvalidValueError(
             f"RobosuiteEnv: env kwargs {managed} are set by the wrapper; use obs_type / image_size / "
             "camera_names instead"
         )
@@ -150,9 +152,9 @@ class RobosuiteEnv(gymnasium.Env):
         **env_kwargs: Any,
     ):
         if env_name not in TASK_ENV_NAMES:
-            raise ValueError(f"RobosuiteEnv: env_name must be one of {TASK_ENV_NAMES}, got {env_name!r}")
+            raise InvalidValueError(f"RobosuiteEnv: env_name must be one of {TASK_ENV_NAMES}, got {env_name!r}")
         if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"RobosuiteEnv: render_mode must be None or 'rgb_array', got {render_mode!r}")
+            raise InvalidValueError(f"RobosuiteEnv: render_mode must be None or 'rgb_array', got {render_mode!r}")
         import robosuite
 
         self.env_name = env_name
@@ -214,11 +216,11 @@ class RobosuiteEnv(gymnasium.Env):
     def step(self, action: np.ndarray):
         action = np.asarray(action, dtype=np.float64)
         if action.shape != self.action_space.shape:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{self.env_name} step: expected an action of shape {self.action_space.shape}, got {action.shape}"
             )
         if not np.all(np.isfinite(action)):
-            raise ValueError(f"{self.env_name} step: action has non-finite entries: {action}")
+            raise InvalidValueError(f"{self.env_name} step: action has non-finite entries: {action}")
         action = np.clip(action, -1.0, 1.0)
         self._env.step(action)
         # With lite physics the last substep leaves positions one substep behind qpos; recompute
@@ -250,7 +252,7 @@ class RobosuiteEnv(gymnasium.Env):
         state = np.asarray(state, dtype=np.float64)
         if state.shape != (self.state_dim,):
             model = self._env.sim.model
-            raise ValueError(
+            raise InvalidValueError(
                 f"{self.env_name} set_state: expected a flat state of shape ({self.state_dim},) "
                 f"(time, nq={model.nq} qpos, nv={model.nv} qvel), got {state.shape}"
             )

@@ -14,13 +14,11 @@ Card fields (see `envs/*.yaml`):
     success:     {metric: info key, threshold: float | null}
     expert:      {entry_point: "module:Class", kwargs: {...}}
     dataset:     {episodes: N, path: datasets/<name>.zarr, only_success: bool, seed_start: 0,
-                  action_noise: 0 (optional; DART noise, see `envs.collect`)}
+                  action_noise: 0 (optional; DART noise, see `collection.collect`)}
     eval:        {episodes: N, seed_start: 100000}
 """
 
 from __future__ import annotations
-
-from diffpolicy.errors import InvalidValueError
 
 import importlib
 import os
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from diffpolicy.errors import InvalidValueError
 
 CARDS_DIR = Path(os.environ.get("DIFFPOLICY_TASK_CARDS", Path(__file__).resolve().parents[2] / "envs"))
 REQUIRED_FIELDS = ("name", "env", "observation", "action", "horizons", "control_hz",

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffpolicy.fsutil import atomic_write_text
+
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a `log.jsonl`; a torn last line (killed writer) is skipped."""
@@ -100,7 +102,5 @@ def write_report(out_dir: str | os.PathLike, *, title: str, summary: dict[str, A
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     path = out_dir / "report.md"
-    tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
     return path

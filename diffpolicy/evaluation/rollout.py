@@ -34,7 +34,9 @@ from tqdm import tqdm
 
 from diffpolicy.control.chunking import ChunkLayout
 from diffpolicy.control.execution import ControlSpec, EpisodeExecution, ExecutionStats, stack_previous
+from diffpolicy.errors import InvalidValueError
 from diffpolicy.evaluation.stats import success_rate
+from diffpolicy.fsutil import atomic_write_text
 
 
 @dataclass
@@ -103,7 +105,7 @@ def rollout(
 
     seeds = [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("rollout: the seed list is empty")
+        raise InvalidValueError("rollout: the seed list is empty")
     config = policy.config
     keys = list(config.obs_shapes)
     to = config.obs_horizon
@@ -277,7 +279,7 @@ def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: 
     from diffpolicy.evaluation.video import write_video
 
     if episodes < 1:
-        raise ValueError(f"evaluate: episodes must be >= 1, got {episodes}")
+        raise InvalidValueError(f"evaluate: episodes must be >= 1, got {episodes}")
     overrides = {"render_mode": "rgb_array"} if videos > 0 else {}
     seeds = list(range(int(seed_start), int(seed_start) + int(episodes)))
     bar = tqdm(total=len(seeds), desc=f"eval {card.name}", unit="ep", disable=not progress, leave=False)
@@ -310,6 +312,11 @@ def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: 
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=1))
+
+
+def score_policy(policy: Any, card: Any, eval_config: Any, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The checkpoint scorer of imitation training (`train.trainer.Scorer`): `evaluate` on the
+    settings of a `train.config.EvalConfig` (episodes, seed_start, n_envs, inference_steps), its summary."""
+    return evaluate(policy, card, episodes=eval_config.episodes, seed_start=eval_config.seed_start,
+                    n_envs=eval_config.n_envs, device=device, inference_steps=eval_config.inference_steps).summary

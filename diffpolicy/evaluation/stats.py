@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from diffpolicy.errors import InvalidTypeError, InvalidValueError
+
 Z_95 = 1.959963984540054  # two-sided 95 % quantile of the standard normal
 
 
@@ -34,11 +36,11 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     not degenerate at p = 0 or p = 1.
     """
     if isinstance(successes, bool) or isinstance(n, bool) or int(successes) != successes or int(n) != n:
-        raise TypeError(f"wilson_interval: successes and n must be integers, got {successes!r} and {n!r}")
+        raise InvalidTypeError(f"wilson_interval: successes and n must be integers, got {successes!r} and {n!r}")
     if n <= 0:
-        raise ValueError(f"wilson_interval: need n >= 1 episodes, got n={n}")
+        raise InvalidValueError(f"wilson_interval: need n >= 1 episodes, got n={n}")
     if not 0 <= successes <= n:
-        raise ValueError(f"wilson_interval: successes must be in [0, n={n}], got {successes}")
+        raise InvalidValueError(f"wilson_interval: successes must be in [0, n={n}], got {successes}")
     p = successes / n
     z2 = z * z
     denom = 1.0 + z2 / n

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffpolicy.errors import InvalidValueError
+
 
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float) -> Path:
     """Write `frames` (each uint8 `(H, W, 3)`, all the same shape) to an mp4 at `path`.
@@ -19,10 +21,10 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
 
     path = Path(path)
     if not frames:
-        raise ValueError(f"write_video({path}): no frames to write")
+        raise InvalidValueError(f"write_video({path}): no frames to write")
     first = np.asarray(frames[0])
     if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] != 3:
-        raise ValueError(f"write_video({path}): frames must be uint8 (H, W, 3), "
+        raise InvalidValueError(f"write_video({path}): frames must be uint8 (H, W, 3), "
                          f"got {first.dtype} {first.shape} at index 0")
     h, w = first.shape[:2]
     pad = ((0, h % 2), (0, w % 2), (0, 0))
@@ -34,7 +36,7 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
             for i, frame in enumerate(frames):
                 frame = np.asarray(frame)
                 if frame.shape != first.shape or frame.dtype != np.uint8:
-                    raise ValueError(f"write_video({path}): frame {i} is {frame.dtype} {frame.shape}, "
+                    raise InvalidValueError(f"write_video({path}): frame {i} is {frame.dtype} {frame.shape}, "
                                      f"expected uint8 {first.shape} like frame 0")
                 writer.append_data(np.pad(frame, pad))
     except BaseException:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from diffpolicy.errors import InvalidTypeError
 from diffpolicy.nn.errors import NNConfigError, NNInputError
 from diffpolicy.nn.resnet import ResNetTrunk
 from diffpolicy.nn.spatial_softmax import SpatialSoftmax
@@ -88,7 +89,7 @@ class ResNetImageEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if images.dtype != torch.uint8:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"ResNetImageEncoder: images must be uint8 in [0, 255] with layout (..., H, W, 3), got dtype "
                 f"{images.dtype}"
             )

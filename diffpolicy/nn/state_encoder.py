@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from diffpolicy.errors import InvalidTypeError
 from diffpolicy.nn.errors import NNConfigError, NNInputError
 
 
@@ -66,7 +67,7 @@ class MLPStateEncoder(nn.Module):
                     f"d={expected[1]}), got {tuple(value.shape)}"
                 )
             if not value.is_floating_point():
-                raise TypeError(f"MLPStateEncoder: observation {key!r} must be floating point, got {value.dtype}")
+                raise InvalidTypeError(f"MLPStateEncoder: observation {key!r} must be floating point, got {value.dtype}")
             parts.append(value)
         return self.mlp(torch.cat(parts, dim=-1))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from diffpolicy.errors import InvalidTypeError
 from diffpolicy.nn.errors import NNInputError
 
 
@@ -33,7 +34,7 @@ def check_denoiser_inputs(
             f"got {tuple(t.shape)}"
         )
     if not t.is_floating_point():
-        raise TypeError(
+        raise InvalidTypeError(
             f"{where}: t must be a floating point tensor of continuous times in [0, 1], got dtype {t.dtype}"
         )
     if cond is None:

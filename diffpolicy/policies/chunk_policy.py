@@ -22,10 +22,16 @@ from diffpolicy.core.processes import FlowMatching, GaussianDiffusion, Process
 from diffpolicy.core.samplers import SampleResult, start_levels
 from diffpolicy.core.samplers import sample as run_sampler
 from diffpolicy.core.schedules import make_schedule
+from diffpolicy.errors import InvalidTypeError, InvalidValueError
 from diffpolicy.nn.factory import make_backbone, make_observation_encoder
 from diffpolicy.policies.checkpoint import read_checkpoint, write_checkpoint
 from diffpolicy.policies.config import PolicyConfig, ProcessConfig
-from diffpolicy.policies.errors import CheckpointError, ConfigError, NormalizerError, ObservationError
+from diffpolicy.policies.errors import (
+    CheckpointError,
+    ConfigError,
+    NormalizerError,
+    ObservationError,
+)
 from diffpolicy.policies.normalizer import Normalizer
 from diffpolicy.policies.token_times import draw_token_times
 from diffpolicy.policies.validation import check_batch, check_observations
@@ -45,7 +51,7 @@ def make_process(config: ProcessConfig) -> Process:
 def check_normalizer(config: PolicyConfig, normalizer: Normalizer) -> None:
     """Raise `NormalizerError` unless the normalizer has exactly the stats the config needs."""
     if not isinstance(normalizer, Normalizer):
-        raise TypeError(f"normalizer must be a Normalizer, got {type(normalizer).__name__}")
+        raise InvalidTypeError(f"normalizer must be a Normalizer, got {type(normalizer).__name__}")
     expected = {ACTION_KEY: config.action_dim, **{k: config.obs_shapes[k][0] for k in config.low_dim_keys}}
     have = normalizer.dims
     for key, dim in expected.items():
@@ -90,7 +96,7 @@ class ChunkPolicy(nn.Module):
     def __init__(self, config: PolicyConfig, normalizer: Normalizer) -> None:
         super().__init__()
         if not isinstance(config, PolicyConfig):
-            raise TypeError(f"config must be a PolicyConfig, got {type(config).__name__}")
+            raise InvalidTypeError(f"config must be a PolicyConfig, got {type(config).__name__}")
         check_normalizer(config, normalizer)
         self.config = config
         self.normalizer = normalizer
@@ -192,7 +198,7 @@ class ChunkPolicy(nn.Module):
         shape = (cond.shape[0], self.config.pred_horizon, self.config.action_dim)
         if x_init is None:
             if t_start is not None and bool((torch.as_tensor(t_start) < 1).any()):
-                raise ValueError("sample: t_start < 1 needs x_init (the chunk at that level); got x_init=None")
+                raise InvalidValueError("sample: t_start < 1 needs x_init (the chunk at that level); got x_init=None")
             x_init = _randn(shape, cond, generator)
         elif tuple(x_init.shape) != shape:
             raise ObservationError(f"sample: x_init must have shape (B={shape[0]}, Tp={shape[1]}, Da={shape[2]}), "

@@ -2,9 +2,10 @@
 
 `PolicyConfig` holds everything needed to rebuild a `ChunkPolicy` (shapes, horizons, the
 generative process, backbone and encoder specs, inference and loss settings); it is stored in a
-checkpoint's `config.json`. `from_dict` rejects unknown keys, missing keys, and values of the
-wrong type or range with a `ConfigError` naming the key path (e.g. `process.prediction`), the
-expected type or values, and what came.
+checkpoint's `config.json`. It is read with the package's one config reader
+(`diffpolicy.config.from_dict`): unknown keys, missing keys, and values of the wrong type or range
+fail with a `ConfigError` naming the key path (e.g. `process.prediction`), the expected type or
+values, and what came.
 
 Defaults follow Diffusion Policy: To = 2, Tp = 16, Ta = 8; DDPM with 100 training steps, the
 squared-cosine schedule, epsilon prediction, clipping to [-1, 1]; 100 inference steps.
@@ -12,77 +13,17 @@ squared-cosine schedule, epsilon prediction, clipping to [-1, 1]; 100 inference 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffpolicy.config import check_bool, check_choice, check_float, check_int, check_spec, fail, from_dict, to_dict
 from diffpolicy.core.losses import WEIGHTINGS
+from diffpolicy.core.processes import PREDICTIONS
 from diffpolicy.core.schedules import SCHEDULES
-from diffpolicy.policies.errors import ConfigError
 
 PROCESS_TYPES = ("diffusion", "flow")
-PREDICTIONS = ("epsilon", "sample", "v")
 TOKEN_TIME_KINDS = ("shared", "ladder", "prefix")
-
-
-# ---------------------------------------------------------------------------- value checks
-def _fail(path: str, expected: str, value: Any) -> ConfigError:
-    return ConfigError(f"config key {path!r}: expected {expected}, got {value!r} ({type(value).__name__})")
-
-
-def _int(path: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(path, "an integer", value)
-    if minimum is not None and value < minimum:
-        raise _fail(path, f"an integer >= {minimum}", value)
-    return value
-
-
-def _float(path: str, value: Any, minimum: float | None = None, strictly: bool = False,
-           maximum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(path, "a finite number", value)
-    if minimum is not None and (value < minimum or (strictly and value == minimum)):
-        raise _fail(path, f"a number {'>' if strictly else '>='} {minimum}", value)
-    if maximum is not None and value > maximum:
-        raise _fail(path, f"a number <= {maximum}", value)
-    return float(value)
-
-
-def _choice(path: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise _fail(path, f"one of {list(choices)}", value)
-    return value
-
-
-def _spec(path: str, value: Any, required_key: str) -> dict[str, Any]:
-    """A component spec: a JSON-like dict with a string `required_key` naming the kind."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise _fail(path, "a dict with string keys", value)
-    if not isinstance(value.get(required_key), str):
-        raise _fail(f"{path}.{required_key}", "a string naming the kind", value.get(required_key))
-    return dict(value)
-
-
-def _fields_from_dict(cls: type, data: Any, path: str) -> dict[str, Any]:
-    """Check `data` is a dict whose keys are fields of dataclass `cls`, all required ones present."""
-    if not isinstance(data, dict):
-        raise _fail(path or "<root>", f"a dict with keys of {cls.__name__}", data)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {_join(path, unknown[0])!r}; expected keys of "
-                          f"{cls.__name__}: {sorted(fields)}")
-    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing config key {_join(path, missing[0])!r} ({cls.__name__})")
-    return dict(data)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 # ---------------------------------------------------------------------------- process
@@ -111,32 +52,32 @@ class ProcessConfig:
     step_std: float | None = None
 
     def __post_init__(self) -> None:
-        _choice("process.type", self.type, PROCESS_TYPES)
+        check_choice("process.type", self.type, PROCESS_TYPES)
         if self.type == "diffusion":
             defaults = {"schedule": {"name": "cosine"}, "prediction": "epsilon", "eta": 1.0}
             for name, value in defaults.items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-            _spec("process.schedule", self.schedule, "name")
-            _choice("process.schedule.name", self.schedule["name"], tuple(sorted(SCHEDULES)))
-            _choice("process.prediction", self.prediction, PREDICTIONS)
-            _float("process.eta", self.eta, 0, maximum=1)
+            check_spec("process.schedule", self.schedule, "name")
+            check_choice("process.schedule.name", self.schedule["name"], tuple(sorted(SCHEDULES)))
+            check_choice("process.prediction", self.prediction, PREDICTIONS)
+            check_float("process.eta", self.eta, 0, maximum=1)
             if self.step_std is not None:
-                raise _fail("process.step_std", "null for type 'diffusion' (eta sets the step noise)", self.step_std)
+                raise fail("process.step_std", "null for type 'diffusion' (eta sets the step noise)", self.step_std)
         else:
             for name in ("schedule", "prediction", "eta"):
                 if getattr(self, name) is not None:
-                    raise _fail(f"process.{name}", "null for type 'flow' (diffusion-only setting)", getattr(self, name))
+                    raise fail(f"process.{name}", "null for type 'flow' (diffusion-only setting)", getattr(self, name))
             if self.step_std is not None:
-                _float("process.step_std", self.step_std, 0)
+                check_float("process.step_std", self.step_std, 0)
         if self.train_steps is not None:
-            _int("process.train_steps", self.train_steps, 1)
+            check_int("process.train_steps", self.train_steps, 1)
         if self.clip is not None:
-            _float("process.clip", self.clip, 0, strictly=True)
+            check_float("process.clip", self.clip, 0, strictly=True)
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "process") -> ProcessConfig:
-        return cls(**_fields_from_dict(cls, data, path))
+        return from_dict(cls, data, path)
 
 
 def diffusion_process(**overrides: Any) -> ProcessConfig:
@@ -176,10 +117,9 @@ class LossConfig:
     token_times: str = "shared"
 
     def __post_init__(self) -> None:
-        _choice("loss.weighting", self.weighting, WEIGHTINGS)
-        _float("loss.min_snr_gamma", self.min_snr_gamma, 0, strictly=True)
-        if not isinstance(self.mask_padding, bool):
-            raise _fail("loss.mask_padding", "a bool", self.mask_padding)
+        check_choice("loss.weighting", self.weighting, WEIGHTINGS)
+        check_float("loss.min_snr_gamma", self.min_snr_gamma, 0, strictly=True)
+        check_bool("loss.mask_padding", self.mask_padding)
         token_time_mix(self.token_times)
 
     @property
@@ -189,7 +129,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "loss") -> LossConfig:
-        return cls(**_fields_from_dict(cls, data, path))
+        return from_dict(cls, data, path)
 
 
 def token_time_mix(text: Any, path: str = "loss.token_times") -> dict[str, float]:
@@ -200,21 +140,21 @@ def token_time_mix(text: Any, path: str = "loss.token_times") -> dict[str, float
     """
     expected = f"a kind of {list(TOKEN_TIME_KINDS)} or a mix 'kind:weight,kind:weight'"
     if not isinstance(text, str) or not text.strip():
-        raise _fail(path, expected, text)
+        raise fail(path, expected, text)
     weights: dict[str, float] = {}
     for part in text.split(","):
         kind, _, weight = part.strip().partition(":")
         kind = kind.strip()
         if kind not in TOKEN_TIME_KINDS:
-            raise _fail(path, f"{expected}; unknown kind {kind!r} in", text)
+            raise fail(path, f"{expected}; unknown kind {kind!r} in", text)
         if kind in weights:
-            raise _fail(path, f"{expected}; kind {kind!r} given twice in", text)
+            raise fail(path, f"{expected}; kind {kind!r} given twice in", text)
         try:
             value = float(weight) if weight.strip() else 1.0
         except ValueError:
-            raise _fail(path, f"{expected}; weight {weight.strip()!r} of {kind!r} is not a number in", text) from None
+            raise fail(path, f"{expected}; weight {weight.strip()!r} of {kind!r} is not a number in", text) from None
         if not (math.isfinite(value) and value > 0):
-            raise _fail(path, f"{expected}; weights must be finite and > 0 in", text)
+            raise fail(path, f"{expected}; weights must be finite and > 0 in", text)
         weights[kind] = value
     total = sum(weights.values())
     return {kind: value / total for kind, value in weights.items()}
@@ -252,45 +192,45 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.obs_shapes, dict) or not self.obs_shapes:
-            raise _fail("obs_shapes", "a non-empty dict {key: per-step shape}", self.obs_shapes)
+            raise fail("obs_shapes", "a non-empty dict {key: per-step shape}", self.obs_shapes)
         shapes = {}
         for key, shape in self.obs_shapes.items():
             if not isinstance(key, str) or not key or "." in key or key == "action":
-                raise _fail("obs_shapes", "keys that are non-empty strings without '.' and not 'action'", key)
+                raise fail("obs_shapes", "keys that are non-empty strings without '.' and not 'action'", key)
             if not isinstance(shape, (list, tuple)) or not shape:
-                raise _fail(f"obs_shapes.{key}", "a non-empty list of positive integers", shape)
-            shapes[key] = tuple(_int(f"obs_shapes.{key}[{i}]", s, 1) for i, s in enumerate(shape))
+                raise fail(f"obs_shapes.{key}", "a non-empty list of positive integers", shape)
+            shapes[key] = tuple(check_int(f"obs_shapes.{key}[{i}]", s, 1) for i, s in enumerate(shape))
         object.__setattr__(self, "obs_shapes", shapes)
         if not isinstance(self.image_keys, (list, tuple)) or not all(isinstance(k, str) for k in self.image_keys):
-            raise _fail("image_keys", "a list of strings", self.image_keys)
+            raise fail("image_keys", "a list of strings", self.image_keys)
         object.__setattr__(self, "image_keys", tuple(self.image_keys))
         for key in self.image_keys:
             if key not in shapes:
-                raise _fail("image_keys", f"keys of obs_shapes {sorted(shapes)}", key)
+                raise fail("image_keys", f"keys of obs_shapes {sorted(shapes)}", key)
             if len(shapes[key]) != 3 or shapes[key][2] != 3:
-                raise _fail(f"obs_shapes.{key}", "an image shape [H, W, 3]", list(shapes[key]))
+                raise fail(f"obs_shapes.{key}", "an image shape [H, W, 3]", list(shapes[key]))
         for key in self.low_dim_keys:
             if len(shapes[key]) != 1:
-                raise _fail(f"obs_shapes.{key}", "a low-dim shape [d] (or list the key in image_keys)",
+                raise fail(f"obs_shapes.{key}", "a low-dim shape [d] (or list the key in image_keys)",
                             list(shapes[key]))
-        _int("action_dim", self.action_dim, 1)
-        _int("obs_horizon", self.obs_horizon, 1)
-        _int("pred_horizon", self.pred_horizon, 1)
-        _int("action_horizon", self.action_horizon, 1)
+        check_int("action_dim", self.action_dim, 1)
+        check_int("obs_horizon", self.obs_horizon, 1)
+        check_int("pred_horizon", self.pred_horizon, 1)
+        check_int("action_horizon", self.action_horizon, 1)
         if self.action_horizon > self.pred_horizon:
-            raise _fail("action_horizon", f"at most pred_horizon = {self.pred_horizon}", self.action_horizon)
+            raise fail("action_horizon", f"at most pred_horizon = {self.pred_horizon}", self.action_horizon)
         if not isinstance(self.process, ProcessConfig):
-            raise _fail("process", "a ProcessConfig", self.process)
-        object.__setattr__(self, "backbone", _spec("backbone", self.backbone, "type"))
+            raise fail("process", "a ProcessConfig", self.process)
+        object.__setattr__(self, "backbone", check_spec("backbone", self.backbone, "type"))
         if not isinstance(self.encoder, dict) or not all(isinstance(k, str) for k in self.encoder):
-            raise _fail("encoder", "a dict with string keys", self.encoder)
+            raise fail("encoder", "a dict with string keys", self.encoder)
         for derived in ("image_keys", "obs_shapes", "obs_horizon"):
             if derived in self.encoder:
-                raise _fail(f"encoder.{derived}", f"no such key (it comes from the top-level '{derived}')",
+                raise fail(f"encoder.{derived}", f"no such key (it comes from the top-level '{derived}')",
                             self.encoder[derived])
-        _int("inference_steps", self.inference_steps, 1)
+        check_int("inference_steps", self.inference_steps, 1)
         if not isinstance(self.loss, LossConfig):
-            raise _fail("loss", "a LossConfig", self.loss)
+            raise fail("loss", "a LossConfig", self.loss)
 
     @property
     def low_dim_keys(self) -> tuple[str, ...]:
@@ -299,17 +239,9 @@ class PolicyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict; `PolicyConfig.from_dict(c.to_dict()) == c`."""
-        data = dataclasses.asdict(self)
-        data["obs_shapes"] = {k: list(v) for k, v in self.obs_shapes.items()}
-        data["image_keys"] = list(self.image_keys)
-        return data
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Any) -> PolicyConfig:
         """Build and validate a config from `to_dict` output (e.g. parsed `config.json`)."""
-        values = _fields_from_dict(cls, data, "")
-        if "process" in values:
-            values["process"] = ProcessConfig.from_dict(values["process"])
-        if "loss" in values:
-            values["loss"] = LossConfig.from_dict(values["loss"])
-        return cls(**values)
+        return from_dict(cls, data)

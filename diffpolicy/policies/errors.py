@@ -7,11 +7,10 @@ what came, and where (file, key, index).
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError
+from diffpolicy.errors import ConfigError, InvalidValueError
 
-
-class ConfigError(InvalidValueError):
-    """A policy config has an unknown key, a missing key, or a value of the wrong type or range."""
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "ConfigError", "NormalizerError", "ObservationDtypeError",
+           "ObservationError", "PickleRefusedError"]
 
 
 class ObservationError(InvalidValueError):

@@ -29,12 +29,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffpolicy.errors import InvalidTypeError, InvalidValueError
 from diffpolicy.fsutil import atomic_write_text, fsync_dir, fsync_tree
 from diffpolicy.policies.errors import CheckpointError, CheckpointNotFoundError
+from diffpolicy.policies.locate import (
+    INDEX_FILE,
+    POLICY_DIR,
+    best_checkpoint,
+    latest_checkpoint,
+    read_index,
+    resolve_policy_dir,
+    score_rank,
+)
+
+__all__ = ["CheckpointManager", "capture_rng_state", "checkpoint_name", "resolve_policy_dir", "restore_rng_state"]
 
 STATE_FORMAT_VERSION = 1
-INDEX_FILE = "index.json"
-POLICY_DIR = "policy"
 STATE_DIR = "state"
 STATE_JSON = "state.json"
 
@@ -67,7 +77,7 @@ def capture_rng_state(generators: dict[str, torch.Generator | np.random.Generato
         elif isinstance(gen, np.random.Generator):
             meta["generators"][name] = {"kind": "numpy", "state": gen.bit_generator.state}
         else:
-            raise TypeError(f"generator {name!r}: expected torch.Generator or numpy Generator, got {type(gen).__name__}")
+            raise InvalidTypeError(f"generator {name!r}: expected torch.Generator or numpy Generator, got {type(gen).__name__}")
     return tensors, meta
 
 
@@ -132,47 +142,28 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _rank(entry: dict[str, Any]) -> tuple[list[float], int]:
-    """Sort key of an index entry: its score as a list (lexicographic), then its step."""
-    score = entry["score"]
-    return (list(score) if isinstance(score, list) else [score]), entry["step"]
-
-
 class CheckpointManager:
     """Writes checkpoints under `root` atomically and keeps the top-k by score plus the latest."""
 
     def __init__(self, root: str | os.PathLike, keep_top_k: int = 3) -> None:
         if keep_top_k < 0:
-            raise ValueError(f"keep_top_k must be >= 0, got {keep_top_k}")
+            raise InvalidValueError(f"keep_top_k must be >= 0, got {keep_top_k}")
         self.root = Path(root)
         self.keep_top_k = keep_top_k
         for partial in self.root.glob(".tmp-*"):  # left by a run killed mid-write
             shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink()
 
-    # --------------------------------------------------------------- index
+    # --------------------------------------------------------------- index (policies.locate)
     def read_index(self) -> dict[str, Any]:
-        path = self.root / INDEX_FILE
-        if not path.is_file():
-            return {"latest": None, "checkpoints": []}
-        try:
-            index = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(index, dict) or "checkpoints" not in index or "latest" not in index:
-            raise CheckpointError(f"{path}: expected keys 'latest' and 'checkpoints', got {index!r:.200}")
-        return index
+        return read_index(self.root)
 
     def latest(self) -> Path | None:
         """Directory of the latest checkpoint, or None when there is none."""
-        name = self.read_index()["latest"]
-        return None if name is None else self.root / name
+        return latest_checkpoint(self.root)
 
     def best(self) -> Path | None:
         """Directory of the best-scored checkpoint (later step wins ties), else the latest."""
-        scored = [c for c in self.read_index()["checkpoints"] if c["score"] is not None]
-        if not scored:
-            return self.latest()
-        return self.root / max(scored, key=_rank)["name"]
+        return best_checkpoint(self.root)
 
     # --------------------------------------------------------------- writing
     def save(self, step: int, *, export: Callable[[Path], None], groups: dict[str, dict[str, torch.Tensor]],
@@ -211,7 +202,7 @@ class CheckpointManager:
         entries = [c for c in index["checkpoints"] if c["name"] != name]
         entries.append({"name": name, "step": step, "score": score})
         entries.sort(key=lambda c: c["step"])
-        scored = sorted((c for c in entries if c["score"] is not None), key=_rank, reverse=True)
+        scored = sorted((c for c in entries if c["score"] is not None), key=score_rank, reverse=True)
         keep = {c["name"] for c in scored[: self.keep_top_k]} | {name}
         kept = [c for c in entries if c["name"] in keep]
         atomic_write_text(self.root / INDEX_FILE, json.dumps({"latest": name, "checkpoints": kept}, indent=1))
@@ -242,29 +233,3 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"checkpoint state file missing: {path}")
             groups[group] = load_file(str(path))
         return groups, meta
-
-
-def resolve_policy_dir(path: str | os.PathLike) -> Path:
-    """The `save_pretrained` directory that `path` names.
-
-    `path` may be a policy directory (`config.json` + `model.safetensors`), a checkpoint
-    directory (its `policy/`), a run directory (the best-scored checkpoint under `checkpoints/`,
-    else the latest) or a `checkpoints/` folder itself.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"no checkpoint at {path}: the path does not exist")
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    if (path / POLICY_DIR / "config.json").is_file():
-        return path / POLICY_DIR
-    for root in (path / "checkpoints", path):
-        if (root / INDEX_FILE).is_file():
-            best = CheckpointManager(root).best()
-            if best is None:
-                raise CheckpointNotFoundError(f"{root / INDEX_FILE} lists no checkpoint yet")
-            return best / POLICY_DIR
-    raise CheckpointNotFoundError(
-        f"no checkpoint at {path}: expected a policy directory (config.json + model.safetensors), a "
-        f"checkpoint directory (policy/), or a run directory (checkpoints/{INDEX_FILE})"
-    )

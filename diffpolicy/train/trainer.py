@@ -1,6 +1,6 @@
 """Imitation training of a chunk policy: one loop, readable top to bottom.
 
-    train(config, run_dir, resume=False) -> TrainResult
+    train(config, run_dir, resume=False, scorer=None) -> TrainResult
 
 Run directory:
 
@@ -11,10 +11,11 @@ Run directory:
 
 The recipe is Diffusion Policy's: AdamW, linear warm-up into a cosine decay, gradient clipping,
 an EMA of the weights (evaluated and exported), bf16 autocast on GPUs only. The normalizer is
-fitted on the training split. Every `checkpoint_every` steps the EMA policy is evaluated in the
-environment (`eval.episodes` > 0) and a checkpoint is written; the best `keep_top_k` by success
-rate (ties broken by mean coverage, or by mean return where the task has no coverage) and the
-latest are kept.
+fitted on the training split. Every `checkpoint_every` steps the EMA policy is scored in the
+environment (`eval.episodes` > 0) by the `scorer` the caller passes (the commands pass rollouts of
+`diffpolicy.evaluation`; training itself does not depend on evaluation) and a checkpoint is written;
+the best `keep_top_k` by success rate (ties broken by mean coverage, or by mean return where the
+task has no coverage) and the latest are kept.
 
 Exact resume: the noise of each step comes from generators seeded by (seed, step, shard), the
 data order from `DistributedSampler`'s (seed + epoch) permutation and the saved position inside
@@ -24,13 +25,12 @@ resumed from a checkpoint continues bit-exactly (on CPU) as if it had never stop
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError, MissingFileError
-
 import copy
 import json
 import math
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.data.sequence_sampler import SequenceSampler, split_episodes
+from diffpolicy.data.torch_dataset import WindowDataset
 from diffpolicy.envs.tasks import TaskCard, load_task
-from diffpolicy.evaluation.rollout import evaluate
+from diffpolicy.errors import InvalidValueError, MissingFileError
+from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.nn.ema import EMA
 from diffpolicy.policies import ChunkPolicy, Normalizer
 from diffpolicy.policies.errors import ConfigError
@@ -56,7 +58,7 @@ from diffpolicy.train.checkpoints import (
     state_dict_tensors,
     unflatten_optimizer_state,
 )
-from diffpolicy.train.config import TrainConfig
+from diffpolicy.train.config import EvalConfig, TrainConfig
 from diffpolicy.train.distributed import (
     DistContext,
     ResumableDistributedSampler,
@@ -159,38 +161,17 @@ def fit_normalizer(buffer: ReplayBuffer, train_mask: np.ndarray, config: TrainCo
     return Normalizer.fit(data, image_keys=policy.image_keys)
 
 
-class BatchedWindows(Dataset):
-    """Training windows fetched a whole batch at a time: `dataset[indices]` -> the policy's batch
-    `{"obs": {key: (B, To, ...)}, "action": (B, Tp, Da) float32, "action_is_pad": (B, Tp)}`.
-
-    One `SequenceSampler.sample_batch` gather per key; used with a `BatchSampler` as the
-    DataLoader's sampler and `batch_size=None` (splitting batches into per-window items and
-    collating them back costs more than the gather itself for low-dim data).
-    """
-
-    def __init__(self, sampler: SequenceSampler) -> None:
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
-        batch = self.sampler.sample_batch(np.asarray(indices, dtype=np.int64))
-        return {"obs": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch["obs"].items()},
-                "action": torch.from_numpy(np.ascontiguousarray(batch["action"], dtype=np.float32)),
-                "action_is_pad": torch.from_numpy(batch["action_is_pad"])}
-
-
-def window_dataset(buffer: ReplayBuffer, mask: np.ndarray, config: TrainConfig) -> BatchedWindows:
+def window_dataset(buffer: ReplayBuffer, mask: np.ndarray, config: TrainConfig) -> WindowDataset:
+    """The policy's training windows of the episodes in `mask`; `dataset[indices]` is one batch."""
     policy = config.policy
-    return BatchedWindows(SequenceSampler(buffer, list(policy.obs_shapes), policy.obs_horizon, policy.pred_horizon,
+    return WindowDataset(SequenceSampler(buffer, list(policy.obs_shapes), policy.obs_horizon, policy.pred_horizon,
                                           action_horizon=policy.action_horizon, episode_mask=mask))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A batch on `device`."""
     return {"obs": {k: v.to(device, non_blocking=True) for k, v in batch["obs"].items()},
-            "action": batch["action"].to(device, non_blocking=True),
+            "action": batch["action"].to(device, torch.float32, non_blocking=True),
             "action_is_pad": batch["action_is_pad"].to(device, non_blocking=True)}
 
 
@@ -250,27 +231,36 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 # ----------------------------------------------------------------------------- the loop
 
 
+Scorer = Callable[[ChunkPolicy, TaskCard, EvalConfig, torch.device], Mapping[str, Any]]
+"""scorer(policy, card, eval_config, device) -> an evaluation summary with `success_rate.rate`,
+`mean_return`, `mean_length` and optionally `mean_coverage` (`evaluation.rollout.Evaluation.summary`)."""
+
+
 def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
-          progress: bool = True, card: TaskCard | None = None) -> TrainResult:
+          progress: bool = True, card: TaskCard | None = None, scorer: Scorer | None = None) -> TrainResult:
     """Train `config` into `run_dir` (resuming the latest checkpoint there when `resume`).
 
     `card`: the task card of `config.task` when it is not one of `envs/` (a card given by path);
-    by default `load_task(config.task)`.
+    by default `load_task(config.task)`. `scorer`: scores each checkpoint's EMA policy; required
+    when `config.eval.episodes` > 0.
     """
     run_dir = Path(run_dir)
     card = load_task(config.task) if card is None else card
     if card.name != config.task:
         raise ConfigError(f"train: the config trains task {config.task!r} but the card given is {card.name!r} "
                           f"({card.source})")
+    if config.eval.episodes > 0 and scorer is None:
+        raise ConfigError(f"config key 'eval.episodes' is {config.eval.episodes}: scoring checkpoints needs a "
+                          "scorer (e.g. diffpolicy.evaluation.rollout.score_policy); pass one or set eval.episodes=0")
     ctx = setup_distributed(config.train.device)
     try:
-        return _train(config, card, run_dir, resume, progress, ctx)
+        return _train(config, card, run_dir, resume, progress, ctx, scorer)
     finally:
         teardown_distributed()
 
 
 def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, progress: bool,
-           ctx: DistContext) -> TrainResult:
+           ctx: DistContext, scorer: Scorer | None) -> TrainResult:
     tc = config.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
@@ -372,7 +362,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
             if ctx.is_main:
                 bar.clear()
                 last = checkpoint(run_dir, config, card, manager, (step, epoch, batch_in_epoch), learner,
-                                  val_dataset, writer, ctx.device)
+                                  val_dataset, writer, ctx.device, scorer)
                 bar.refresh()
             if ctx.enabled:
                 torch.distributed.barrier()
@@ -390,8 +380,8 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
 
 
 def checkpoint(run_dir: Path, config: TrainConfig, card: TaskCard, manager: CheckpointManager,
-               position: tuple[int, int, int], learner: Learner, val_dataset: BatchedWindows | None, writer,
-               device: torch.device) -> Path:
+               position: tuple[int, int, int], learner: Learner, val_dataset: WindowDataset | None, writer,
+               device: torch.device, scorer: Scorer | None) -> Path:
     """Validation loss and evaluation of the EMA policy, then an atomic checkpoint (rank 0 only).
 
     `position` is `(step, epoch, batches done in the epoch)`.
@@ -406,10 +396,7 @@ def checkpoint(run_dir: Path, config: TrainConfig, card: TaskCard, manager: Chec
         row["val_loss"] = validation_loss(ema_policy, val_dataset, config, device)
     score = None
     if config.eval.episodes > 0:
-        result = evaluate(ema_policy, card, episodes=config.eval.episodes, seed_start=config.eval.seed_start,
-                          n_envs=config.eval.n_envs, device=device,
-                          inference_steps=config.eval.inference_steps)
-        summary = result.summary
+        summary = scorer(ema_policy, card, config.eval, device)
         rate = summary["success_rate"]["rate"]
         score = [rate, summary.get("mean_coverage", summary["mean_return"])]  # coverage breaks ties
         row.update({"eval/success_rate": rate, "eval/mean_return": summary["mean_return"],
@@ -450,7 +437,7 @@ def restore_training_state(checkpoint_dir: Path, learner: Learner) -> tuple[int,
 
 
 @torch.no_grad()
-def validation_loss(policy: ChunkPolicy, dataset: BatchedWindows, config: TrainConfig, device: torch.device) -> float:
+def validation_loss(policy: ChunkPolicy, dataset: WindowDataset, config: TrainConfig, device: torch.device) -> float:
     """Mean denoising loss on up to `VAL_BATCHES` validation batches, with fixed noise."""
     size = min(config.train.batch_size, len(dataset))
     losses = []
@@ -489,6 +476,4 @@ def trim_log(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))

@@ -1,7 +1,7 @@
 """An expert that acts with a policy trained by stable-baselines3 (SAC or PPO).
 
 The model is `<dir>/model.zip` (SB3's format) with its training record `<dir>/model.json` beside it
-(`diffpolicy.envs.expert_training` writes both; the record names the algorithm). Stochastic actions
+(`diffpolicy.rl.expert_training` writes both; the record names the algorithm). Stochastic actions
 are drawn with the expert's own numpy Generator, seeded by `reset(seed)`, so a demonstration is
 reproducible from its seed:
 
@@ -13,8 +13,6 @@ with eps ~ N(0, I) (eps = 0 when `deterministic`), which are the distributions S
 
 from __future__ import annotations
 
-from diffpolicy.errors import MissingFileError
-
 import json
 import os
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from diffpolicy.errors import InvalidValueError, MissingFileError
 
 ALGORITHMS = ("sac", "ppo")
 
@@ -40,7 +40,7 @@ def algorithm_class(name: str, where: str = "algorithm") -> type:
     import stable_baselines3
 
     if name not in ALGORITHMS:
-        raise ValueError(f"{where}: unknown algorithm {name!r}, expected one of {list(ALGORITHMS)}")
+        raise InvalidValueError(f"{where}: unknown algorithm {name!r}, expected one of {list(ALGORITHMS)}")
     return getattr(stable_baselines3, name.upper())
 
 
@@ -86,7 +86,7 @@ class LearnedExpert:
         for name in ("observation_space", "action_space"):
             ours, theirs = getattr(env, name), getattr(model, name)
             if ours != theirs:
-                raise ValueError(f"LearnedExpert: the model ({source}) has {name} {theirs}, the env has {ours}")
+                raise InvalidValueError(f"LearnedExpert: the model ({source}) has {name} {theirs}, the env has {ours}")
         self.model = model
         self.deterministic = bool(deterministic)
         self.action_space = env.action_space

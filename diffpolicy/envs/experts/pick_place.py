@@ -31,6 +31,7 @@ import numpy as np
 import robosuite.utils.transform_utils as T
 
 from diffpolicy.envs.robosuite_tasks import RobosuiteEnv
+from diffpolicy.errors import InvalidTypeError, InvalidValueError
 
 OSC_POS_SCALE = 0.05  # metres per unit action (robosuite's default OSC_POSE output_max)
 OSC_ROT_SCALE = 0.5  # radians per unit action
@@ -92,9 +93,9 @@ class RobosuiteScene:
     def __init__(self, env: Any, env_name: str):
         inner = getattr(env, "unwrapped", env)
         if not isinstance(inner, RobosuiteEnv):
-            raise TypeError(f"{env_name} expert: expected a RobosuiteEnv (or a wrapper of one), got {type(inner).__name__}")
+            raise InvalidTypeError(f"{env_name} expert: expected a RobosuiteEnv (or a wrapper of one), got {type(inner).__name__}")
         if inner.env_name != env_name:
-            raise ValueError(f"{env_name} expert: the env runs {inner.env_name!r}, expected {env_name!r}")
+            raise InvalidValueError(f"{env_name} expert: the env runs {inner.env_name!r}, expected {env_name!r}")
         self.env = inner
         self.rs = inner.robosuite_env
         self.sim = self.rs.sim
@@ -147,7 +148,7 @@ class WaypointExpert:
     def __init__(self, env: Any, speed: tuple[float, float] = (0.025, 0.045), gain: float = 2.0,
                  max_turn: float = 0.2, max_replans: int = 3):
         if not 0 < speed[0] <= speed[1] <= OSC_POS_SCALE:
-            raise ValueError(f"{type(self).__name__}: speed must be a range within (0, {OSC_POS_SCALE}], got {speed}")
+            raise InvalidValueError(f"{type(self).__name__}: speed must be a range within (0, {OSC_POS_SCALE}], got {speed}")
         self.scene = RobosuiteScene(env, self.env_name)
         self.speed_range = (float(speed[0]), float(speed[1]))
         self.gain = float(gain)

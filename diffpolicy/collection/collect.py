@@ -33,8 +33,6 @@ simply run again.
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError
-
 import os
 import sys
 import time
@@ -47,7 +45,14 @@ import numpy as np
 from tqdm import tqdm
 
 from diffpolicy.data.replay_buffer import ReplayBuffer
-from diffpolicy.envs.tasks import TaskCard, TaskCardError, load_task, make_env, make_expert
+from diffpolicy.envs.tasks import (
+    TaskCard,
+    TaskCardError,
+    load_task,
+    make_env,
+    make_expert,
+)
+from diffpolicy.errors import InvalidValueError
 
 RESERVED_KEYS = ("action", "reward", "states")
 # Settings that must match to resume a store; a store made otherwise needs overwrite=True.

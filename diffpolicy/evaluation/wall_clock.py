@@ -18,17 +18,16 @@ from diffpolicy.control.execution import ExecutionStats
 from diffpolicy.control.modes import ChunkMode
 from diffpolicy.control.profile import RobotProfile
 from diffpolicy.control.realtime import RealTimeController
+from diffpolicy.evaluation.rollout import EpisodeResult
 
 
 def run_wall_clock(policy: Any, make_env: Callable[[], Any], seeds: Sequence[int], mode: ChunkMode,
                    profile: RobotProfile, *, rate_hz: float | None = None, steps: int | None = None,
                    horizon: int | None = None, coverage_key: str = "coverage",
-                   progress: Callable[[Any], None] | None = None) -> list:
+                   progress: Callable[[EpisodeResult], None] | None = None) -> list[EpisodeResult]:
     """One episode per seed under a `RealTimeController`, stepped at `rate_hz` (default: the
     profile's control_hz). Returns `evaluation.rollout.EpisodeResult`s with controller stats
     (`control.nfe`, jerk, seam jump, underruns; `control.delays`: the measured delays)."""
-    from diffpolicy.evaluation.rollout import EpisodeResult
-
     period = 1.0 / (rate_hz or profile.control_hz)
     results = []
     for index, seed in enumerate(seeds):

@@ -23,8 +23,6 @@ through `LearnedExpert`, so the reached return is the return of the demonstrator
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError
-
 import copy
 import dataclasses
 import json
@@ -36,8 +34,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from diffpolicy.envs.experts.learned import ALGORITHMS, LearnedExpert, algorithm_class, meta_path_for, train_command
+from diffpolicy.envs.experts.learned import (
+    ALGORITHMS,
+    LearnedExpert,
+    algorithm_class,
+    meta_path_for,
+    train_command,
+)
 from diffpolicy.envs.tasks import TaskCard, make_env
+from diffpolicy.errors import InvalidValueError
+from diffpolicy.fsutil import atomic_write_text
 
 
 class ExpertTrainingError(InvalidValueError):
@@ -237,9 +243,7 @@ def _write_atomically(model, model_path: Path, meta: dict[str, Any], meta_path: 
     """
     model_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_model = model_path.with_name(f".{model_path.stem}.tmp.zip")
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.tmp")
     meta_path.unlink(missing_ok=True)
     model.save(tmp_model)
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp_model, model_path)
-    os.replace(tmp_meta, meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
