@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--reference-only", action="store_true", help="run (and cache) the reference row only")
     parser.add_argument("--table-only", action="store_true",
                         help="no evaluation: the table of the rows cached in --out, then the tick and soak")
+    parser.add_argument("--no-timing", action="store_true", help="print the results of tick_latency.json and "
+                        "soak.json in --out instead of measuring them again")
     parser.add_argument("--only-configs", action="store_true",
                         help="run (and cache) the mode x delay rows only: no reference, table, tick or soak "
                              "(to split one run over several processes sharing --out)")
@@ -220,14 +222,18 @@ def main() -> None:
           f"torch {torch.__version__}, 1 thread")
     print(table(rows, reference))
     config = policies["shared"].config
-    latency = tick_latency(config, args.tick_samples)
+    if args.no_timing:
+        latency = json.loads((cache / "tick_latency.json").read_text())
+        soaked = json.loads((cache / "soak.json").read_text())
+    else:
+        latency = tick_latency(config, args.tick_samples)
+        soaked = soak(config, args.soak_ticks)
+        atomic_write_text(cache / "tick_latency.json", json.dumps(latency, indent=1))
+        atomic_write_text(cache / "soak.json", json.dumps(soaked, indent=1))
     print(f"\ncontrol tick (inference excluded), {latency['ticks']} ticks: wall p50 {latency['p50_us']:.0f} us, "
           f"p99 {latency['p99_us']:.0f} us, max {latency['max_us']:.0f} us; thread CPU time p50 "
           f"{latency['cpu_p50_us']:.0f} us, p99 {latency['cpu_p99_us']:.0f} us")
-    atomic_write_text(cache / "tick_latency.json", json.dumps(latency, indent=1))
-    soaked = soak(config, args.soak_ticks)
     print(f"soak: {soaked['ticks']} ticks, {soaked['out_of_limit']} out-of-limit commands; flags {soaked['flags']}")
-    atomic_write_text(cache / "soak.json", json.dumps(soaked, indent=1))
 
 
 if __name__ == "__main__":
