@@ -78,7 +78,7 @@ class EpisodeExecution:
     def commit(self, generated: Generated) -> None:
         """Take a new chunk inferred from the observation at the current tick: one row of a mode's
         output (actions `(Tp, Da)` in data units, state `(Tp, Da)` and levels `(Tp,)` or None)."""
-        actions = generated.actions.detach().to("cpu", torch.float64).numpy()
+        actions = generated.actions.detach().to("cpu", torch.float64).numpy()[:generated.clean_length()]
         tau, d, s, start = self.tick, self.spec.delay, self.horizon, self.layout.start
         first = self.chunks == 0
         if self.spec.mode.blocking:

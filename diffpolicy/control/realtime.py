@@ -153,8 +153,8 @@ class ChunkScheduler:
             previous = None
             if self.previous is not None and self.mode.uses_previous:
                 shift = obs_tick - self.previous_tick
-                if shift < self.layout.pred_horizon:
-                    previous = Previous(self.previous.state, self.previous.levels, shift)
+                if shift < self.layout.pred_horizon:  # the modes take a batch: (1, Tp, Da), (1, Tp)
+                    previous = Previous(self.previous.state[None], self.previous.levels[None], shift)
             request = Request(obs, obs_tick, tick, self.planned_delay() if previous is not None else 0, previous,
                               self.chunks)
             self.chunks += 1
@@ -179,6 +179,7 @@ class ChunkScheduler:
             if actions.ndim == 3:
                 actions = actions[0]
             flags = self._check(actions)
+            actions = actions[:generated.clean_length()]  # streaming leaves noisy tokens: never queued
             if flags:
                 self.stats.rejected += 1
                 return flags
@@ -262,6 +263,7 @@ class RealTimeController:
         self.generator = torch.Generator().manual_seed(seed)
         self._infer = infer or self._policy_infer
         self.flags: dict[str, int] = dict.fromkeys(FLAGS, 0)
+        self.last_error: Exception | None = None  # the last exception an inference raised (flagged, held)
         self.tick_index = 0
         self.last_command: np.ndarray | None = None
         self.inference_started: float | None = None
@@ -365,7 +367,8 @@ class RealTimeController:
             return []
         try:
             generated = self._infer(request)
-        except Exception:  # a failed inference is flagged and rejected; the robot holds meanwhile
+        except Exception as err:  # a failed inference is flagged and rejected; the robot holds meanwhile
+            self.last_error = err
             generated = None
         flags = []
         if generated is not None:
