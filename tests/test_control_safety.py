@@ -76,11 +76,12 @@ def test_shipped_profiles_load():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda p: p["limits"].pop("velocity"), "missing key 'limits.velocity'"),
-    (lambda p: p.pop("watchdog"), "missing key 'watchdog'"),
+    (lambda p: p["limits"].pop("velocity"), "missing config key 'limits.velocity'"),
+    (lambda p: p.pop("watchdog"), "missing config key 'watchdog'"),
     (lambda p: p["limits"]["position"].update(low=[2.0, 0.0]), r"low\[0\] = 2.0 >= high\[0\] = 1.0"),
-    (lambda p: p["limits"].update(acceleration=[1.0]), "'limits.acceleration' must be a list of 2 numbers"),
-    (lambda p: p["limits"].update(velocity=[1.0, -1.0]), "'limits.velocity' must hold finite numbers > 0"),
+    (lambda p: p["limits"].update(acceleration=[1.0]), "'limits.acceleration': expected a list of 2 numbers"),
+    (lambda p: p["limits"].update(velocity=[1.0, -1.0]), "'limits.velocity': expected a number > 0, got -1.0"),
+    (lambda p: p.update(extra=1), "unknown config key 'extra'"),
     (lambda p: p.update(robot_hz=25.0), "integer multiple"),
     (lambda p: p.update(binary_dims=[2]), "binary_dims"),
 ])

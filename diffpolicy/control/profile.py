@@ -12,13 +12,13 @@
     binary_dims: []             # gripper dimensions (binarised in warm-start guesses)
     watchdog: {max_observation_age_s: 0.3, max_inference_s: 2.0}
 
-Every key is required; a missing key, a list of the wrong length, low >= high, a non-positive rate
-or limit raise `ProfileError` naming the file and the key.
+Every key is required. The file is read by the package's one config reader (`diffpolicy.config`)
+into `ProfileFile`; a missing or unknown key, a value of the wrong type, a list of the wrong length,
+low >= high, a non-positive rate or limit raise `ProfileError` naming the file and the key.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +27,73 @@ from typing import Any
 import numpy as np
 import yaml
 
+from diffpolicy.config import ConfigError, check_float, fail, from_dict
 from diffpolicy.control.errors import ProfileError, ProfileMissingError
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
+
+
+@dataclass(frozen=True)
+class PositionLimits:
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    position: PositionLimits
+    velocity: tuple[float, ...]  # per second
+    acceleration: tuple[float, ...]  # per second^2
+
+
+@dataclass(frozen=True)
+class WatchdogLimits:
+    max_observation_age_s: float
+    max_inference_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("max_observation_age_s", "max_inference_s"):
+            check_float(f"watchdog.{name}", getattr(self, name), 0, strictly=True)
+
+
+@dataclass(frozen=True)
+class ProfileFile:
+    """A profile file as written (the module docstring); `RobotProfile` is what the controller uses."""
+
+    name: str
+    action_dim: int
+    control_hz: float
+    robot_hz: float
+    limits: Limits
+    seam_jump: float
+    binary_dims: tuple[int, ...]
+    watchdog: WatchdogLimits
+
+    def __post_init__(self) -> None:
+        dim = self.action_dim
+        if dim < 1:
+            raise fail("action_dim", "an integer >= 1", dim)
+        for name in ("control_hz", "robot_hz", "seam_jump"):
+            check_float(name, getattr(self, name), 0, strictly=True)
+        ratio = self.robot_hz / self.control_hz
+        if abs(ratio - round(ratio)) > 1e-9 or round(ratio) < 1:
+            raise fail("robot_hz", f"an integer multiple (>= 1) of control_hz = {self.control_hz}", self.robot_hz)
+        for key, values, positive in (("limits.position.low", self.limits.position.low, False),
+                                      ("limits.position.high", self.limits.position.high, False),
+                                      ("limits.velocity", self.limits.velocity, True),
+                                      ("limits.acceleration", self.limits.acceleration, True)):
+            if len(values) != dim:
+                raise fail(key, f"a list of {dim} numbers (action_dim)", list(values))
+            for value in values:
+                check_float(key, value, 0 if positive else None, strictly=positive)
+        low, high = np.asarray(self.limits.position.low), np.asarray(self.limits.position.high)
+        bad = np.nonzero(low >= high)[0]
+        if bad.size:
+            i = int(bad[0])
+            raise ConfigError(f"config key 'limits.position': low must be < high in every dimension, got "
+                               f"low[{i}] = {low[i]} >= high[{i}] = {high[i]}")
+        if not all(0 <= b < dim for b in self.binary_dims):
+            raise fail("binary_dims", f"a list of action dimensions in [0, {dim})", list(self.binary_dims))
 
 
 @dataclass(frozen=True)
@@ -56,36 +120,20 @@ class RobotProfile:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "<profile>") -> RobotProfile:
-        reader = _Reader(data, where)
-        dim = reader.integer("action_dim")
-        control_hz, robot_hz = reader.positive("control_hz"), reader.positive("robot_hz")
-        ratio = robot_hz / control_hz
-        if abs(ratio - round(ratio)) > 1e-9 or round(ratio) < 1:
-            raise ProfileError(f"{where}: key 'robot_hz' must be an integer multiple (>= 1) of control_hz = "
-                               f"{control_hz}, got {robot_hz}")
-        limits = reader.section("limits")
-        position = _Reader(limits.get("position"), where, "limits.position") if "position" in limits else None
-        if position is None:
-            raise ProfileError(f"{where}: missing key 'limits.position'")
-        low, high = position.vector("low", dim), position.vector("high", dim)
-        bad = np.nonzero(low >= high)[0]
-        if bad.size:
-            i = int(bad[0])
-            raise ProfileError(f"{where}: key 'limits.position': low must be < high in every dimension, got "
-                               f"low[{i}] = {low[i]} >= high[{i}] = {high[i]}")
-        limit_reader = _Reader(limits, where, "limits")
-        velocity = limit_reader.vector("velocity", dim, positive=True)
-        acceleration = limit_reader.vector("acceleration", dim, positive=True)
-        binary = reader.value("binary_dims")
-        if not isinstance(binary, list) or not all(isinstance(b, int) and 0 <= b < dim for b in binary):
-            raise ProfileError(f"{where}: key 'binary_dims' must be a list of action dimensions in [0, {dim}), "
-                               f"got {binary!r}")
-        watchdog = _Reader(reader.section("watchdog"), where, "watchdog")
-        return cls(name=str(reader.value("name")), action_dim=dim, control_hz=control_hz, robot_hz=robot_hz,
-                   position_low=low, position_high=high, velocity=velocity, acceleration=acceleration,
-                   seam_jump=reader.positive("seam_jump"), binary_dims=tuple(binary),
-                   max_observation_age_s=watchdog.positive("max_observation_age_s"),
-                   max_inference_s=watchdog.positive("max_inference_s"))
+        """A profile from its parsed YAML; errors name `where` (the file) and the key."""
+        try:
+            raw = from_dict(ProfileFile, data)
+        except ConfigError as err:
+            raise ProfileError(f"{where}: {err}") from None
+        limits = raw.limits
+        return cls(name=raw.name, action_dim=raw.action_dim, control_hz=raw.control_hz, robot_hz=raw.robot_hz,
+                   position_low=np.asarray(limits.position.low, dtype=np.float64),
+                   position_high=np.asarray(limits.position.high, dtype=np.float64),
+                   velocity=np.asarray(limits.velocity, dtype=np.float64),
+                   acceleration=np.asarray(limits.acceleration, dtype=np.float64),
+                   seam_jump=raw.seam_jump, binary_dims=raw.binary_dims,
+                   max_observation_age_s=raw.watchdog.max_observation_age_s,
+                   max_inference_s=raw.watchdog.max_inference_s)
 
 
 def load_profile(name_or_path: str | os.PathLike) -> RobotProfile:
@@ -102,50 +150,3 @@ def load_profile(name_or_path: str | os.PathLike) -> RobotProfile:
     except yaml.YAMLError as err:
         raise ProfileError(f"{path}: not valid YAML: {err}") from None
     return RobotProfile.from_dict(data, str(path))
-
-
-class _Reader:
-    """Strict access to one mapping of a profile, with messages naming file and dotted key."""
-
-    def __init__(self, data: Any, where: str, prefix: str = ""):
-        if not isinstance(data, dict):
-            raise ProfileError(f"{where}: key {prefix or '<root>'!r} must be a mapping, got {type(data).__name__}")
-        self.data, self.where, self.prefix = data, where, prefix
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def value(self, name: str) -> Any:
-        if name not in self.data:
-            raise ProfileError(f"{self.where}: missing key {self.key(name)!r}")
-        return self.data[name]
-
-    def section(self, name: str) -> dict:
-        value = self.value(name)
-        if not isinstance(value, dict):
-            raise ProfileError(f"{self.where}: key {self.key(name)!r} must be a mapping, got {value!r}")
-        return value
-
-    def integer(self, name: str) -> int:
-        value = self.value(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ProfileError(f"{self.where}: key {self.key(name)!r} must be an integer >= 1, got {value!r}")
-        return value
-
-    def positive(self, name: str) -> float:
-        value = self.value(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ProfileError(f"{self.where}: key {self.key(name)!r} must be a finite number > 0, got {value!r}")
-        return float(value)
-
-    def vector(self, name: str, dim: int, positive: bool = False) -> np.ndarray:
-        value = self.value(name)
-        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        if not ok or len(value) != dim:
-            raise ProfileError(f"{self.where}: key {self.key(name)!r} must be a list of {dim} numbers (action_dim), "
-                               f"got {value!r}")
-        array = np.asarray(value, dtype=np.float64)
-        if not np.isfinite(array).all() or (positive and (array <= 0).any()):
-            raise ProfileError(f"{self.where}: key {self.key(name)!r} must hold finite numbers"
-                               f"{' > 0' if positive else ''}, got {value!r}")
-        return array
