@@ -21,6 +21,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("collect", "collect", "record expert demonstrations of a task into a zarr dataset (resumable)"),
     ("train", "train", "imitation-train a diffusion or flow chunk policy on a task's dataset (resumable, DDP)"),
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
+    ("serve", "serve", "serve a trained policy over ZeroMQ (msgpack, never pickle; CURVE keys beyond loopback)"),
     ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
 ]
 
