@@ -22,6 +22,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "train", "imitation-train a diffusion or flow chunk policy on a task's dataset (resumable, DDP)"),
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
     ("serve", "serve", "serve a trained policy over ZeroMQ (msgpack, never pickle; CURVE keys beyond loopback)"),
+    ("bridge", "bridge", "run a policy on a robot through ROS 1 (rospy) or ROS 2 (Cyclone DDS) with the real-time controller"),
+    ("sim-robot", "sim_robot", "a simulated robot (a package task) behind the ROS bridge's topics"),
     ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
 ]
 

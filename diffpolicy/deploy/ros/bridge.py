@@ -1,0 +1,218 @@
+"""The ROS bridge: observation topics -> the real-time controller -> command topic, with a heartbeat.
+
+    bridge = Bridge(transport, config, make_controller, obs_shapes)
+    bridge.run(stop_event)          # until stop_event is set (the command sets it on SIGTERM)
+
+Every 1 / control_hz seconds the bridge takes the newest message of each observation topic. When
+all are fresher than `max_observation_age_s` it feeds them to the controller (a new controller,
+reset at the measured position, after a start or a dropout), ticks it and publishes the command
+(the controller's safety-filtered action). When any is missing or stale (a publisher died, the
+middleware dropped) it holds: it publishes the last command again, drops the controller (its
+queued chunks were planned from old observations) and waits for fresh messages. Each tick it
+publishes a heartbeat (std_msgs/String, JSON): state ("waiting", "running", "holding",
+"stopping", "stopped"), queue depth, delay estimate, watchdog flags, and the latency from the
+newest observation's arrival to the command's publication. On stop it holds for `stop_hold_s`,
+publishes "stopped" and stops the controller's worker.
+
+Messages that cannot be used (wrong length, missing joint names, non-finite values) are counted
+in the heartbeat's `bad_messages` and dropped; they never reach the controller.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from diffpolicy.deploy.errors import BridgeError
+from diffpolicy.deploy.ros.config import BridgeConfig, ObservationTopic
+from diffpolicy.deploy.ros.transport import JointState, Transport
+
+WATCHDOG_FLAGS = ("stale_observation", "stalled_inference")
+
+
+@dataclass
+class Received:
+    value: np.ndarray
+    arrival: float  # the bridge's clock (time.monotonic)
+    stamp: float  # the message header (seconds since the epoch)
+
+
+def observation_value(message: JointState, topic: ObservationTopic, shape: tuple[int, ...]) -> np.ndarray:
+    """The observation `shape` carried by `message.position` (picked and ordered by `topic.names`)."""
+    position = np.asarray(message.position, dtype=np.float64)
+    if topic.names:
+        index = {name: i for i, name in enumerate(message.names)}
+        missing = [name for name in topic.names if name not in index]
+        if missing or len(message.names) != len(position):
+            raise BridgeError(f"{topic.topic}: joint names {missing or list(message.names)} missing or without "
+                              f"positions; expected {list(topic.names)}")
+        position = position[[index[name] for name in topic.names]]
+    if position.shape != tuple(shape):
+        raise BridgeError(f"{topic.topic}: observation {topic.key!r} needs {shape[0]} positions, got {position.shape[0]}")
+    if not np.isfinite(position).all():
+        raise BridgeError(f"{topic.topic}: non-finite position in {position.tolist()}")
+    return position.astype(np.float32)
+
+
+class ObservationBuffer:
+    """The newest valid message of every observation topic (filled on the middleware's threads)."""
+
+    def __init__(self, config: BridgeConfig, obs_shapes: dict[str, tuple[int, ...]],
+                 clock: Callable[[], float] = time.monotonic):
+        self.config, self.shapes, self.clock = config, obs_shapes, clock
+        self.latest: dict[str, Received] = {}
+        self.bad_messages = 0
+        self.last_error = ""
+        self.lock = threading.Lock()
+
+    def callback(self, topic: ObservationTopic) -> Callable[[JointState], None]:
+        def on_message(message: JointState) -> None:
+            try:
+                value = observation_value(message, topic, self.shapes[topic.key])
+            except BridgeError as err:
+                with self.lock:
+                    self.bad_messages += 1
+                    self.last_error = str(err)
+                return
+            with self.lock:
+                self.latest[topic.key] = Received(value, self.clock(), message.stamp)
+        return on_message
+
+    def snapshot(self, now: float) -> tuple[dict[str, np.ndarray] | None, Received | None, float]:
+        """(observation, its newest message, age of its oldest message) when every key has a message
+        younger than `max_observation_age_s`; else (None, None, age or inf)."""
+        with self.lock:
+            received = dict(self.latest)
+        if len(received) < len(self.shapes):
+            return None, None, float("inf")
+        age = now - min(r.arrival for r in received.values())
+        if age > self.config.max_observation_age_s:
+            return None, None, age
+        newest = max(received.values(), key=lambda r: r.arrival)
+        return {key: r.value for key, r in received.items()}, newest, age
+
+
+@dataclass
+class BridgeStats:
+    ticks: int = 0
+    commands: int = 0
+    holds: int = 0
+    restarts: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+
+
+class Bridge:
+    """The bridge loop (module docstring).
+
+    Args:
+        transport: the middleware (`make_transport`).
+        config: the `BridgeConfig` (topics, dropout age, stop hold).
+        make_controller: builds a fresh `RealTimeController` (after a start or a dropout).
+        obs_shapes: the policy's `config.obs_shapes` (checked against the topics).
+        control_hz: ticks per second (the robot profile's control_hz).
+    """
+
+    def __init__(self, transport: Transport, config: BridgeConfig, make_controller: Callable[[], Any],
+                 obs_shapes: dict[str, tuple[int, ...]], control_hz: float, clock: Callable[[], float] = time.monotonic):
+        config.check_policy(obs_shapes)
+        self.transport, self.config, self.make_controller = transport, config, make_controller
+        self.period, self.clock = 1.0 / control_hz, clock
+        self.buffer = ObservationBuffer(config, obs_shapes, clock)
+        for topic in config.observations:
+            transport.subscribe_joint_state(topic.topic, self.buffer.callback(topic))
+        self.publish_command = transport.joint_state_publisher(config.command_topic)
+        self.publish_heartbeat = transport.text_publisher(config.heartbeat_topic)
+        self.controller: Any = None
+        self.last_command: np.ndarray | None = None
+        self.state = "waiting"
+        self.stats = BridgeStats()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event, max_ticks: int | None = None) -> BridgeStats:
+        """Tick until `stop` is set (or `max_ticks`), then hold for `stop_hold_s` and stop."""
+        next_tick = self.clock()
+        try:
+            while not stop.is_set() and (max_ticks is None or self.stats.ticks < max_ticks):
+                self.tick()
+                next_tick = self._sleep_until(next_tick + self.period)
+            self.state = "stopping"
+            hold_until = self.clock() + self.config.stop_hold_s
+            while self.clock() < hold_until:
+                self._hold({}, float("nan"), [])
+                next_tick = self._sleep_until(next_tick + self.period)
+        finally:
+            self._drop_controller()
+            self.state = "stopped"
+            self._heartbeat({}, float("nan"), [], None)
+        return self.stats
+
+    def tick(self) -> None:
+        """One control tick: run the controller on fresh observations, or hold."""
+        now = self.clock()
+        obs, newest, age = self.buffer.snapshot(now)
+        self.stats.ticks += 1
+        if obs is None:
+            if self.controller is not None:
+                self._drop_controller()
+            self.state = "holding" if self.last_command is not None else "waiting"
+            self._hold(obs or {}, age, [])
+            return
+        if self.controller is None:
+            self.controller = self.make_controller()
+            self.controller.reset(obs, obs[self.config.position_key].astype(np.float64), newest.arrival)
+            self.controller.start()
+            self.stats.restarts += 1
+        else:
+            self.controller.observe(obs, newest.arrival)
+        out = self.controller.tick(now)
+        self.state = "running"
+        self._publish(out.command)
+        latency = (self.clock() - newest.arrival) * 1e3
+        self.stats.latencies_ms.append(latency)
+        self._heartbeat(obs, age, list(out.flags), latency, newest)
+
+    # ------------------------------------------------------------------ helpers
+    def _publish(self, command: np.ndarray) -> None:
+        self.last_command = np.asarray(command, dtype=np.float64).copy()
+        self.publish_command(JointState(stamp=time.time(), position=self.last_command))
+        self.stats.commands += 1
+
+    def _hold(self, obs: dict, age: float, flags: list[str]) -> None:
+        if self.last_command is not None:
+            self._publish(self.last_command)
+            self.stats.holds += 1
+        self._heartbeat(obs, age, flags, None)
+
+    def _drop_controller(self) -> None:
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller = None
+
+    def _heartbeat(self, obs: dict, age: float, flags: list[str], latency_ms: float | None,
+                   newest: Any = None) -> None:
+        controller = self.controller
+        scheduler = getattr(controller, "scheduler", None)
+        beat = {
+            "state": self.state, "tick": self.stats.ticks, "commands": self.stats.commands,
+            "holds": self.stats.holds, "restarts": self.stats.restarts,
+            "queue_depth": None if scheduler is None else scheduler.queue.remaining(),
+            "delay_estimate": None if scheduler is None else scheduler.estimator.estimate,
+            "watchdog": any(flag in WATCHDOG_FLAGS for flag in flags) or self.state == "holding",
+            "flags": flags, "latency_ms": latency_ms,
+            "stamp_to_command_ms": None if newest is None else (time.time() - newest.stamp) * 1e3,
+            "observation_age_s": age if np.isfinite(age) else None,
+            "bad_messages": self.buffer.bad_messages, "last_error": self.buffer.last_error,
+        }
+        self.publish_heartbeat(json.dumps(beat))
+
+    def _sleep_until(self, deadline: float) -> float:
+        now = self.clock()
+        if deadline < now:  # late: skip the missed ticks rather than bursting
+            return now
+        time.sleep(deadline - now)
+        return deadline
