@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from policy_helpers import DA, TP, make_obs, make_policy
 
 from diffpolicy.config import ConfigError
 from diffpolicy.core.guidance import GuidedInpainting, PrefixInpainting, rtc_prefix_weights
@@ -28,7 +29,6 @@ from diffpolicy.deploy.auth import ClientKeys, make_keys
 from diffpolicy.deploy.errors import AuthenticationError, RemoteError, WireError
 from diffpolicy.deploy.runner import run_sample
 from diffpolicy.deploy.wire import DTYPES, decode_array, encode_array, make_request, pack
-from policy_helpers import DA, TP, make_obs, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ has none, so this transport is the one that is tested.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -7,7 +7,7 @@ from ROS_MASTER_URI. rospy's own signal handlers are disabled: the bridge handle
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.transport import JointState, Transport

@@ -14,8 +14,8 @@ std_msgs/String (the heartbeat's JSON). Callbacks run on the middleware's thread
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
