@@ -119,12 +119,27 @@ def test_remote_policy_equals_the_local_policy(server, policy):
             assert torch.equal(there, local), kwargs
         timing = remote.last_timing
         assert timing.infer_ms > 0 and timing.queue_ms >= 0 and timing.round_trip_ms >= timing.infer_ms
-        # a seeded generator makes stochastic remote sampling reproducible
-        a = remote.sample(obs, generator=torch.Generator().manual_seed(5))
-        b = remote.sample(obs, generator=torch.Generator().manual_seed(5))
-        assert torch.equal(a, b)
+        # a generator draws the same noise remotely as locally, and advances the same way
+        local_gen, remote_gen = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        for _ in range(2):
+            assert torch.equal(remote.sample(obs, generator=remote_gen), policy.sample(obs, generator=local_gen))
+        assert torch.equal(remote_gen.get_state(), local_gen.get_state())
     finally:
         remote.close()
+
+
+def test_stochastic_diffusion_sampling_matches_through_the_generator_state():
+    policy = make_policy("diffusion").eval()  # DDPM ancestral steps (eta = 1): noise drawn every step
+    server = PolicyServer(policy, ServerConfig(port=0)).start()
+    remote = RemotePolicy.connect(server.address)
+    try:
+        local_gen, remote_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        obs = make_obs(2)
+        for _ in range(2):
+            assert torch.equal(remote.sample(obs, generator=remote_gen), policy.sample(obs, generator=local_gen))
+    finally:
+        remote.close()
+        server.stop()
 
 
 def test_remote_policy_refuses_what_cannot_travel(server):
@@ -134,6 +149,8 @@ def test_remote_policy_refuses_what_cannot_travel(server):
             remote.backbone
         with pytest.raises(TypeError, match="cannot be sent"):
             remote.sample(make_obs(1), guidance=object())
+        with pytest.raises(TypeError, match="must come from RemotePolicy.encode_obs"):
+            remote.sample_normalized(torch.zeros(1, 8))
     finally:
         remote.close()
 
@@ -152,6 +169,8 @@ def valid_sample(batch=1, **changes):
     (valid_sample(mystery=1), "unknown field 'mystery'"),
     (valid_sample(steps=0), "sample.steps"),
     (valid_sample(t_start=2.0), "sample.t_start"),
+    (valid_sample(rng_state=encode_array(np.zeros(7, np.uint8))), "not a CPU torch.Generator state"),
+    (valid_sample(rng_state=encode_array(np.zeros(7, np.float32))), "1-D uint8 array"),
     (make_request(7, "sample", {"obs": {"state": encode_array(np.zeros((1, 2, 3), np.float32)),
                                         "joint": encode_array(np.zeros((1, 2, 3), np.float32))}}),
      "unexpected \\['joint'\\]"),
@@ -406,3 +425,36 @@ def test_serve_command_runs_and_stops_on_sigterm(policy, tmp_path):
     refused = subprocess.run([sys.executable, "-m", "diffpolicy.cli", "serve", "--checkpoint", str(tmp_path / "ckpt"),
                               "--host", "0.0.0.0"], env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "requires CURVE" in refused.stderr
+
+
+@pytest.mark.parametrize("mode", ["sync", "prefix", "rtc", "warmstart"])
+def test_the_controller_runs_a_remote_policy_exactly_as_the_local_one(server, policy, mode):
+    """The real-time controller (no thread, fixed clock) issues bit-identical commands with the
+    remote policy and with the local one, across several chunks of each mode's warm path."""
+    from diffpolicy.control.modes import make_mode
+    from diffpolicy.control.profile import RobotProfile
+    from diffpolicy.control.realtime import RealTimeController
+
+    profile = RobotProfile.from_dict({
+        "name": "loose", "action_dim": DA, "control_hz": 10.0, "robot_hz": 10.0,
+        "limits": {"position": {"low": [-1e6] * DA, "high": [1e6] * DA}, "velocity": [1e9] * DA,
+                   "acceleration": [1e9] * DA},
+        "seam_jump": 1e9, "binary_dims": [], "watchdog": {"max_observation_age_s": 1e9, "max_inference_s": 1e9}})
+    remote = RemotePolicy.connect(server.address)
+    try:
+        runs = []
+        for used in (policy, remote):
+            controller = RealTimeController(used, make_mode(mode), profile, seed=3)
+            obs_stream = torch.Generator().manual_seed(0)
+            first = {"state": (torch.randn(3, generator=obs_stream) * 5).numpy()}
+            controller.reset(first, np.full(DA, 150.0), now=0.0)
+            commands = []
+            for tick in range(16):
+                controller.run_pending()
+                commands.append(controller.tick(float(tick)).command)
+                controller.observe({"state": (torch.randn(3, generator=obs_stream) * 5).numpy()}, float(tick) + 0.5)
+            runs.append(np.array(commands))
+            assert controller.scheduler.stats.inferences >= 3
+        np.testing.assert_array_equal(runs[0], runs[1])
+    finally:
+        remote.close()

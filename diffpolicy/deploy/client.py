@@ -11,9 +11,11 @@ server's config and action statistics), `encode_obs`, `sample` and `sample_norma
 trip each; `encode_obs` only checks the observations and keeps them, the server encodes them with
 the sampling call). Guidance travels as data: `PrefixInpainting` and `GuidedInpainting`. The
 denoiser itself stays on the server, so the streaming mode (which calls `policy.backbone` per
-step) cannot run remotely. Randomness: a `generator` draws one seed per call for the server's
-generator; with `x_init` given and a deterministic sampler (flow, or DDIM with eta = 0) the result
-equals the local policy's bit for bit.
+step) cannot run remotely. Randomness: a `generator`'s state travels with the request, the server
+samples with a generator in that state and sends back its state afterwards, which the client's
+generator takes: remote sampling draws exactly the noise a local call would (CPU generators), so
+the results equal the local policy's bit for bit (up to float summation order if the server runs
+another thread count), and a controller driving a `RemotePolicy` issues the same commands.
 """
 
 from __future__ import annotations
@@ -199,10 +201,12 @@ class RemotePolicy:
             body["t_start"] = encode_array(t_start.detach().cpu().numpy())
         else:
             body["t_start"] = None if t_start is None else float(t_start)
-        body["seed"] = None if generator is None else int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        body["rng_state"] = None if generator is None else encode_array(generator.get_state().numpy())
         reply = self.client.request("sample", body)
-        if set(reply) != {"chunk"}:
-            raise WireError(f"sample reply: expected the field 'chunk', got {sorted(reply)}")
+        if set(reply) != {"chunk", "rng_state"} or (generator is not None) != (reply["rng_state"] is not None):
+            raise WireError(f"sample reply: expected the fields 'chunk' and 'rng_state', got {sorted(reply)}")
+        if generator is not None:
+            generator.set_state(torch.from_numpy(decode_array(reply["rng_state"], "reply.rng_state")))
         return torch.from_numpy(decode_array(reply["chunk"], "reply.chunk"))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from diffpolicy.core.guidance import GuidedInpainting, PrefixInpainting
+from diffpolicy.deploy.errors import WireError
 from diffpolicy.deploy.wire import encode_array
 
 
@@ -31,7 +32,10 @@ def metadata_of(policy: Any) -> dict[str, Any]:
 
 
 def run_sample(policy: Any, request: dict[str, Any]) -> dict[str, Any]:
-    """Run one decoded sample request (`wire.decode_sample`) -> the reply body {"chunk": array}."""
+    """Run one decoded sample request (`wire.decode_sample`) -> the reply body {"chunk", "rng_state"}.
+
+    With "rng_state" the call runs on a generator in that state (the client's), and the reply
+    carries its state afterwards, so the client's generator advances exactly as with a local call."""
     dtype = next(policy.parameters()).dtype
     obs = {key: _tensor(value, dtype) for key, value in request["obs"].items()}
     x_init = None if request["x_init"] is None else _tensor(request["x_init"], dtype)
@@ -39,14 +43,21 @@ def run_sample(policy: Any, request: dict[str, Any]) -> dict[str, Any]:
     if isinstance(t_start, np.ndarray):
         t_start = _tensor(t_start, dtype)
     guidance = _guidance(request["guidance"], dtype)
-    generator = None if request["seed"] is None else torch.Generator().manual_seed(request["seed"])
+    generator = None
+    if request["rng_state"] is not None:
+        generator = torch.Generator()
+        try:
+            generator.set_state(torch.from_numpy(request["rng_state"]))
+        except RuntimeError as err:
+            raise WireError(f"sample.rng_state: not a CPU torch.Generator state: {err}") from None
     with torch.no_grad():
         if request["normalized"]:
             cond = policy.encode_obs(obs, generator)
             chunk = policy.sample_normalized(cond, request["steps"], x_init, t_start, guidance, generator).x0
         else:
             chunk = policy.sample(obs, request["steps"], x_init, t_start, guidance, generator)
-    return {"chunk": encode_array(chunk.detach().cpu().numpy())}
+    state = None if generator is None else encode_array(generator.get_state().numpy())
+    return {"chunk": encode_array(chunk.detach().cpu().numpy()), "rng_state": state}
 
 
 def _guidance(spec: dict[str, Any] | None, dtype: torch.dtype):

@@ -8,10 +8,11 @@ wrong versions are refused with a `WireError` naming the field):
              {"v": 1, "id": int, "ok": false, "error": {"type": str, "message": str}, "timing": {...}}
 
     sample body    {"obs": {key: array (B, To, ...)}, "steps": int | nil, "x_init": array (B, Tp, Da) | nil,
-                    "t_start": float | array (B,) or (B, Tp) | nil, "normalized": bool, "seed": int | nil,
+                    "t_start": float | array (B,) or (B, Tp) | nil, "normalized": bool, "rng_state": uint8 array | nil,
                     "guidance": nil | {"kind": "prefix", "prefix": array (B, P, Da)}
                               | {"kind": "guided", "target": array (B, Tp, Da), "weights": array, "max_weight": f}}
-    sample reply   {"chunk": array (B, Tp, Da)}   (data units; normalized units when "normalized")
+    sample reply   {"chunk": array (B, Tp, Da), "rng_state": uint8 array | nil}
+                   (data units; normalized units when "normalized"; the generator's state after sampling)
 
 An array is the map {"dtype": name, "shape": [int, ...], "data": bytes} (little-endian, C order);
 its dtype is one of `DTYPES` (object, string and void dtypes are refused) and `data` must hold
@@ -36,7 +37,7 @@ DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "int32", "int64", "float16
 MAX_DIMS = 8
 MAX_ID = 2 ** 63 - 1
 GUIDANCE_FIELDS = {"prefix": {"kind", "prefix"}, "guided": {"kind", "target", "weights", "max_weight"}}
-SAMPLE_FIELDS = {"obs", "steps", "x_init", "t_start", "normalized", "seed", "guidance"}
+SAMPLE_FIELDS = {"obs", "steps", "x_init", "t_start", "normalized", "rng_state", "guidance"}
 
 
 # ---------------------------------------------------------------------------- arrays
@@ -114,7 +115,7 @@ def request_id_of(message: Any) -> int | None:
 
 
 def decode_sample(body: dict[str, Any]) -> dict[str, Any]:
-    """A sample body -> {"obs": {key: ndarray}, "steps", "x_init", "t_start", "normalized", "seed", "guidance"}."""
+    """A sample body -> {"obs": {key: ndarray}, "steps", "x_init", "t_start", "normalized", "rng_state", "guidance"}."""
     unknown = sorted(set(map(str, body)) - SAMPLE_FIELDS)
     if unknown:
         raise WireError(f"sample: unknown field {unknown[0]!r}; expected fields {sorted(SAMPLE_FIELDS)}")
@@ -142,10 +143,10 @@ def decode_sample(body: dict[str, Any]) -> dict[str, Any]:
     if type(normalized) is not bool:
         raise WireError(f"sample.normalized: expected a bool, got {_brief(normalized)}")
     out["normalized"] = normalized
-    seed = body.get("seed")
-    if seed is not None and not (type(seed) is int and 0 <= seed <= MAX_ID):
-        raise WireError(f"sample.seed: expected nil or an integer in [0, 2^63), got {_brief(seed)}")
-    out["seed"] = seed
+    out["rng_state"] = None if body.get("rng_state") is None else decode_array(body["rng_state"], "sample.rng_state")
+    if out["rng_state"] is not None and (out["rng_state"].dtype != np.uint8 or out["rng_state"].ndim != 1):
+        raise WireError(f"sample.rng_state: expected a 1-D uint8 array (torch.Generator.get_state()), got "
+                        f"{out['rng_state'].dtype} of shape {out['rng_state'].shape}")
     out["guidance"] = _decode_guidance(body.get("guidance"))
     return out
 
