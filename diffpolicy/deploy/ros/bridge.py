@@ -10,8 +10,9 @@ reset at the measured position, after a start or a dropout), ticks it and publis
 middleware dropped) it holds: it publishes the last command again, drops the controller (its
 queued chunks were planned from old observations) and waits for fresh messages. Each tick it
 publishes a heartbeat (std_msgs/String, JSON): state ("waiting", "running", "holding",
-"stopping", "stopped"), queue depth, delay estimate, watchdog flags, and the latency from the
-newest observation's arrival to the command's publication. On stop it holds for `stop_hold_s`,
+"stopping", "stopped"), queue depth, delay estimate, watchdog flags, the latency from the
+newest observation's arrival to the command's publication (`latency_ms`; it includes the wait for
+the tick, up to one period) and the tick's own time from its start to the publication (`tick_ms`). On stop it holds for `stop_hold_s`,
 publishes "stopped" and stops the controller's worker.
 
 Messages that cannot be used (wrong length, missing joint names, non-finite values) are counted
@@ -173,9 +174,10 @@ class Bridge:
         out = self.controller.tick(now)
         self.state = "running"
         self._publish(out.command)
-        latency = (self.clock() - newest.arrival) * 1e3
+        published = self.clock()
+        latency = (published - newest.arrival) * 1e3
         self.stats.latencies_ms.append(latency)
-        self._heartbeat(obs, age, list(out.flags), latency, newest)
+        self._heartbeat(obs, age, list(out.flags), latency, newest, tick_ms=(published - now) * 1e3)
 
     # ------------------------------------------------------------------ helpers
     def _publish(self, command: np.ndarray) -> None:
@@ -195,7 +197,7 @@ class Bridge:
             self.controller = None
 
     def _heartbeat(self, obs: dict, age: float, flags: list[str], latency_ms: float | None,
-                   newest: Any = None) -> None:
+                   newest: Any = None, tick_ms: float | None = None) -> None:
         controller = self.controller
         scheduler = getattr(controller, "scheduler", None)
         beat = {
@@ -204,7 +206,7 @@ class Bridge:
             "queue_depth": None if scheduler is None else scheduler.queue.remaining(),
             "delay_estimate": None if scheduler is None else scheduler.estimator.estimate,
             "watchdog": any(flag in WATCHDOG_FLAGS for flag in flags) or self.state == "holding",
-            "flags": flags, "latency_ms": latency_ms,
+            "flags": flags, "latency_ms": latency_ms, "tick_ms": tick_ms,
             "stamp_to_command_ms": None if newest is None else (time.time() - newest.stamp) * 1e3,
             "observation_age_s": age if np.isfinite(age) else None,
             "bad_messages": self.buffer.bad_messages, "last_error": self.buffer.last_error,
