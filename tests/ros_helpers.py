@@ -89,9 +89,10 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(10)
 
 
-def run_episode_scenario(transport_args: list[str], env: dict, listener: Listener, checkpoint: Path) -> None:
-    """Bridge + robot; kill the robot (hold); a new robot (recover, episode completes); SIGTERM (hold, stop)."""
-    bridge = start(["bridge", "--config", "pusht", *transport_args, "--checkpoint", str(checkpoint)], env)
+def run_episode_scenario(transport_args: list[str], env: dict, listener: Listener, policy_args: list[str]) -> None:
+    """Bridge + robot; kill the robot (hold); a new robot (recover, episode completes); SIGTERM (hold, stop).
+    `policy_args`: ["--checkpoint", DIR] or ["--server", ADDRESS]."""
+    bridge = start(["bridge", "--config", "pusht", *transport_args, *policy_args], env)
     first = second = None
     try:
         first = start(["sim-robot", "--config", "pusht", *transport_args, "--seeds", "0", "--max-steps", "1000"], env)

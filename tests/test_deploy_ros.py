@@ -66,6 +66,14 @@ def test_ros1_message_conversion_round_trips():
     assert np.array_equal(back.position, message.position) and np.array_equal(back.velocity, message.velocity)
 
 
+def test_bridge_command_usage_errors(tmp_path, capsys):
+    from diffpolicy.cli import main
+    assert main(["bridge", "--config", "pusht", "--transport", "ros2", "--checkpoint", "a", "--server", "b"]) == 2
+    assert "exactly one of --checkpoint DIR and --server ADDRESS" in capsys.readouterr().err
+    assert main(["bridge", "--config", "nowhere", "--transport", "ros1", "--checkpoint", "a"]) == 2
+    assert "bridge config 'nowhere'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -111,6 +119,6 @@ def test_ros1_bridge_end_to_end(roscore, checkpoint, monkeypatch):
         monkeypatch.setenv(key, roscore[key])
     transport = make_transport("ros1", node="diffpolicy_test_listener")
     try:
-        run_episode_scenario(["--transport", "ros1"], roscore, Listener(transport), checkpoint)
+        run_episode_scenario(["--transport", "ros1"], roscore, Listener(transport), ["--checkpoint", str(checkpoint)])
     finally:
         transport.close()

@@ -1,13 +1,24 @@
 """The ROS bridge over Cyclone DDS with ROS 2's wire types, on a loopback-only domain: the same
-end-to-end scenario as the ROS 1 test (robot and bridge as processes stopped by their PIDs)."""
+end-to-end scenario as the ROS 1 test (robot and bridge as processes stopped by their PIDs), with
+the policy behind a policy server: observation message -> bridge -> server -> controller -> command."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
-from ros_helpers import CYCLONE_LOOPBACK, ROOT, Listener, run_episode_scenario, save_pusht_policy
+from ros_helpers import (
+    CYCLONE_LOOPBACK,
+    ROOT,
+    Listener,
+    free_port,
+    run_episode_scenario,
+    save_pusht_policy,
+    start,
+    stop,
+)
 
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.transport import JointState, make_transport
@@ -37,8 +48,15 @@ def test_ros2_dds_bridge_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("CYCLONEDDS_URI", config.as_uri())
     domain = 100 + os.getpid() % 100
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    port = free_port()
+    server = start(["serve", "--checkpoint", str(checkpoint), "--port", str(port)], env)
     transport = make_transport("ros2", node="listener", domain_id=domain)
     try:
-        run_episode_scenario(["--transport", "ros2", "--domain-id", str(domain)], env, Listener(transport), checkpoint)
+        assert "serving" in server.stdout.readline()
+        run_episode_scenario(["--transport", "ros2", "--domain-id", str(domain)], env, Listener(transport),
+                             ["--server", f"tcp://127.0.0.1:{port}"])
+        os.kill(server.pid, signal.SIGTERM)
+        assert server.wait(30) == 0
     finally:
         transport.close()
+        stop(server)
