@@ -20,8 +20,14 @@ Da = 2, MLP 256 wide, 10 steps), untrained: the numbers time the path, not the p
                `stamp_to_command_ms` (the observation's header stamp -> command published, so it
                includes the middleware's delivery). At 10 Hz the tick waits for its period, so
                the second also holds up to 100 ms of tick phase.
+    success    a trained PushT checkpoint (`--checkpoint`): success of the simulated robot driven
+               through ROS 1 (`sim-robot` + `bridge --mode sync`, in real time at 10 Hz) against
+               direct evaluation (`evaluation.rollout.evaluate`) on the same seeds, each with its
+               95 % Wilson interval. Through ROS the robot keeps stepping (holding its last
+               command) while the policy infers; direct evaluation pauses the simulation.
 
     python benchmarks/deploy.py [--part server codec bridge] [--requests 300] [--bridge-seconds 15]
+    python benchmarks/deploy.py --part success --checkpoint DIR [--episodes 20] [--seed 100000]
 """
 
 from __future__ import annotations
@@ -255,9 +261,50 @@ def bench_bridge(policy: ChunkPolicy, directory: Path, seconds: float) -> list[s
     return rows
 
 
+def bench_success(checkpoint: Path, episodes: int, seed: int, directory: Path) -> list[str]:
+    from diffpolicy.envs.tasks import load_task
+    from diffpolicy.evaluation.rollout import evaluate
+    from diffpolicy.evaluation.stats import wilson_interval
+
+    card = load_task("pusht")
+    rows = ["| path | episodes | successes | success rate [95 % Wilson] | mean coverage |", "|---|---|---|---|---|"]
+
+    def row(name: str, successes: list[bool], coverage: list[float]) -> str:
+        low, high = wilson_interval(sum(successes), len(successes))
+        return (f"| {name} | {len(successes)} | {sum(successes)} | {sum(successes) / len(successes):.2f} "
+                f"[{low:.2f}, {high:.2f}] | {np.mean(coverage):.3f} |")
+
+    direct = evaluate(ChunkPolicy.from_pretrained(checkpoint), card, episodes=episodes, seed_start=seed, n_envs=1)
+    rows.append(row("direct `evaluate` (simulation paused while the policy infers)",
+                    [bool(e.success) for e in direct.episodes], [float(e.coverage) for e in direct.episodes]))
+    port = free_port()
+    env = {"ROS_MASTER_URI": f"http://127.0.0.1:{port}", "ROS_HOSTNAME": "localhost",
+           "ROS_HOME": str(directory / "ros_home")}
+    roscore = subprocess.Popen(["roscore", "-p", str(port)], env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    time.sleep(3)
+    bridge = start(["bridge", "--config", "pusht", "--transport", "ros1", "--checkpoint", str(checkpoint),
+                    "--mode", "sync"], env)
+    try:
+        robot = start(["sim-robot", "--config", "pusht", "--transport", "ros1", "--seeds",
+                       *map(str, range(seed, seed + episodes))], env)
+        output, _ = robot.communicate()
+        result = json.loads(output.strip().splitlines()[-1])["episodes"]
+    finally:
+        stop(bridge)
+        stop(roscore, signal.SIGINT)
+    rows.append(row("ROS 1: sim-robot -> bridge (sync) -> commands, real time 10 Hz",
+                    [bool(e["success"]) for e in result], [float(e["coverage"]) for e in result]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", nargs="+", default=["server", "codec", "bridge"], choices=["server", "codec", "bridge"])
+    parser.add_argument("--part", nargs="+", default=["server", "codec", "bridge"],
+                        choices=["server", "codec", "bridge", "success"])
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a trained PushT policy (--part success)")
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=100000)
     parser.add_argument("--requests", type=int, default=300, help="timed requests per setting")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--bridge-seconds", type=float, default=15.0)
@@ -275,6 +322,11 @@ def main() -> None:
             print("\n".join(["", "Serialization of one observation request"] + bench_codec(args.requests)), flush=True)
         if "bridge" in args.part:
             print("\n".join(["", "Bridge latency"] + bench_bridge(policy, directory, args.bridge_seconds)), flush=True)
+        if "success" in args.part:
+            if args.checkpoint is None:
+                raise SystemExit("--part success needs --checkpoint DIR (a trained PushT policy)")
+            print("\n".join(["", "Success through ROS vs direct evaluation"] +
+                             bench_success(args.checkpoint, args.episodes, args.seed, directory)), flush=True)
     os._exit(0)  # rospy's threads do not end on their own
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from diffpolicy.deploy.ros.config import load_bridge_config
-from diffpolicy.deploy.ros.transport import JointState
+from diffpolicy.deploy.ros.transport import Image, JointState
 from diffpolicy.policies import ChunkPolicy, Normalizer, PolicyConfig, flow_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +123,19 @@ def run_episode_scenario(transport_args: list[str], env: dict, listener: Listene
         for process in (first, second, bridge):
             if process is not None:
                 stop(process)
+
+
+def assert_image_round_trip(transport, timeout: float = 20.0) -> None:
+    """A 96 x 96 rgb8 image published and received through the middleware, bytes and stamp intact."""
+    received: list[Image] = []
+    transport.subscribe_image("/diffpolicy_test/image", received.append)
+    publish = transport.image_publisher("/diffpolicy_test/image")
+    array = (np.arange(96 * 96 * 3) % 251).astype(np.uint8).reshape(96, 96, 3)
+    deadline = time.monotonic() + timeout
+    while not received and time.monotonic() < deadline:  # publish until the subscription is matched
+        publish(Image.from_array(1234.5, array))
+        time.sleep(0.1)
+    assert received, f"no image received within {timeout} s"
+    image = received[0]
+    assert (image.height, image.width, image.encoding, image.step, image.stamp) == (96, 96, "rgb8", 288, 1234.5)
+    assert image.data == array.tobytes()

@@ -14,13 +14,14 @@ import time
 
 import numpy as np
 import pytest
-from ros_helpers import PUSHT_SHAPES, ROOT, Listener, free_port, run_episode_scenario, save_pusht_policy
 
 from diffpolicy.config import ConfigError
 from diffpolicy.deploy.errors import BridgeError
-from diffpolicy.deploy.ros.bridge import observation_value
+from diffpolicy.deploy.ros.bridge import image_value, observation_value
 from diffpolicy.deploy.ros.config import BridgeConfig, ObservationTopic, load_bridge_config
-from diffpolicy.deploy.ros.transport import JointState, make_transport
+from diffpolicy.deploy.ros.transport import Image, JointState, make_transport
+from ros_helpers import (PUSHT_SHAPES, ROOT, Listener, assert_image_round_trip, free_port, run_episode_scenario,
+                         save_pusht_policy)
 
 
 def test_observation_values_by_position_and_by_name():
@@ -38,13 +39,35 @@ def test_observation_values_by_position_and_by_name():
     assert JointState(stamp=12.25).stamp_parts() == (12, 250_000_000)
 
 
+def test_image_values_and_their_bad_input():
+    topic = ObservationTopic("image", "/cam", type="image")
+    array = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    assert np.array_equal(image_value(Image.from_array(0.0, array), topic, (4, 5, 3)), array)
+    padded = np.zeros((4, 16), np.uint8)  # rows padded to a step of 16 bytes
+    padded[:, :15] = array.reshape(4, 15)
+    assert np.array_equal(image_value(Image(0.0, 4, 5, "rgb8", padded.tobytes(), 16), topic, (4, 5, 3)), array)
+    with pytest.raises(BridgeError, match="encoding must be 'rgb8', got 'bgr8'"):
+        image_value(Image(0.0, 4, 5, "bgr8", array.tobytes(), 15), topic, (4, 5, 3))
+    with pytest.raises(BridgeError, match="needs a 4 x 6 image, got 4 x 5"):
+        image_value(Image.from_array(0.0, array), topic, (4, 6, 3))
+    with pytest.raises(BridgeError, match="59 bytes do not hold 4 rows of step 15"):
+        image_value(Image(0.0, 4, 5, "rgb8", array.tobytes()[:-1], 15), topic, (4, 5, 3))
+    with pytest.raises(BridgeError, match="uint8 array"):
+        Image.from_array(0.0, np.zeros((4, 5)))
+    load_bridge_config("pusht_image").check_policy({"image": (96, 96, 3), "agent_pos": (2,)})
+    with pytest.raises(BridgeError, match="needs a topic of type 'image'"):
+        BridgeConfig("x", "pusht", (ObservationTopic("image", "/i"),), "image", "/c").check_policy({"image": (8, 8, 3)})
+
+
 def test_bridge_config_bad_input(tmp_path):
     config = load_bridge_config("pusht")
     config.check_policy(PUSHT_SHAPES)
     with pytest.raises(BridgeError, match="policy expects"):
         config.check_policy({"agent_pos": (2,)})
-    with pytest.raises(BridgeError, match="not 1-D"):
-        BridgeConfig("x", "pusht", (ObservationTopic("image", "/i"),), "image", "/c").check_policy({"image": (8, 8, 3)})
+    with pytest.raises(BridgeError, match="needs a topic of type 'joint_state'"):
+        BridgeConfig("x", "pusht", (ObservationTopic("a", "/i", type="image"),), "a", "/c").check_policy({"a": (3,)})
+    with pytest.raises(ConfigError, match="observations.type"):
+        ObservationTopic("a", "/a", type="pointcloud")
     with pytest.raises(ConfigError, match="position_key"):
         BridgeConfig("x", "pusht", (ObservationTopic("a", "/a"),), "b", "/c")
     with pytest.raises(ConfigError, match="distinct topics"):
@@ -119,6 +142,7 @@ def test_ros1_bridge_end_to_end(roscore, checkpoint, monkeypatch):
         monkeypatch.setenv(key, roscore[key])
     transport = make_transport("ros1", node="diffpolicy_test_listener")
     try:
+        assert_image_round_trip(transport)
         run_episode_scenario(["--transport", "ros1"], roscore, Listener(transport), ["--checkpoint", str(checkpoint)])
     finally:
         transport.close()

@@ -9,25 +9,18 @@ import signal
 
 import numpy as np
 import pytest
-from ros_helpers import (
-    CYCLONE_LOOPBACK,
-    ROOT,
-    Listener,
-    free_port,
-    run_episode_scenario,
-    save_pusht_policy,
-    start,
-    stop,
-)
 
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.transport import JointState, make_transport
+from ros_helpers import (CYCLONE_LOOPBACK, ROOT, Listener, assert_image_round_trip, free_port, run_episode_scenario,
+                         save_pusht_policy, start, stop)
 
 
 def test_ros2_wire_types_and_round_trip():
     dds = pytest.importorskip("diffpolicy.deploy.ros.dds", exc_type=BridgeError)
-    from diffpolicy.deploy.ros.ros2_types import JointState_, ros2_topic
+    from diffpolicy.deploy.ros.ros2_types import Image_, JointState_, ros2_topic
     assert JointState_.__idl_typename__ == "sensor_msgs::msg::dds_::JointState_"
+    assert Image_.__idl_typename__ == "sensor_msgs::msg::dds_::Image_"
     assert ros2_topic("/pusht/command") == "rt/pusht/command" == ros2_topic("pusht/command")
     message = JointState(stamp=5.75, names=("j",), position=np.array([3.0]))
     sample = dds.to_dds(message)
@@ -52,6 +45,7 @@ def test_ros2_dds_bridge_end_to_end(tmp_path, monkeypatch):
     server = start(["serve", "--checkpoint", str(checkpoint), "--port", str(port)], env)
     transport = make_transport("ros2", node="listener", domain_id=domain)
     try:
+        assert_image_round_trip(transport)
         assert "serving" in server.stdout.readline()
         run_episode_scenario(["--transport", "ros2", "--domain-id", str(domain)], env, Listener(transport),
                              ["--server", f"tcp://127.0.0.1:{port}"])

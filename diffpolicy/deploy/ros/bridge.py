@@ -15,7 +15,8 @@ newest observation's arrival to the command's publication (`latency_ms`; it incl
 the tick, up to one period) and the tick's own time from its start to the publication (`tick_ms`). On stop it holds for `stop_hold_s`,
 publishes "stopped" and stops the controller's worker.
 
-Messages that cannot be used (wrong length, missing joint names, non-finite values) are counted
+Messages that cannot be used (wrong length, missing joint names, non-finite values, images of the
+wrong size or encoding) are counted
 in the heartbeat's `bad_messages` and dropped; they never reach the controller.
 """
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.config import BridgeConfig, ObservationTopic
-from diffpolicy.deploy.ros.transport import JointState, Transport
+from diffpolicy.deploy.ros.transport import Image, JointState, Transport
 
 WATCHDOG_FLAGS = ("stale_observation", "stalled_inference")
 
@@ -61,6 +62,20 @@ def observation_value(message: JointState, topic: ObservationTopic, shape: tuple
     return position.astype(np.float32)
 
 
+def image_value(message: Image, topic: ObservationTopic, shape: tuple[int, ...]) -> np.ndarray:
+    """The uint8 observation `(H, W, 3)` carried by an rgb8 image message."""
+    if message.encoding != "rgb8":
+        raise BridgeError(f"{topic.topic}: image encoding must be 'rgb8', got {message.encoding!r}")
+    if (message.height, message.width, 3) != tuple(shape):
+        raise BridgeError(f"{topic.topic}: observation {topic.key!r} needs a {shape[0]} x {shape[1]} image, got "
+                          f"{message.height} x {message.width}")
+    step = message.step or 3 * message.width
+    if step < 3 * message.width or len(message.data) != step * message.height:
+        raise BridgeError(f"{topic.topic}: {len(message.data)} bytes do not hold {message.height} rows of step {step}")
+    rows = np.frombuffer(message.data, dtype=np.uint8).reshape(message.height, step)
+    return rows[:, : 3 * message.width].reshape(tuple(shape)).copy()
+
+
 class ObservationBuffer:
     """The newest valid message of every observation topic (filled on the middleware's threads)."""
 
@@ -72,10 +87,12 @@ class ObservationBuffer:
         self.last_error = ""
         self.lock = threading.Lock()
 
-    def callback(self, topic: ObservationTopic) -> Callable[[JointState], None]:
-        def on_message(message: JointState) -> None:
+    def callback(self, topic: ObservationTopic) -> Callable[[JointState | Image], None]:
+        decode = image_value if topic.type == "image" else observation_value
+
+        def on_message(message: JointState | Image) -> None:
             try:
-                value = observation_value(message, topic, self.shapes[topic.key])
+                value = decode(message, topic, self.shapes[topic.key])
             except BridgeError as err:
                 with self.lock:
                     self.bad_messages += 1
@@ -126,7 +143,8 @@ class Bridge:
         self.period, self.clock = 1.0 / control_hz, clock
         self.buffer = ObservationBuffer(config, obs_shapes, clock)
         for topic in config.observations:
-            transport.subscribe_joint_state(topic.topic, self.buffer.callback(topic))
+            subscribe = transport.subscribe_image if topic.type == "image" else transport.subscribe_joint_state
+            subscribe(topic.topic, self.buffer.callback(topic))
         self.publish_command = transport.joint_state_publisher(config.command_topic)
         self.publish_heartbeat = transport.text_publisher(config.heartbeat_topic)
         self.controller: Any = None

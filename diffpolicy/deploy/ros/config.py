@@ -4,9 +4,10 @@ heartbeat go, and the robot profile (limits, rates) of the controller. Read from
 
     name: pusht
     robot_profile: pusht                    # deploy/profiles/pusht.yaml: limits, control_hz, watchdog
-    observations:                           # one sensor_msgs/JointState topic per observation key
-      - {key: agent_pos, topic: /pusht/agent_pos}
+    observations:                           # one topic per observation key
+      - {key: agent_pos, topic: /pusht/agent_pos}            # sensor_msgs/JointState, values in `position`
       - {key: keypoints, topic: /pusht/keypoints, names: []}   # names: pick joints by name (optional)
+      - {key: image, topic: /camera/image, type: image}      # sensor_msgs/Image, rgb8 (image keys)
     position_key: agent_pos                 # the observation that is the robot's commanded position
     command_topic: /pusht/command
     heartbeat_topic: /diffpolicy/heartbeat
@@ -22,25 +23,31 @@ from pathlib import Path
 
 import yaml
 
-from diffpolicy.config import check_float, fail, from_dict
+from diffpolicy.config import check_choice, check_float, fail, from_dict
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.errors import MissingFileError
 
 BRIDGE_DIR = Path(__file__).resolve().parents[3] / "deploy" / "bridge"
+TOPIC_TYPES = ("joint_state", "image")
 
 
 @dataclass(frozen=True)
 class ObservationTopic:
-    """One observation key fed by the `position` array of a JointState topic (picked by `names` if given)."""
+    """One observation key fed by a topic: the `position` array of a JointState (picked by `names`
+    if given), or an rgb8 Image for an image key (`type: image`)."""
 
     key: str
     topic: str
     names: tuple[str, ...] = ()
+    type: str = "joint_state"
 
     def __post_init__(self) -> None:
         for name, value in (("key", self.key), ("topic", self.topic)):
             if not value:
                 raise fail(f"observations.{name}", "a non-empty string", value)
+        check_choice("observations.type", self.type, TOPIC_TYPES)
+        if self.type == "image" and self.names:
+            raise fail("observations.names", "no joint names on an image topic", self.names)
 
 
 @dataclass(frozen=True)
@@ -67,15 +74,19 @@ class BridgeConfig:
         check_float("stop_hold_s", self.stop_hold_s, 0)
 
     def check_policy(self, obs_shapes: dict[str, tuple[int, ...]]) -> None:
-        """The topics must feed exactly the policy's observation keys, all low-dimensional."""
+        """The topics must feed exactly the policy's observation keys: JointState topics the 1-D
+        keys, image topics the (H, W, 3) keys."""
         keys = {o.key for o in self.observations}
         if keys != set(obs_shapes):
             raise BridgeError(f"bridge {self.name!r}: observation topics feed {sorted(keys)}, the policy expects "
                               f"{sorted(obs_shapes)}")
-        images = sorted(k for k, shape in obs_shapes.items() if len(shape) != 1)
-        if images:
-            raise BridgeError(f"bridge {self.name!r}: observation keys {images} are not 1-D; only JointState "
-                              "topics (low-dimensional keys) are bridged")
+        for topic in self.observations:
+            shape = tuple(obs_shapes[topic.key])
+            expected = "image" if len(shape) == 3 and shape[2] == 3 else "joint_state" if len(shape) == 1 else None
+            if topic.type != expected:
+                raise BridgeError(f"bridge {self.name!r}: observation {topic.key!r} of shape {shape} needs "
+                                  f"{'a topic of type ' + repr(expected) if expected else 'a shape (d,) or (H, W, 3)'}"
+                                  f", got type {topic.type!r} ({topic.topic})")
 
 
 def load_bridge_config(name_or_path: str | os.PathLike) -> BridgeConfig:

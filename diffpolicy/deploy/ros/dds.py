@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from diffpolicy.deploy.errors import BridgeError
-from diffpolicy.deploy.ros.transport import JointState, Transport
+from diffpolicy.deploy.ros.transport import Image, JointState, Transport
 
 try:
     from cyclonedds.core import Listener, Policy, Qos
@@ -23,7 +23,7 @@ try:
     from cyclonedds.sub import DataReader
     from cyclonedds.topic import Topic
 
-    from diffpolicy.deploy.ros.ros2_types import Header_, JointState_, String_, Time_, ros2_topic
+    from diffpolicy.deploy.ros.ros2_types import Header_, Image_, JointState_, String_, Time_, ros2_topic
 except ImportError as err:  # the optional extra is missing
     raise BridgeError(f"the ros2 transport needs the cyclonedds package ({err}); pip install 'diffpolicy[ros2]'") from None
 
@@ -44,6 +44,18 @@ def from_dds(sample: JointState_) -> JointState:
                       position=np.asarray(sample.position, dtype=np.float64),
                       velocity=np.asarray(sample.velocity, dtype=np.float64),
                       effort=np.asarray(sample.effort, dtype=np.float64))
+
+
+def image_to_dds(image: Image) -> Image_:
+    sec, nanosec = image.stamp_parts()
+    return Image_(header=Header_(stamp=Time_(sec=sec, nanosec=nanosec), frame_id=""), height=image.height,
+                  width=image.width, encoding=image.encoding, is_bigendian=0, step=image.step, data=image.data)
+
+
+def image_from_dds(sample: Image_) -> Image:
+    stamp = sample.header.stamp
+    return Image(stamp.sec + stamp.nanosec * 1e-9, sample.height, sample.width, sample.encoding, bytes(sample.data),
+                 sample.step)
 
 
 class DdsTransport(Transport):
@@ -81,6 +93,13 @@ class DdsTransport(Transport):
 
     def subscribe_joint_state(self, topic: str, callback: Callable[[JointState], None]) -> None:
         self._reader(topic, JointState_, lambda sample: callback(from_dds(sample)))
+
+    def image_publisher(self, topic: str) -> Callable[[Image], None]:
+        writer = self._writer(topic, Image_)
+        return lambda image: writer.write(image_to_dds(image))
+
+    def subscribe_image(self, topic: str, callback: Callable[[Image], None]) -> None:
+        self._reader(topic, Image_, lambda sample: callback(image_from_dds(sample)))
 
     def text_publisher(self, topic: str) -> Callable[[str], None]:
         writer = self._writer(topic, String_)

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from diffpolicy.deploy.errors import BridgeError
-from diffpolicy.deploy.ros.transport import JointState, Transport
+from diffpolicy.deploy.ros.transport import Image, JointState, Transport
 
 try:
     import rospy
+    from sensor_msgs.msg import Image as RosImage
     from sensor_msgs.msg import JointState as RosJointState
     from std_msgs.msg import String as RosString
 except ImportError as err:  # the optional extra is missing
@@ -42,6 +43,17 @@ def from_ros(ros: RosJointState) -> JointState:
                       effort=np.asarray(ros.effort, dtype=np.float64))
 
 
+def image_to_ros(image: Image) -> RosImage:
+    ros = RosImage(height=image.height, width=image.width, encoding=image.encoding, is_bigendian=0, step=image.step,
+                   data=image.data)
+    ros.header.stamp = rospy.Time(*image.stamp_parts())
+    return ros
+
+
+def image_from_ros(ros: RosImage) -> Image:
+    return Image(ros.header.stamp.to_sec(), ros.height, ros.width, ros.encoding, bytes(ros.data), ros.step)
+
+
 class Ros1Transport(Transport):
     name = "ros1"
 
@@ -57,6 +69,15 @@ class Ros1Transport(Transport):
     def subscribe_joint_state(self, topic: str, callback: Callable[[JointState], None]) -> None:
         self._handles.append(rospy.Subscriber(topic, RosJointState, lambda ros: callback(from_ros(ros)),
                                               queue_size=QUEUE, tcp_nodelay=True))
+
+    def image_publisher(self, topic: str) -> Callable[[Image], None]:
+        publisher = rospy.Publisher(topic, RosImage, queue_size=QUEUE, tcp_nodelay=True)
+        self._handles.append(publisher)
+        return lambda image: publisher.publish(image_to_ros(image))
+
+    def subscribe_image(self, topic: str, callback: Callable[[Image], None]) -> None:
+        self._handles.append(rospy.Subscriber(topic, RosImage, lambda ros: callback(image_from_ros(ros)),
+                                              queue_size=QUEUE, tcp_nodelay=True, buff_size=2 ** 24))
 
     def text_publisher(self, topic: str) -> Callable[[str], None]:
         publisher = rospy.Publisher(topic, RosString, queue_size=10)

@@ -9,7 +9,7 @@ std_msgs/String).
 from dataclasses import dataclass
 
 from cyclonedds.idl import IdlStruct
-from cyclonedds.idl.types import float64, int32, sequence, uint32
+from cyclonedds.idl.types import float64, int32, sequence, uint8, uint32
 
 
 @dataclass
@@ -41,3 +41,14 @@ class String_(IdlStruct, typename="std_msgs::msg::dds_::String_"):
 def ros2_topic(name: str) -> str:
     """A ROS 2 topic name -> its DDS topic name ("/a/b" and "a/b" -> "rt/a/b")."""
     return "rt/" + name.lstrip("/")
+
+
+@dataclass
+class Image_(IdlStruct, typename="sensor_msgs::msg::dds_::Image_"):
+    header: Header_
+    height: uint32
+    width: uint32
+    encoding: str
+    is_bigendian: uint8
+    step: uint32
+    data: sequence[uint8]

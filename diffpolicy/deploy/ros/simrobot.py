@@ -4,10 +4,10 @@
     results = robot.run(stop_event)         # [{"seed", "success", "coverage", "steps"}, ...]
 
 Every 1 / control_hz seconds it publishes each observation key on its topic (JointState
-`position`, stamped with the wall clock) and, once a command has arrived, steps the environment
+`position`, or an rgb8 Image for image keys, stamped with the wall clock) and, once a command has arrived, steps the environment
 with the newest command (a robot executes its latest setpoint; before the first one it stands
 still). An episode ends at success, at the environment's end or after `max_steps`; its result
-goes to `<heartbeat_topic>/episode` as JSON. Between episodes the robot stops publishing for
+goes to `<heartbeat_topic>/episode` as JSON (coverage: the episode's best, as evaluation scores it). Between episodes the robot stops publishing for
 `pause_s` (longer than the bridge's dropout age), so the bridge holds and starts the next
 episode with a fresh controller, as it would after any publisher dropout.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from diffpolicy.deploy.ros.config import BridgeConfig
-from diffpolicy.deploy.ros.transport import JointState, Transport
+from diffpolicy.deploy.ros.transport import Image, JointState, Transport
 from diffpolicy.envs.tasks import TaskCard, make_env
 
 
@@ -38,7 +38,9 @@ class SimulatedRobot:
         self.pause_s = 2.5 * config.max_observation_age_s if pause_s is None else pause_s
         self.period = 1.0 / float(card.control_hz)
         self.env = make_env(card)
-        self.publishers = {o.key: transport.joint_state_publisher(o.topic) for o in config.observations}
+        self.publishers = {o.key: (transport.image_publisher if o.type == "image" else transport.joint_state_publisher)(
+            o.topic) for o in config.observations}
+        self.image_keys = {o.key for o in config.observations if o.type == "image"}
         self.publish_episode = transport.text_publisher(episode_topic(config))
         self.command: np.ndarray | None = None
         self.commands_received = 0
@@ -55,7 +57,10 @@ class SimulatedRobot:
     def _publish(self, obs: dict[str, Any]) -> None:
         stamp = time.time()
         for key, publish in self.publishers.items():
-            publish(JointState(stamp=stamp, position=np.asarray(obs[key], dtype=np.float64).reshape(-1)))
+            if key in self.image_keys:
+                publish(Image.from_array(stamp, obs[key]))
+            else:
+                publish(JointState(stamp=stamp, position=np.asarray(obs[key], dtype=np.float64).reshape(-1)))
 
     def run(self, stop: threading.Event) -> list[dict[str, Any]]:
         results = []
@@ -72,6 +77,7 @@ class SimulatedRobot:
         with self.lock:
             self.command = None
         steps, success, done = 0, bool(info.get("is_success", False)), False
+        coverage = float(info.get("coverage", float("nan")))
         next_tick = time.monotonic()
         while not (stop.is_set() or done or success or steps >= self.max_steps):
             self._publish(obs)
@@ -84,6 +90,6 @@ class SimulatedRobot:
             obs, _, terminated, truncated, info = self.env.step(command)
             steps += 1
             success, done = bool(info.get("is_success", False)), terminated or truncated
+            coverage = max(coverage, float(info.get("coverage", float("nan"))))
         self._publish(obs)
-        return {"seed": seed, "success": success, "coverage": float(info.get("coverage", float("nan"))),
-                "steps": steps}
+        return {"seed": seed, "success": success, "coverage": coverage, "steps": steps}

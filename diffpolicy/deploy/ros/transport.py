@@ -1,8 +1,9 @@
 """One interface for the bridge's middleware: joint-state and text topics, publish and subscribe.
 
 `JointState` is sensor_msgs/JointState without the ROS types (stamp in seconds, names, position,
-velocity, effort); each transport converts it to its own message class. Text topics carry
-std_msgs/String (the heartbeat's JSON). Callbacks run on the middleware's threads.
+velocity, effort) and `Image` sensor_msgs/Image (rgb8 only); each transport converts them to its
+own message classes. Text topics carry std_msgs/String (the heartbeat's JSON). Callbacks run on
+the middleware's threads.
 
     transport = make_transport("ros1", node="diffpolicy_bridge")      # or "ros2" (Cyclone DDS)
     publish = transport.joint_state_publisher("/pusht/command")
@@ -37,7 +38,30 @@ class JointState:
     def stamp_parts(self) -> tuple[int, int]:
         """(sec, nanosec) of the stamp, as ROS headers hold it."""
         sec = math.floor(self.stamp)
-        return int(sec), min(int(round((self.stamp - sec) * 1e9)), 999_999_999)
+        return sec, min(round((self.stamp - sec) * 1e9), 999_999_999)
+
+
+@dataclass
+class Image:
+    """A sensor_msgs/Image: header stamp (seconds), `height` x `width`, `encoding`, row `step`, bytes."""
+
+    stamp: float
+    height: int
+    width: int
+    encoding: str
+    data: bytes
+    step: int = 0
+
+    @classmethod
+    def from_array(cls, stamp: float, array: np.ndarray) -> Image:
+        """An rgb8 image from a uint8 array `(H, W, 3)`."""
+        array = np.ascontiguousarray(array, dtype=np.uint8)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise BridgeError(f"an rgb8 image needs a uint8 array (H, W, 3), got shape {array.shape}")
+        return cls(stamp, array.shape[0], array.shape[1], "rgb8", array.tobytes(), 3 * array.shape[1])
+
+    def stamp_parts(self) -> tuple[int, int]:
+        return JointState(self.stamp).stamp_parts()
 
 
 class Transport:
@@ -49,6 +73,12 @@ class Transport:
         raise NotImplementedError
 
     def subscribe_joint_state(self, topic: str, callback: Callable[[JointState], None]) -> None:
+        raise NotImplementedError
+
+    def image_publisher(self, topic: str) -> Callable[[Image], None]:
+        raise NotImplementedError
+
+    def subscribe_image(self, topic: str, callback: Callable[[Image], None]) -> None:
         raise NotImplementedError
 
     def text_publisher(self, topic: str) -> Callable[[str], None]:
