@@ -75,6 +75,7 @@ class PolicyServer:
         self.address: str | None = None
         self.started = time.monotonic()
         self.counts = {"served": 0, "errors": 0, "busy": 0}
+        self._counts_lock = threading.Lock()
         self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -176,18 +177,24 @@ class PolicyServer:
                 try:
                     self._jobs.put_nowait(job)
                 except queue.Full:
-                    self.counts["busy"] += 1
+                    self._count("busy")
                     raise ServerBusyError(f"inference queue full ({self.config.max_pending} requests waiting); "
                                           "retry later") from None
                 return
         except Exception as err:  # every bad message gets an error reply; the loop goes on
-            self.counts["errors"] += 1
+            self._count("errors")
             reply = make_reply(request_id_of(message), error=err)
         router.send_multipart([identity, pack(reply)])
 
+    def _count(self, name: str) -> None:
+        with self._counts_lock:
+            self.counts[name] += 1
+
     def _health(self) -> dict[str, Any]:
+        with self._counts_lock:
+            counts = dict(self.counts)
         return {"status": "ok", "schema": VERSION, "pending": self._jobs.qsize(),
-                "uptime_s": time.monotonic() - self.started, **self.counts}
+                "uptime_s": time.monotonic() - self.started, **counts}
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
@@ -203,10 +210,10 @@ class PolicyServer:
                 try:
                     body = self._infer(self.policy, job.request)
                     error = None
-                    self.counts["served"] += 1
+                    self._count("served")
                 except Exception as err:  # a failing inference is that request's error, not the server's
                     body, error = None, err
-                    self.counts["errors"] += 1
+                    self._count("errors")
                 end = time.perf_counter()
                 reply = make_reply(job.request_id, body, error, queue_ms=(start - job.received) * 1e3,
                                    infer_ms=(end - start) * 1e3)
