@@ -27,7 +27,7 @@ Da = 2, MLP 256 wide, 10 steps), untrained: the numbers time the path, not the p
                command) while the policy infers; direct evaluation pauses the simulation.
 
     python benchmarks/deploy.py [--part server codec bridge] [--requests 300] [--bridge-seconds 15]
-    python benchmarks/deploy.py --part success --checkpoint DIR [--episodes 20] [--seed 100000]
+    python benchmarks/deploy.py --part success --checkpoint DIR [--episodes 20] [--seed 100000] [--modes sync rtc]
 """
 
 from __future__ import annotations
@@ -261,7 +261,8 @@ def bench_bridge(policy: ChunkPolicy, directory: Path, seconds: float) -> list[s
     return rows
 
 
-def bench_success(checkpoint: Path, episodes: int, seed: int, directory: Path) -> list[str]:
+def bench_success(checkpoint: Path, episodes: int, seed: int, directory: Path, modes: list[str],
+                  direct: bool) -> list[str]:
     from diffpolicy.envs.tasks import load_task
     from diffpolicy.evaluation.rollout import evaluate
     from diffpolicy.evaluation.stats import wilson_interval
@@ -274,9 +275,16 @@ def bench_success(checkpoint: Path, episodes: int, seed: int, directory: Path) -
         return (f"| {name} | {len(successes)} | {sum(successes)} | {sum(successes) / len(successes):.2f} "
                 f"[{low:.2f}, {high:.2f}] | {np.mean(coverage):.3f} |")
 
-    direct = evaluate(ChunkPolicy.from_pretrained(checkpoint), card, episodes=episodes, seed_start=seed, n_envs=1)
-    rows.append(row("direct `evaluate` (simulation paused while the policy infers)",
-                    [bool(e.success) for e in direct.episodes], [float(e.coverage) for e in direct.episodes]))
+    if direct:
+        result = evaluate(ChunkPolicy.from_pretrained(checkpoint), card, episodes=episodes, seed_start=seed, n_envs=1)
+        rows.append(row("direct `evaluate` (simulation paused while the policy infers)",
+                        [bool(e.success) for e in result.episodes], [float(e.coverage) for e in result.episodes]))
+    for mode in modes:
+        rows.append(_ros_success_row(checkpoint, episodes, seed, directory, mode, row))
+    return rows
+
+
+def _ros_success_row(checkpoint: Path, episodes: int, seed: int, directory: Path, mode: str, row) -> str:
     port = free_port()
     env = {"ROS_MASTER_URI": f"http://127.0.0.1:{port}", "ROS_HOSTNAME": "localhost",
            "ROS_HOME": str(directory / "ros_home")}
@@ -284,7 +292,7 @@ def bench_success(checkpoint: Path, episodes: int, seed: int, directory: Path) -
                                stderr=subprocess.DEVNULL)
     time.sleep(3)
     bridge = start(["bridge", "--config", "pusht", "--transport", "ros1", "--checkpoint", str(checkpoint),
-                    "--mode", "sync"], env)
+                    "--mode", mode], env)
     try:
         robot = start(["sim-robot", "--config", "pusht", "--transport", "ros1", "--seeds",
                        *map(str, range(seed, seed + episodes))], env)
@@ -293,9 +301,8 @@ def bench_success(checkpoint: Path, episodes: int, seed: int, directory: Path) -
     finally:
         stop(bridge)
         stop(roscore, signal.SIGINT)
-    rows.append(row("ROS 1: sim-robot -> bridge (sync) -> commands, real time 10 Hz",
-                    [bool(e["success"]) for e in result], [float(e["coverage"]) for e in result]))
-    return rows
+    return row(f"ROS 1: sim-robot -> bridge ({mode}) -> commands, real time 10 Hz",
+               [bool(e["success"]) for e in result], [float(e["coverage"]) for e in result])
 
 
 def main() -> None:
@@ -305,6 +312,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="a trained PushT policy (--part success)")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=100000)
+    parser.add_argument("--modes", nargs="+", default=["sync"], help="controller modes of the ROS runs (--part success)")
+    parser.add_argument("--no-direct", action="store_true", help="skip the direct evaluation (--part success)")
     parser.add_argument("--requests", type=int, default=300, help="timed requests per setting")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--bridge-seconds", type=float, default=15.0)
@@ -326,7 +335,8 @@ def main() -> None:
             if args.checkpoint is None:
                 raise SystemExit("--part success needs --checkpoint DIR (a trained PushT policy)")
             print("\n".join(["", "Success through ROS vs direct evaluation"] +
-                             bench_success(args.checkpoint, args.episodes, args.seed, directory)), flush=True)
+                             bench_success(args.checkpoint, args.episodes, args.seed, directory, args.modes,
+                                           not args.no_direct)), flush=True)
     os._exit(0)  # rospy's threads do not end on their own
 
 
