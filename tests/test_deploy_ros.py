@@ -17,7 +17,7 @@ import pytest
 
 from diffpolicy.config import ConfigError
 from diffpolicy.deploy.errors import BridgeError
-from diffpolicy.deploy.ros.bridge import image_value, observation_value
+from diffpolicy.deploy.ros.bridge import ObservationBuffer, image_value, observation_value
 from diffpolicy.deploy.ros.config import BridgeConfig, ObservationTopic, load_bridge_config
 from diffpolicy.deploy.ros.transport import Image, JointState, make_transport
 from ros_helpers import (PUSHT_SHAPES, ROOT, Listener, assert_image_round_trip, free_port, run_episode_scenario,
@@ -37,6 +37,28 @@ def test_observation_values_by_position_and_by_name():
     with pytest.raises(BridgeError, match="non-finite"):
         observation_value(JointState(stamp=0.0, position=np.array([np.nan, 1.0])), plain, (2,))
     assert JointState(stamp=12.25).stamp_parts() == (12, 250_000_000)
+
+
+def test_observation_buffer_feeds_whole_new_frames_and_counts_bad_messages():
+    config = load_bridge_config("pusht")
+    now = [100.0]
+    buffer = ObservationBuffer(config, PUSHT_SHAPES, clock=lambda: now[0])
+    agent, keypoints = (buffer.callback(topic) for topic in config.observations)
+    assert buffer.snapshot(now[0])[0] is None and not buffer.take_new()
+    agent(JointState(1.0, position=np.array([1.0, 2.0])))
+    keypoints(JointState(1.0, position=np.arange(18.0)))
+    obs, newest, age = buffer.snapshot(now[0])
+    assert obs["agent_pos"].tolist() == [1.0, 2.0] and newest.stamp == 1.0 and age == 0.0
+    assert buffer.take_new() and not buffer.take_new()  # the same frame is not new twice
+    agent(JointState(2.0, position=np.array([3.0, 4.0])))
+    assert not buffer.take_new()  # half a frame (keypoints not yet updated) is not new
+    keypoints(JointState(2.0, position=np.arange(18.0)))
+    assert buffer.take_new()
+    agent(JointState(3.0, position=np.array([np.nan, 0.0])))  # dropped, counted, the last good value kept
+    assert buffer.bad_messages == 1 and "non-finite" in buffer.last_error
+    now[0] += config.max_observation_age_s + 0.01
+    obs, _, age = buffer.snapshot(now[0])
+    assert obs is None and age > config.max_observation_age_s  # stale: the bridge holds
 
 
 def test_image_values_and_their_bad_input():

@@ -4,8 +4,10 @@
     bridge.run(stop_event)          # until stop_event is set (the command sets it on SIGTERM)
 
 Every 1 / control_hz seconds the bridge takes the newest message of each observation topic. When
-all are fresher than `max_observation_age_s` it feeds them to the controller (a new controller,
-reset at the measured position, after a start or a dropout), ticks it and publishes the command
+all are fresher than `max_observation_age_s` it feeds them to the controller if every topic has
+delivered since the last feed (so the controller's history never holds one frame twice nor a frame
+torn between two publications; a new controller, reset at the measured position, after a start or
+a dropout), ticks it and publishes the command
 (the controller's safety-filtered action). When any is missing or stale (a publisher died, the
 middleware dropped) it holds: it publishes the last command again, drops the controller (its
 queued chunks were planned from old observations) and waits for fresh messages. Each tick it
@@ -83,6 +85,7 @@ class ObservationBuffer:
                  clock: Callable[[], float] = time.monotonic):
         self.config, self.shapes, self.clock = config, obs_shapes, clock
         self.latest: dict[str, Received] = {}
+        self.updated: set[str] = set()  # keys with a message since the last `take_new`
         self.bad_messages = 0
         self.last_error = ""
         self.lock = threading.Lock()
@@ -100,7 +103,17 @@ class ObservationBuffer:
                 return
             with self.lock:
                 self.latest[topic.key] = Received(value, self.clock(), message.stamp)
+                self.updated.add(topic.key)
         return on_message
+
+    def take_new(self) -> bool:
+        """Whether every key got a message since the last call that returned True (a whole new
+        frame: no observation fed twice, none torn between two publications); resets if so."""
+        with self.lock:
+            if len(self.updated) < len(self.shapes):
+                return False
+            self.updated.clear()
+            return True
 
     def snapshot(self, now: float) -> tuple[dict[str, np.ndarray] | None, Received | None, float]:
         """(observation, its newest message, age of its oldest message) when every key has a message
@@ -183,11 +196,12 @@ class Bridge:
             self._hold(obs or {}, age, [])
             return
         if self.controller is None:
+            self.buffer.take_new()
             self.controller = self.make_controller()
             self.controller.reset(obs, obs[self.config.position_key].astype(np.float64), newest.arrival)
             self.controller.start()
             self.stats.restarts += 1
-        else:
+        elif self.buffer.take_new():  # a whole new frame; else the history keeps the last one
             self.controller.observe(obs, newest.arrival)
         out = self.controller.tick(now)
         self.state = "running"
