@@ -36,13 +36,15 @@ class ControlSpec:
 class ExecutionStats:
     """Per-episode controller metrics: denoiser calls, executed actions (ticks), queue underruns,
     the mean jerk (norm of the third difference of executed actions, per tick^3) and the largest
-    action jump at a chunk seam (norm of a_k - a_{k-1} where a_k comes from a newer chunk)."""
+    action jump at a chunk seam (norm of a_k - a_{k-1} where a_k comes from a newer chunk); `delays`:
+    the actions consumed during each inference, where they were measured (wall clock)."""
 
     nfe: int = 0
     actions: int = 0
     underruns: int = 0
     jerk: float = 0.0
     seam_jump: float = 0.0
+    delays: list[int] | None = None  # measured delays per inference (wall-clock runs)
 
 
 class EpisodeExecution:
@@ -76,7 +78,7 @@ class EpisodeExecution:
     def commit(self, generated: Generated) -> None:
         """Take a new chunk inferred from the observation at the current tick: one row of a mode's
         output (actions `(Tp, Da)` in data units, state `(Tp, Da)` and levels `(Tp,)` or None)."""
-        actions = generated.actions.detach().to("cpu", torch.float64).numpy()
+        actions = generated.actions.detach().to("cpu", torch.float64).numpy()[:generated.clean_length()]
         tau, d, s, start = self.tick, self.spec.delay, self.horizon, self.layout.start
         first = self.chunks == 0
         if self.spec.mode.blocking:

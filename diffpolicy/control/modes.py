@@ -58,6 +58,13 @@ class Generated:
     levels: torch.Tensor | None
     nfe: int
 
+    def clean_length(self) -> int:
+        """How many leading tokens are clean (t = 0) in every row: the part that may execute."""
+        if self.levels is None:
+            return self.actions.shape[-2]
+        noisy = (self.levels.reshape(-1, self.levels.shape[-1]) > 0).any(0)
+        return int(noisy.nonzero()[0, 0]) if bool(noisy.any()) else int(noisy.shape[0])
+
     def row(self, i: int) -> Generated:
         """Batch row i (tensors without the batch dimension)."""
         pick = (lambda x: None if x is None else x[i])

@@ -153,8 +153,8 @@ class ChunkScheduler:
             previous = None
             if self.previous is not None and self.mode.uses_previous:
                 shift = obs_tick - self.previous_tick
-                if shift < self.layout.pred_horizon:
-                    previous = Previous(self.previous.state, self.previous.levels, shift)
+                if shift < self.layout.pred_horizon:  # the modes take a batch: (1, Tp, Da), (1, Tp)
+                    previous = Previous(self.previous.state[None], self.previous.levels[None], shift)
             request = Request(obs, obs_tick, tick, self.planned_delay() if previous is not None else 0, previous,
                               self.chunks)
             self.chunks += 1
@@ -179,6 +179,7 @@ class ChunkScheduler:
             if actions.ndim == 3:
                 actions = actions[0]
             flags = self._check(actions)
+            actions = actions[:generated.clean_length()]  # streaming leaves noisy tokens: never queued
             if flags:
                 self.stats.rejected += 1
                 return flags
@@ -262,6 +263,7 @@ class RealTimeController:
         self.generator = torch.Generator().manual_seed(seed)
         self._infer = infer or self._policy_infer
         self.flags: dict[str, int] = dict.fromkeys(FLAGS, 0)
+        self.last_error: Exception | None = None  # the last exception an inference raised (flagged, held)
         self.tick_index = 0
         self.last_command: np.ndarray | None = None
         self.inference_started: float | None = None
@@ -272,12 +274,16 @@ class RealTimeController:
         self._pending: Request | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def reset(self, obs: dict[str, Any], position: np.ndarray, now: float) -> None:
-        """Start an episode: the first observation (tick 0) and the robot's position."""
+    def reset(self, obs: dict[str, Any], position: np.ndarray | None, now: float) -> None:
+        """Start an episode: the first observation (tick 0) and the robot's commanded position
+        (None: the robot starts at rest at the first chunk's first action)."""
         self.history.steps.clear()
         self.history.append(obs, 0, now)
-        self.safety.reset(position)
-        self.last_command = self.safety.position.copy()
+        self.safety.position = None
+        self.last_command = None
+        if position is not None:
+            self.safety.reset(position)
+            self.last_command = self.safety.position.copy()
         self.tick_index = 0
         self._request_if_due(now)
 
@@ -306,6 +312,11 @@ class RealTimeController:
         entry = self.scheduler.pop(self.tick_index)
         if entry is None and not self.mode.blocking:
             flags.append("underrun")
+        if self.safety.position is None:
+            if entry is None or not np.isfinite(entry.action).all():
+                raise ControlError("RealTimeController.tick: no position to hold yet: pass the robot's position to "
+                                   "reset() or wait for the first chunk (wait_first_chunk)")
+            self.safety.reset(entry.action)
         target = entry.action if (entry is not None and not flags) else self.last_command
         if target is not None and not np.isfinite(target).all():
             flags.append("nonfinite_target")
@@ -356,7 +367,8 @@ class RealTimeController:
             return []
         try:
             generated = self._infer(request)
-        except Exception:  # a failed inference is flagged and rejected; the robot holds meanwhile
+        except Exception as err:  # a failed inference is flagged and rejected; the robot holds meanwhile
+            self.last_error = err
             generated = None
         flags = []
         if generated is not None:
