@@ -24,6 +24,9 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
     ("generate", "generate", "train and sample the image (digits, PushT frames) and text models of the shared core"),
     ("finetune", "finetune", "RL fine-tuning of a checkpoint: DPPO, flow PPO or DSRL (resumable, curves, tensorboard)"),
+    ("serve", "serve", "serve a trained policy over ZeroMQ (msgpack, never pickle; CURVE keys beyond loopback)"),
+    ("bridge", "bridge", "run a policy on a robot through ROS 1 (rospy) or ROS 2 (Cyclone DDS) with the real-time controller"),
+    ("sim-robot", "sim_robot", "a simulated robot (a package task) behind the ROS bridge's topics"),
     ("main", "main", "the main job: collect PushT demonstrations, train, evaluate, write a report (runs/main)"),
 ]
 

@@ -222,7 +222,7 @@ def _parse_text(text: str, tp: Any) -> Any:
         pass
     try:
         number = float(text)
-        return int(number) if number.is_integer() and "." not in text and "inf" not in text.lower() else number
+        return int(number) if number.is_integer() and "." not in text else number
     except ValueError:
         pass
     try:
@@ -254,8 +254,8 @@ def _with_value(data: dict[str, Any], parts: list[str], value: Any) -> dict[str,
 def apply_overrides(config: Any, overrides: list[str] | tuple[str, ...] | dict[str, Any]) -> Any:
     """A copy of the dataclass tree `config` with dotted overrides applied in order.
 
-    `overrides`: `"dotted.key=text"` strings (the text parsed for the key's annotated type) or a
-    mapping `{dotted.key: value}` of parsed values (a task card's `train:` section).
+    `overrides`: `"dotted.key=text"` strings or a mapping `{dotted.key: value}` (a task card's
+    `train:` section); text, and string values of a mapping, are parsed for the key's annotated type.
     """
     items = (list(overrides.items()) if isinstance(overrides, dict)
              else [parse_override(item) for item in overrides])
@@ -264,7 +264,7 @@ def apply_overrides(config: Any, overrides: list[str] | tuple[str, ...] | dict[s
         if dataclasses.is_dataclass(current):
             raise ConfigError(f"config key {key!r} is a section; set one of its keys: "
                               f"{', '.join(flat_keys(current, key))}")
-        if isinstance(value, str) and not isinstance(overrides, dict):
+        if isinstance(value, str):  # command-line text, or a YAML string such as 3e-4 (YAML 1.1: no float)
             value = _parse_text(value, tp)
         if tp is None and current is not None and not _same_kind(value, current):  # free-form dict entry
             raise fail(key, f"{_type_name(type(current))} (the type of its current value {current!r})", value)

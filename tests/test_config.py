@@ -69,6 +69,7 @@ def test_overrides_parse_text_by_annotation():
                            spec={"type": "mlp", "width": 16, "gain": 1.0}, flag=True)
     assert apply_overrides(config, ["inner.limit=null"]).inner.limit is None
     assert apply_overrides(config, {"spec.gain": 2, "inner.rate": 1}).spec["gain"] == 2  # parsed values
+    assert apply_overrides(config, {"inner.rate": "3e-4"}).inner.rate == 3e-4  # YAML 1.1 reads 3e-4 as a string
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,18 +11,36 @@ and `videos/*.mp4` of the first `--videos` episodes; the same seeds give the sam
 `--log mcap` also writes `rollouts/episode_<i>_seed_<seed>.mcap` for the first `--log-episodes`
 episodes: every tick's observations, executed action, predicted chunks and reward, for Foxglove
 (with `--videos`, the rendered frames of those episodes too; see `evaluation.rollout_log`).
+
+    diffpolicy eval --checkpoint runs/pusht_mix --controller rtc --delay 3           # simulated delay
+    diffpolicy eval --checkpoint runs/pusht_mix --controller streaming --wall-clock --episodes 2
+
+`--controller MODE` runs the real-time controller's mode (`sync`, `ensemble`, `rtc`, `prefix`,
+`streaming`, `warmstart`) with an inference delay of `--delay` ticks simulated deterministically
+(RTC's protocol: the committed actions execute while the chunk is "being inferred"); the summary
+then adds the controller's metrics (NFE per executed action, mean jerk, largest seam jump, queue
+underruns). `--wall-clock` instead runs the controller's threads in real time, the environment
+stepped at the robot profile's control rate (`--profile`, default: the task's name), behind its
+safety filter.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
-from diffpolicy.envs.tasks import TaskCard, load_task
+from diffpolicy.control.acceleration import accelerate
+from diffpolicy.control.errors import ProfileMissingError
+from diffpolicy.control.execution import ControlSpec
+from diffpolicy.control.modes import MODES, make_mode
+from diffpolicy.control.profile import load_profile
+from diffpolicy.envs.tasks import TaskCard, load_task, make_env
 from diffpolicy.errors import ConfigError, InvalidValueError, UsageError
-from diffpolicy.evaluation.rollout import evaluate
+from diffpolicy.evaluation.rollout import Evaluation, evaluate, summarize
 from diffpolicy.evaluation.rollout_log import McapRolloutLogger
+from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.nn.device import resolve_device
 from diffpolicy.policies import ChunkPolicy
 from diffpolicy.policies.locate import resolve_policy_dir
@@ -48,6 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-tick rollout logs: mcap (Foxglove) files in <out>/rollouts")
     parser.add_argument("--log-episodes", type=int, default=10, help="with --log: log the first K episodes")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--controller", default=None, metavar="MODE",
+                        help=f"controller mode, one of {', '.join(MODES)} (default: Diffusion Policy's loop)")
+    parser.add_argument("--delay", type=int, default=0, help="simulated inference delay in ticks (with --controller)")
+    parser.add_argument("--exec-horizon", type=int, default=None,
+                        help="actions executed per chunk before the next inference (default: Ta)")
+    parser.add_argument("--streaming-calls", type=int, default=None,
+                        help="streaming: denoiser calls per inference (default: steps / rungs)")
+    parser.add_argument("--warmstart-level", type=float, default=0.5, help="warmstart: renoising level t_start")
+    parser.add_argument("--ensemble-decay", type=float, default=0.01, help="ensemble: ACT's m in exp(-m i)")
+    parser.add_argument("--wall-clock", action="store_true",
+                        help="real threads and real inference time instead of a simulated delay")
+    parser.add_argument("--profile", default=None, help="robot profile for --wall-clock (default: the task's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser call")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture the denoiser call in CUDA graphs (CUDA only)")
+    parser.add_argument("--bf16", action="store_true", help="run the denoiser under bf16 autocast")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -68,6 +101,49 @@ def load_policy_for_task(checkpoint: str | Path, task: str | None) -> tuple[Chun
             f"checkpoint {policy_dir} expects observations {dict(cfg.obs_shapes)} and {cfg.action_dim}-D actions; "
             f"task {card.name!r} ({card.source}) has {card.obs_shapes} and {card.action_dim}-D actions")
     return policy, card, policy_dir
+
+
+def mode_from_args(args: argparse.Namespace, card: TaskCard | None = None):
+    """The controller mode `--controller` names, with its options (warm-start binary dims from the
+    robot profile of the task when there is one)."""
+    options = {"streaming": {"calls": args.streaming_calls}, "ensemble": {"decay": args.ensemble_decay},
+               "warmstart": {"level": args.warmstart_level}}.get(args.controller, {})
+    if args.controller == "warmstart" and card is not None:
+        try:
+            options["binary_dims"] = load_profile(args.profile or card.name).binary_dims
+        except ProfileMissingError:
+            pass
+    return make_mode(args.controller, **options)
+
+
+def control_spec(args: argparse.Namespace, card: TaskCard) -> ControlSpec | None:
+    """`--controller / --delay / --exec-horizon` as a `ControlSpec` (None: Diffusion Policy's loop)."""
+    if args.controller is None:
+        if args.delay != 0 or args.exec_horizon is not None:
+            raise UsageError("--delay and --exec-horizon need --controller MODE")
+        return None
+    return ControlSpec(mode_from_args(args, card), args.delay, args.exec_horizon)
+
+
+def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Namespace, episodes: int, seed: int,
+                        out: Path) -> Evaluation:
+    """`--wall-clock`: the controller's threads in real time (see `evaluation.wall_clock`)."""
+    if args.controller is None:
+        raise UsageError("--wall-clock needs --controller MODE")
+    if args.delay != 0:
+        raise UsageError("--wall-clock measures the delay; do not pass --delay")
+    from diffpolicy.evaluation.wall_clock import run_wall_clock
+
+    profile = load_profile(args.profile or card.name)
+    seeds = list(range(seed, seed + episodes))
+    results = run_wall_clock(policy, functools.partial(make_env, card), seeds, mode_from_args(args, card), profile,
+                             horizon=args.exec_horizon)
+    summary = summarize(results)
+    summary["control"]["delays"] = sorted({d for r in results for d in (r.control.delays or [])})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "episodes.json", json.dumps([r.to_dict() for r in results], indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return Evaluation(summary=summary, episodes=results, videos=[])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,18 +167,29 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except InvalidValueError as err:
         raise UsageError(f"--device: {err}") from None
-    logger = McapRolloutLogger(out / "rollouts", episodes=args.log_episodes) if args.log == "mcap" else None
-    try:
-        result = evaluate(policy.to(device), card, episodes=episodes, seed_start=seed, n_envs=args.n_envs,
-                          videos=min(args.videos, episodes), out_dir=out, device=device,
-                          progress=not args.no_progress, logger=logger)
-    finally:
-        if logger is not None:
-            logger.close()
+    policy = accelerate(policy.to(device), compile=args.compile, cuda_graphs=args.cuda_graphs, bf16=args.bf16)
+    if args.wall_clock:
+        if args.log is not None:
+            raise UsageError("--log records the simulated rollouts; it cannot be combined with --wall-clock")
+        result = evaluate_wall_clock(policy, card, args, episodes, seed, out)
+    else:
+        logger = McapRolloutLogger(out / "rollouts", episodes=args.log_episodes) if args.log == "mcap" else None
+        try:
+            result = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=args.n_envs,
+                              videos=min(args.videos, episodes), out_dir=out, device=device,
+                              progress=not args.no_progress, logger=logger, control=control_spec(args, card))
+        finally:
+            if logger is not None:
+                logger.close()
     summary = result.summary
     print(json.dumps({"checkpoint": str(policy_dir), "task": card.name, **summary}, indent=1))
     print(f"success rate {summary['success_rate']['rate']:.3f} "
           f"[{summary['success_rate']['ci95_low']:.3f}, {summary['success_rate']['ci95_high']:.3f}] "
           f"over {summary['episodes']} episodes (seeds {summary['seeds']}); results in {out}")
+    if "control" in summary:
+        c = summary["control"]
+        print(f"controller {args.controller}" + ("" if args.wall_clock else f" at delay {args.delay}") +
+              f": {c['nfe_per_action']:.3f} denoiser calls per executed action, mean jerk {c['mean_jerk']:.2f}, "
+              f"largest seam jump {c['max_seam_jump']:.2f}, {c['underruns']} queue underruns")
     return 0
 

@@ -3,7 +3,10 @@
 Every environment keeps its last To observations (the first one repeated after a reset). When
 its queue of actions is empty the policy infers a chunk of Tp actions from that history and the
 env executes Ta of them, starting at index To - 1 (the action aligned with the current
-observation, as the training windows align them). The environments are a
+observation, as the training windows align them). Which slice executes and when the next chunk is
+inferred is `control.execution`'s: with a `ControlSpec` the rollout runs a controller mode
+(`control.modes`) under a simulated inference delay of d ticks (RTC's protocol; the default is
+`sync` at d = 0, the loop above). The environments are a
 `gymnasium.vector.SyncVectorEnv`; episodes are handed out from a fixed seed list: when an env
 finishes, it is reset with the next seed, so `n_envs` only changes speed.
 
@@ -29,6 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffpolicy.control.chunking import ChunkLayout
+from diffpolicy.control.execution import ControlSpec, EpisodeExecution, ExecutionStats, stack_previous
 from diffpolicy.errors import InvalidValueError
 from diffpolicy.evaluation.rollout_log import RolloutLogger, Tick
 from diffpolicy.evaluation.stats import success_rate
@@ -41,6 +46,8 @@ class EpisodeResult:
 
     `coverage` is the maximum over the episode of `info[coverage_key]` (PushT's coverage; the
     Diffusion Policy protocol scores an episode by its best coverage), None if the env has none.
+    `control`: the controller metrics (NFE, jerk, seam jump, underruns) when the rollout was given
+    a `ControlSpec`.
     """
 
     index: int
@@ -49,9 +56,13 @@ class EpisodeResult:
     episode_return: float
     length: int
     coverage: float | None
+    control: ExecutionStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.control is None:
+            del data["control"]
+        return data
 
 
 def _stack_history(history: deque, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -76,6 +87,7 @@ def rollout(
     progress: Callable[[EpisodeResult], None] | None = None,
     logger: RolloutLogger | None = None,
     control_hz: float | None = None,
+    control: ControlSpec | None = None,
 ) -> tuple[list[EpisodeResult], dict[int, list[np.ndarray]]]:
     """Run one episode per seed with `policy` (a `ChunkPolicy`).
 
@@ -88,6 +100,7 @@ def rollout(
         progress: called with each finished episode.
         logger: receives every episode's ticks (`rollout_log.RolloutLogger`); the caller closes it.
         control_hz: the env's control rate, for the ticks' times (None: one second per tick).
+        control: the controller mode, simulated delay and execution horizon (default: `sync`, d = 0).
 
     Returns:
         `(episodes, frames)`: per-episode results in seed order, and `{episode index: [frames
@@ -100,8 +113,11 @@ def rollout(
         raise InvalidValueError("rollout: the seed list is empty")
     config = policy.config
     keys = list(config.obs_shapes)
-    to, ta = config.obs_horizon, config.action_horizon
-    start = to - 1
+    to = config.obs_horizon
+    report_control = control is not None
+    control = ControlSpec() if control is None else control
+    layout = ChunkLayout.of(policy)
+    layout.check(control.delay, control.horizon)
     n_envs = max(1, min(n_envs, len(seeds)))
     device = torch.device(device)
     sample_gen = torch.Generator(device=device).manual_seed(seeds[0])
@@ -112,7 +128,7 @@ def rollout(
     frames: dict[int, list[np.ndarray]] = {}
     slot_episode: list[int | None] = [None] * n_envs
     history = [deque(maxlen=to) for _ in range(n_envs)]
-    queue: list[deque] = [deque() for _ in range(n_envs)]
+    execution: list[EpisodeExecution | None] = [None] * n_envs
     noise_gen: list[torch.Generator | None] = [None] * n_envs
     stats: list[dict[str, Any]] = [{} for _ in range(n_envs)]
     fresh_chunk: list[np.ndarray | None] = [None] * n_envs
@@ -126,7 +142,7 @@ def rollout(
             first = _split_obs(obs, i, keys)
             history[i].clear()
             history[i].extend([first] * to)
-            queue[i].clear()
+            execution[i] = EpisodeExecution(layout, control)
             noise_gen[i] = torch.Generator(device=device).manual_seed(seeds[episode])
             stats[i] = {"return": 0.0, "length": 0, "success": False, "coverage": None}
             if logger is not None:
@@ -152,21 +168,16 @@ def rollout(
         start_episodes(list(range(n_envs)), obs)
         policy.eval()
         while any(e is not None for e in slot_episode):
-            need = [i for i in range(n_envs) if slot_episode[i] is not None and not queue[i]]
-            if need:
-                batch = [_stack_history(history[i], keys) for i in need]
-                obs_t = {k: torch.as_tensor(np.stack([b[k] for b in batch])).to(device) for k in keys}
-                x_init = torch.stack([torch.randn(noise_shape, generator=noise_gen[i], device=device)
-                                      for i in need])
-                with torch.inference_mode():
-                    chunk = policy.sample(obs_t, steps=inference_steps, x_init=x_init, generator=sample_gen)
-                chunk = chunk.detach().to("cpu", torch.float64).numpy()
-                for row, i in enumerate(need):
-                    queue[i].extend(chunk[row, start:start + ta])
-                    fresh_chunk[i] = chunk[row]
+            need = [i for i in range(n_envs) if slot_episode[i] is not None and execution[i].needs_inference]
+            for group in _by_previous(need, execution):
+                chunks = infer_chunks(policy, layout, control, [execution[i] for i in group],
+                                      [_stack_history(history[i], keys) for i in group],
+                                      [noise_gen[i] for i in group], noise_shape, sample_gen, inference_steps, device)
+                for row, i in enumerate(group):
+                    fresh_chunk[i] = chunks[row]
             for i in range(n_envs):
                 if slot_episode[i] is not None:
-                    last_action[i] = queue[i].popleft()
+                    last_action[i] = execution[i].pop(last_action[i])
             obs, reward, terminated, truncated, info = vec.step(last_action)
             finished = []
             for i in range(n_envs):
@@ -188,14 +199,15 @@ def rollout(
                         step=s["length"] - 1, time_s=(s["length"] - 1) * tick_s, observation=history[i][-1],
                         action=last_action[i].copy(), reward=float(reward[i]), episode_return=s["return"],
                         success=s["success"], chunk=fresh_chunk[i],
-                        executed_from=start if fresh_chunk[i] is not None else None, metrics=metrics,
+                        executed_from=layout.start if fresh_chunk[i] is not None else None, metrics=metrics,
                         frame=frames[episode][-1] if episode in frames else None))
                 fresh_chunk[i] = None
                 history[i].append(_split_obs(obs, i, keys))
                 if terminated[i] or truncated[i]:
+                    run = execution[i].finish()
                     results[episode] = EpisodeResult(index=episode, seed=seeds[episode], success=s["success"],
                                                      episode_return=s["return"], length=s["length"],
-                                                     coverage=s["coverage"])
+                                                     coverage=s["coverage"], control=run if report_control else None)
                     if progress is not None:
                         progress(results[episode])
                     if logger is not None:
@@ -213,6 +225,37 @@ def rollout(
     return [r for r in results if r is not None], frames
 
 
+def _by_previous(need: list[int], execution: list[EpisodeExecution]) -> list[list[int]]:
+    """Envs needing a chunk, grouped so that one batch shares a kind of start: cold (no previous
+    chunk, or a mode that does not use it: one batch, as Diffusion Policy's loop) or warm with one shift."""
+    groups: dict[int | None, list[int]] = {}
+    for i in need:
+        previous = execution[i].previous_for_inference() if execution[i].spec.mode.uses_previous else None
+        groups.setdefault(None if previous is None else previous.shift, []).append(i)
+    return list(groups.values())
+
+
+def infer_chunks(policy: Any, layout: ChunkLayout, control: ControlSpec, executions: list[EpisodeExecution],
+                 histories: list[dict[str, np.ndarray]], noise_gens: list[torch.Generator],
+                 noise_shape: tuple[int, int], sample_gen: torch.Generator, inference_steps: int | None,
+                 device: torch.device) -> np.ndarray:
+    """Infer one chunk per env of a group with the control mode and commit it to its execution.
+
+    Each env's initial noise `(Tp, Da)` comes from its episode's generator; step noise from `sample_gen`.
+    Returns the chunks as predicted `(B, Tp, Da)` in data units (for rollout logs).
+    """
+    keys = list(histories[0])
+    obs = {k: torch.as_tensor(np.stack([h[k] for h in histories])).to(device) for k in keys}
+    noise = torch.stack([torch.randn(noise_shape, generator=g, device=device) for g in noise_gens])
+    previous = stack_previous(executions) if control.mode.uses_previous else None
+    with torch.no_grad():
+        generated = control.mode.generate(policy, layout, obs, noise, control.delay, previous, sample_gen,
+                                          inference_steps)
+    for row, execution in enumerate(executions):
+        execution.commit(generated.row(row))
+    return generated.actions.detach().to("cpu", torch.float64).numpy()
+
+
 def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
     """Success rate with its 95 % Wilson interval, mean return / coverage / length."""
     rate = success_rate([e.success for e in episodes])
@@ -225,6 +268,15 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
     coverages = [e.coverage for e in episodes if e.coverage is not None]
     if len(coverages) == len(episodes):
         summary["mean_coverage"] = float(np.mean(coverages))
+    runs = [e.control for e in episodes if e.control is not None]
+    if runs and len(runs) == len(episodes):
+        summary["control"] = {
+            "nfe_per_action": sum(r.nfe for r in runs) / max(sum(r.actions for r in runs), 1),
+            "mean_jerk": float(np.mean([r.jerk for r in runs])),
+            "mean_seam_jump": float(np.mean([r.seam_jump for r in runs])),
+            "max_seam_jump": float(max(r.seam_jump for r in runs)),
+            "underruns": int(sum(r.underruns for r in runs)),
+        }
     summary["seeds"] = f"{episodes[0].seed}..{episodes[-1].seed}" if episodes else ""
     return summary
 
@@ -241,7 +293,7 @@ class Evaluation:
 def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: int = 8, videos: int = 0,
              out_dir: str | os.PathLike | None = None, device: torch.device | str = "cpu",
              inference_steps: int | None = None, progress: bool = False,
-             logger: RolloutLogger | None = None) -> Evaluation:
+             logger: RolloutLogger | None = None, control: ControlSpec | None = None) -> Evaluation:
     """Evaluate `policy` on `card`'s environment over seeds `seed_start, ..., seed_start + episodes - 1`.
 
     With `out_dir`: writes `summary.json`, `episodes.json` (one object per episode) and
@@ -267,7 +319,8 @@ def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: 
     try:
         results, frames = rollout(policy, functools.partial(make_env, card, **overrides), seeds, n_envs=n_envs,
                                   record=videos, device=device, inference_steps=inference_steps,
-                                  progress=on_episode, logger=logger, control_hz=float(card.control_hz))
+                                  progress=on_episode, logger=logger, control_hz=float(card.control_hz),
+                                  control=control)
     finally:
         bar.close()
     summary = summarize(results)

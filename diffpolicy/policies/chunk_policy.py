@@ -36,6 +36,7 @@ from diffpolicy.policies.errors import (
     ObservationError,
 )
 from diffpolicy.policies.normalizer import Normalizer
+from diffpolicy.policies.token_times import draw_token_times
 from diffpolicy.policies.validation import check_batch, check_observations
 
 ACTION_KEY = "action"
@@ -142,6 +143,17 @@ class ChunkPolicy(nn.Module):
             return u
         return (torch.floor(u * steps).clamp(max=steps - 1) + 1) / steps
 
+    def _token_times(self, x0: torch.Tensor, generator: torch.Generator | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Levels `(B, Tp)` of `config.loss.token_times` and the clean-token mask `(B, Tp)` (None
+        for "shared", which draws exactly what it always drew: one `torch.rand` of `(B,)`)."""
+        batch, horizon = x0.shape[:2]
+        weights = self.config.loss.token_time_weights
+        if weights == {"shared": 1.0}:
+            return self._training_times(batch, x0, generator).unsqueeze(1).expand(-1, horizon), None
+        return draw_token_times(weights, batch, horizon, self.config.action_horizon,
+                                self.config.process.train_steps, lambda shape: _rand(shape, x0, generator))
+
     def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         """Denoising loss of one batch (a scalar).
 
@@ -152,18 +164,22 @@ class ChunkPolicy(nn.Module):
                 (image keys, train mode), t `(B,)` by `torch.rand`, the noise `(B, Tp, Da)`.
 
         Each example gets one level t for its whole chunk (continuous, or on the training grid of
-        `config.process.train_steps`). Padded actions count unless `config.loss.mask_padding`.
+        `config.process.train_steps`), or per-token levels as `config.loss.token_times` says
+        (`policies.token_times`; their draws replace t's). Padded actions count unless
+        `config.loss.mask_padding`; tokens held clean by the token times never count.
         """
         check_batch(batch, self.config)
         x0 = self.normalize_action(batch["action"])
         cond = self.encode_obs(batch["obs"], generator)
-        t = self._training_times(x0.shape[0], x0, generator).unsqueeze(1).expand(-1, x0.shape[1])
+        t, clean = self._token_times(x0, generator)
         noise = _randn(tuple(x0.shape), x0, generator)
         x_t = self.process.corrupt(x0, t, noise)
         out = self.backbone(x_t, t, cond)
         weight = loss_weight(self.process, t, self.config.loss.weighting, self.config.loss.min_snr_gamma)
         pad = batch.get("action_is_pad")
         mask = ~pad if (pad is not None and self.config.loss.mask_padding) else None
+        if clean is not None:
+            mask = ~clean if mask is None else mask & ~clean
         return denoising_loss(out, self.process.target(x0, noise, t), mask=mask, weight=weight)
 
     # ------------------------------------------------------------------ sampling

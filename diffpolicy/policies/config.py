@@ -13,6 +13,7 @@ squared-cosine schedule, epsilon prediction, clipping to [-1, 1]; 100 inference 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from diffpolicy.core.processes import PREDICTIONS
 from diffpolicy.core.schedules import SCHEDULES
 
 PROCESS_TYPES = ("diffusion", "flow")
+TOKEN_TIME_KINDS = ("shared", "ladder", "prefix")
 
 
 # ---------------------------------------------------------------------------- process
@@ -99,20 +101,63 @@ class LossConfig:
         mask_padding: if True, tokens marked in `action_is_pad` are left out of the loss. The
             default (False) follows Diffusion Policy, which trains on edge-padded actions too:
             the padding repeats the last action, a valid "hold still" target.
+        token_times: the per-token noise levels seen in training, one kind or a weighted mix
+            "kind:weight,kind:weight" (each example draws its kind with these weights):
+            "shared" (one level for the whole chunk; the default, Diffusion Policy's training),
+            "ladder" (a clean prefix, then levels rising group by group of Ta tokens, as the
+            streaming controller's buffer holds them; SDP mixes "ladder:0.8,shared:0.2"),
+            "prefix" (a random number of leading tokens clean at t = 0, the rest at one shared
+            level: training-time real-time chunking). Clean tokens are left out of the loss.
+            See `token_time_mix`.
     """
 
     weighting: str = "uniform"
     min_snr_gamma: float = 5.0
     mask_padding: bool = False
+    token_times: str = "shared"
 
     def __post_init__(self) -> None:
         check_choice("loss.weighting", self.weighting, WEIGHTINGS)
         check_float("loss.min_snr_gamma", self.min_snr_gamma, 0, strictly=True)
         check_bool("loss.mask_padding", self.mask_padding)
+        token_time_mix(self.token_times)
+
+    @property
+    def token_time_weights(self) -> dict[str, float]:
+        """`token_times` as `{kind: probability}` (weights normalized to sum 1)."""
+        return token_time_mix(self.token_times)
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "loss") -> LossConfig:
         return from_dict(cls, data, path)
+
+
+def token_time_mix(text: Any, path: str = "loss.token_times") -> dict[str, float]:
+    """Parse a token-time spec: "shared", "prefix", or "ladder:0.8,shared:0.2" -> `{kind: probability}`.
+
+    Kinds are `TOKEN_TIME_KINDS`; weights are finite numbers > 0 (a bare kind weighs 1), normalized
+    to sum 1; a kind may appear once. Raises `ConfigError` naming the key and the bad part.
+    """
+    expected = f"a kind of {list(TOKEN_TIME_KINDS)} or a mix 'kind:weight,kind:weight'"
+    if not isinstance(text, str) or not text.strip():
+        raise fail(path, expected, text)
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        kind, _, weight = part.strip().partition(":")
+        kind = kind.strip()
+        if kind not in TOKEN_TIME_KINDS:
+            raise fail(path, f"{expected}; unknown kind {kind!r} in", text)
+        if kind in weights:
+            raise fail(path, f"{expected}; kind {kind!r} given twice in", text)
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise fail(path, f"{expected}; weight {weight.strip()!r} of {kind!r} is not a number in", text) from None
+        if not (math.isfinite(value) and value > 0):
+            raise fail(path, f"{expected}; weights must be finite and > 0 in", text)
+        weights[kind] = value
+    total = sum(weights.values())
+    return {kind: value / total for kind, value in weights.items()}
 
 
 # ---------------------------------------------------------------------------- policy

@@ -26,7 +26,7 @@ from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
-from diffpolicy.rl.ppo import clipped_surrogate, minibatches, normalize_advantages
+from diffpolicy.rl.ppo import clipped_surrogate, joint_step, minibatches, normalize_advantages
 from diffpolicy.rl.rollout import collect_rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 
@@ -143,22 +143,13 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
                                       cond.repeat_interleave(len(tuned), 0))
                     entropy = sigma.log().mean()
                     value_loss = (critic({k: v[index] for k, v in batch.obs.items()}) - batch.returns[index]).pow(2).mean()
-                    actor_optimizer.zero_grad()
-                    critic_optimizer.zero_grad()
-                    (policy_loss - config.entropy_coef * entropy + value_loss).backward()
-                    torch.nn.utils.clip_grad_norm_(actor_params, config.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), config.max_grad_norm)
-                    actor_optimizer.step()
-                    critic_optimizer.step()
+                    joint_step(policy_loss - config.entropy_coef * entropy + value_loss, [actor_optimizer, critic_optimizer],
+                               [actor_params, critic.parameters()], config.max_grad_norm)
             # 4. Log, evaluate the deterministic fine-tuned sampler, checkpoint.
-            session.iteration += 1
             row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
                    "first_ratio_error": first_ratio_error}
             history.append(row)
-            if session.done() or (config.eval_every and session.iteration % config.eval_every == 0):
-                row.update(session.evaluate(policy))
-            session.log(row, progress)
-            session.save(policy, modules, optimizers, {"sampling": generator}, row.get("eval_success"))
+            session.end_iteration(policy, row, modules, optimizers, {"sampling": generator}, progress)
     finally:
         session.close()
     return FinetuneResult(policy, session.checkpoints.latest(), history)

@@ -1,7 +1,9 @@
 """The pieces of PPO every on-policy algorithm here shares: the clipped surrogate, minibatches,
-advantage normalization."""
+advantage normalization, and one gradient step of actor and critic together."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -43,3 +45,16 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[tor
 def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
     """(A - mean) / (std + 1e-8) over all entries."""
     return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def joint_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
+               parameter_groups: Sequence[Iterable[torch.nn.Parameter]], max_grad_norm: float) -> None:
+    """Backpropagate `loss` once and step every optimizer, each group's gradient norm clipped to
+    `max_grad_norm` (the actor and the critic of an actor-critic loss)."""
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    loss.backward()
+    for parameters in parameter_groups:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    for optimizer in optimizers:
+        optimizer.step()

@@ -163,6 +163,17 @@ class Session:
             shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in full.items()}
             print(f"[{self.algo}] " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
+    def end_iteration(self, policy: ChunkPolicy, row: dict[str, Any], modules: dict[str, nn.Module],
+                      optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
+                      progress: bool) -> None:
+        """Close one on-policy iteration: count it, evaluate when due (every `eval_every` iterations
+        and at the end; `row` gains the evaluation), log `row` and checkpoint the run."""
+        self.iteration += 1
+        if self.done() or (self.config.eval_every and self.iteration % self.config.eval_every == 0):
+            row.update(self.evaluate(policy))
+        self.log(row, progress)
+        self.save(policy, modules, optimizers, generators, row.get("eval_success"))
+
     # ------------------------------------------------------------------ checkpoints
     def save(self, policy: ChunkPolicy, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
              generators: dict[str, torch.Generator], score: float | None = None) -> Path:

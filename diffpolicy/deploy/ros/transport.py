@@ -1,0 +1,103 @@
+"""One interface for the bridge's middleware: joint-state and text topics, publish and subscribe.
+
+`JointState` is sensor_msgs/JointState without the ROS types (stamp in seconds, names, position,
+velocity, effort) and `Image` sensor_msgs/Image (rgb8 only); each transport converts them to its
+own message classes. Text topics carry std_msgs/String (the heartbeat's JSON). Callbacks run on
+the middleware's threads.
+
+    transport = make_transport("ros1", node="diffpolicy_bridge")      # or "ros2" (Cyclone DDS)
+    publish = transport.joint_state_publisher("/pusht/command")
+    transport.subscribe_joint_state("/pusht/agent_pos", on_message)
+    publish(JointState(stamp=time.time(), names=("x", "y"), position=np.array([1.0, 2.0])))
+    transport.close()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from diffpolicy.deploy.errors import BridgeError
+
+TRANSPORTS = ("ros1", "ros2")
+
+
+@dataclass
+class JointState:
+    """A sensor_msgs/JointState: header stamp (seconds since the epoch), joint names, arrays `(n,)`."""
+
+    stamp: float
+    names: tuple[str, ...] = ()
+    position: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    effort: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def stamp_parts(self) -> tuple[int, int]:
+        """(sec, nanosec) of the stamp, as ROS headers hold it."""
+        sec = math.floor(self.stamp)
+        return sec, min(round((self.stamp - sec) * 1e9), 999_999_999)
+
+
+@dataclass
+class Image:
+    """A sensor_msgs/Image: header stamp (seconds), `height` x `width`, `encoding`, row `step`, bytes."""
+
+    stamp: float
+    height: int
+    width: int
+    encoding: str
+    data: bytes
+    step: int = 0
+
+    @classmethod
+    def from_array(cls, stamp: float, array: np.ndarray) -> Image:
+        """An rgb8 image from a uint8 array `(H, W, 3)`."""
+        array = np.ascontiguousarray(array, dtype=np.uint8)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise BridgeError(f"an rgb8 image needs a uint8 array (H, W, 3), got shape {array.shape}")
+        return cls(stamp, array.shape[0], array.shape[1], "rgb8", array.tobytes(), 3 * array.shape[1])
+
+    def stamp_parts(self) -> tuple[int, int]:
+        return JointState(self.stamp).stamp_parts()
+
+
+class Transport:
+    """The middleware interface (module docstring)."""
+
+    name = ""
+
+    def joint_state_publisher(self, topic: str) -> Callable[[JointState], None]:
+        raise NotImplementedError
+
+    def subscribe_joint_state(self, topic: str, callback: Callable[[JointState], None]) -> None:
+        raise NotImplementedError
+
+    def image_publisher(self, topic: str) -> Callable[[Image], None]:
+        raise NotImplementedError
+
+    def subscribe_image(self, topic: str, callback: Callable[[Image], None]) -> None:
+        raise NotImplementedError
+
+    def text_publisher(self, topic: str) -> Callable[[str], None]:
+        raise NotImplementedError
+
+    def subscribe_text(self, topic: str, callback: Callable[[str], None]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def make_transport(name: str, node: str, domain_id: int = 0) -> Transport:
+    """The transport called `name`: "ros1" (rospy, ROS_MASTER_URI from the environment) or "ros2"
+    (Cyclone DDS on `domain_id`, ROS 2 wire types). Raises `BridgeError` if its middleware is missing."""
+    if name == "ros1":
+        from diffpolicy.deploy.ros.ros1 import Ros1Transport
+        return Ros1Transport(node)
+    if name == "ros2":
+        from diffpolicy.deploy.ros.dds import DdsTransport
+        return DdsTransport(domain_id)
+    raise BridgeError(f"unknown transport {name!r}; expected one of {list(TRANSPORTS)}")

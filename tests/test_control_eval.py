@@ -1,0 +1,94 @@
+"""The controller in closed loop: every mode x process end to end on a tiny PushT policy under a
+simulated delay, `diffpolicy eval --controller/--delay` and its bad inputs, and the wall-clock
+harness with real threads."""
+
+import dataclasses
+import functools
+import json
+
+import numpy as np
+import pytest
+
+from diffpolicy.cli import main
+from diffpolicy.control.execution import ControlSpec
+from diffpolicy.control.modes import MODES, make_mode
+from diffpolicy.control.profile import load_profile
+from diffpolicy.evaluation.wall_clock import run_wall_clock
+from diffpolicy.envs.tasks import load_task, make_env
+from diffpolicy.evaluation.rollout import rollout
+
+from test_eval_rollout import _short_env, untrained_policy
+
+
+def tiny(process):
+    policy = untrained_policy("flow" if process == "flow" else "diffusion")
+    policy.set_sampling(inference_steps=4, eta={"ddpm": 1.0, "ddim": 0.0}.get(process))
+    return policy
+
+
+@pytest.mark.parametrize("process", ["ddpm", "ddim", "flow"])
+@pytest.mark.parametrize("name", MODES)
+def test_every_mode_and_process_closes_the_loop(name, process):
+    card = load_task("pusht")
+    results, _ = rollout(tiny(process), lambda: _short_env(card, 24), [100000, 100001], n_envs=2,
+                         control=ControlSpec(make_mode(name), delay=2))
+    for result in results:
+        run = result.control
+        assert result.length == 24 and run.actions == 24 and run.underruns == 0
+        assert run.nfe > 0 and np.isfinite(run.jerk)
+    if name == "sync":  # blocking: d held ticks per later chunk, so fewer chunks than the async modes
+        assert results[0].control.nfe == 4 * 3  # chunks at ticks 0, 8 (+2 held), 18 (+2 held)
+
+
+def test_delay_zero_sync_is_diffusion_policys_loop():
+    card = load_task("pusht")
+    policy = tiny("ddim")
+    plain, _ = rollout(policy, lambda: _short_env(card, 20), [100000], n_envs=1)
+    spec, _ = rollout(policy, lambda: _short_env(card, 20), [100000], n_envs=1, control=ControlSpec())
+    assert dataclasses.replace(spec[0], control=None) == plain[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "pusht_diffusion"
+    policy = untrained_policy("diffusion")
+    policy.set_sampling(inference_steps=3)
+    policy.save_pretrained(path, metadata={"task": "pusht", "method": "diffusion"})
+    return path
+
+
+def test_eval_command_with_a_controller(tmp_path, checkpoint, capsys):
+    code = main(["eval", "--checkpoint", str(checkpoint), "--episodes", "2", "--n-envs", "2", "--controller",
+                 "prefix", "--delay", "3", "--out", str(tmp_path / "e"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    control = summary["control"]
+    assert control["nfe_per_action"] == pytest.approx(3 / 8, rel=0.1) and control["underruns"] == 0
+    assert "controller prefix at delay 3" in out and "queue underruns" in out
+    episodes = json.loads((tmp_path / "e" / "episodes.json").read_text())
+    assert episodes[0]["control"]["actions"] == episodes[0]["length"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--controller", "fast"], "unknown controller mode 'fast'"),
+    (["--controller", "rtc", "--delay", "9"], "delay 9 is larger than the chunk allows"),
+    (["--controller", "rtc", "--delay", "-1"], "expected delay >= 0"),
+    (["--delay", "2"], "--delay and --exec-horizon need --controller"),
+    (["--wall-clock"], "--wall-clock needs --controller"),
+    (["--controller", "rtc", "--wall-clock", "--profile", "nope"], "robot profile 'nope'"),
+    (["--cuda-graphs"], "CUDA graphs need the policy on a CUDA device"),
+])
+def test_eval_controller_bad_inputs(checkpoint, capsys, argv, message):
+    code = main(["eval", "--checkpoint", str(checkpoint), "--episodes", "1", "--no-progress", *argv])
+    _, err = capsys.readouterr()
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_wall_clock_harness_runs_threads_in_real_time():
+    card = load_task("pusht")
+    policy = tiny("ddim")
+    results = run_wall_clock(policy, lambda: _short_env(card, 15), [100000], make_mode("rtc"),
+                             load_profile("pusht"), rate_hz=40.0)
+    run = results[0].control
+    assert results[0].length == 15 and run.nfe > 0 and run.delays and min(run.delays) >= 0
