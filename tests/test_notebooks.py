@@ -1,6 +1,7 @@
 """The notebooks in notebooks/ run headless on tiny runs made here (3 PushT expert demonstrations
-and a policy trained for 20 steps; two 2-iteration DPPO fine-tuning runs on the point-reaching task
-of tests/rl_tasks.py), produce their key figures, and are stored without outputs. Also the PushT
+and a policy trained for 20 steps; on the point-reaching task of tests/rl_tasks.py, a biased
+imitation policy, two 2-iteration DPPO fine-tuning runs from it and its `diffpolicy eval --controller`
+evaluations), produce their key figures, and are stored without outputs. Also the PushT
 first-contact helper the dataset notebook uses."""
 
 import json
@@ -16,7 +17,6 @@ from train_helpers import TINY, make_pusht_dataset
 
 from diffpolicy.cli import main
 from diffpolicy.envs.pusht import contact_side, first_contact
-from diffpolicy.evaluation.stats import success_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -110,38 +110,26 @@ def test_finetuning_curves_notebook(tiny_finetune, tmp_path, monkeypatch):
     assert "imitation start: success 0.000" in text and "seeds 100000..100007" in text
 
 
-def write_controller_summary(path, successes, episodes, nfe_per_action, jerk, seam_jump, underruns):
-    """`path/summary.json` in the layout `diffpolicy eval --controller MODE --delay D --out path` writes
-    (`evaluation.rollout.summarize` with its `control` section, issue 12)."""
-    path.mkdir(parents=True)
-    summary = {"success_rate": success_rate([True] * successes + [False] * (episodes - successes)).to_dict(),
-               "episodes": episodes, "mean_return": 10.0 * successes / episodes, "mean_length": 120.0,
-               "mean_coverage": 0.5, "control": {"nfe_per_action": nfe_per_action, "mean_jerk": jerk,
-                                                  "mean_seam_jump": seam_jump / 2, "max_seam_jump": seam_jump,
-                                                  "underruns": underruns},
-               "seeds": f"100000..{100000 + episodes - 1}"}
-    (path / "summary.json").write_text(json.dumps(summary, indent=1))
-
-
-def test_compare_controllers_notebook(tmp_path, monkeypatch):
-    """The notebook's reading and plotting on summary.json files in the layout issue 12's
-    `diffpolicy eval --controller MODE --delay D` writes (synthetic values, exact keys); the end-to-end
-    path through real controller evaluations is exercised once issue 12 is merged."""
+def test_compare_controllers_notebook(tiny_finetune, tmp_path, monkeypatch):
+    """Real `diffpolicy eval --controller MODE --delay D` evaluations of the point-reaching imitation
+    policy, laid out <policy>/<mode>_d<delay>, read and plotted by the notebook."""
     root, out = tmp_path / "controllers", tmp_path / "compare"
-    for policy, mode, delay, successes, nfe, jerk, jump, underruns in [
-            ("shared", "sync", 0, 9, 1.25, 3.0, 40.0, 0), ("shared", "sync", 3, 4, 1.25, 9.0, 120.0, 0),
-            ("shared", "rtc", 0, 9, 1.25, 2.0, 20.0, 0), ("shared", "rtc", 3, 8, 1.6, 2.5, 25.0, 0),
-            ("mix", "streaming", 0, 8, 0.4, 2.0, 15.0, 0), ("mix", "streaming", 3, 7, 0.4, 2.2, 18.0, 2)]:
-        write_controller_summary(root / policy / f"{mode}_d{delay}", successes, 10, nfe, jerk, jump, underruns)
+    for mode in ("sync", "rtc"):
+        for delay in (0, 1):
+            code = main(["eval", "--checkpoint", str(tiny_finetune["imitation"]), "--task", tiny_finetune["card"],
+                         "--episodes", "4", "--n-envs", "4", "--controller", mode, "--delay", str(delay),
+                         "--out", str(root / "bc" / f"{mode}_d{delay}"), "--no-progress"])
+            assert code == 0
     notebook = execute("compare_controllers.ipynb", monkeypatch, DIFFPOLICY_EVAL_DIRS=f"{root}/*/*",
                        DIFFPOLICY_NOTEBOOK_OUT=out)
     assert (out / "controllers.png").stat().st_size > 10_000
     assert len(outputs_of(notebook, "image/png")) == 1
     html = "".join(outputs_of(notebook, "text/html"))
-    assert html.count("<tr>") == 7  # a header and 6 evaluations
-    assert "<td>rtc</td><td>3</td><td>8/10</td>" in html and "<td>1.600</td>" in html
+    assert html.count("<tr>") == 5  # a header and 4 evaluations
+    sync = json.loads((root / "bc" / "sync_d0" / "summary.json").read_text())
+    assert f"<td>{sync['control']['nfe_per_action']:.3f}</td>" in html
     text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
-    assert "6 evaluations: mix/streaming at delays [0, 3], shared/rtc at delays [0, 3], shared/sync at delays [0, 3]" in text
+    assert "4 evaluations: bc/rtc at delays [0, 1], bc/sync at delays [0, 1]" in text
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
