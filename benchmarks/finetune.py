@@ -8,7 +8,9 @@ Stages (each resumes or is skipped when its result is cached under `--out`):
      `<out>/<algo>` (resumed if there), then its final (latest, not best) policy on the same seeds;
   3. `sb3_ppo`: SB3 PPO ("MlpPolicy", Gaussian) from scratch on the task with observations scaled
      by the observation bounds and actions rescaled to [-1, 1], `--env-steps` steps, checkpointed
-     every 50k steps; its deterministic policy on the same seeds.
+     every 50k steps (held-out success and return on the first 20 seeds logged to `<out>/sb3_ppo/curves.csv`,
+     the fine-tuning runs' format: `notebooks/finetuning_curves.ipynb` overlays it); its deterministic
+     policy on the same seeds.
 Every run uses the AbsorbingSuccess reward (success pays 1 per remaining step; PushT's raw dense
 reward would favour hovering below the threshold). Writes `<out>/finetune_<task>.{json,md}` (one
 table: stage, environment steps, held-out success and mean return, process CPU time) and
@@ -41,6 +43,7 @@ from diffpolicy.envs.tasks import load_task, make_env
 from diffpolicy.evaluation.rollout import rollout
 from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.policies import ChunkPolicy
+from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.dsrl import DSRLPolicy
 from diffpolicy.rl.rewards import absorbing_success_env
 from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir
@@ -99,18 +102,23 @@ def sb3_ppo(card, env_fn, out: Path, env_steps: int, seeds, n_envs: int) -> dict
     venv = DummyVecEnv([lambda: ScaledTask(env_fn()) for _ in range(n_envs)])
     model = (PPO.load(model_path, env=venv, device="cpu") if model_path.exists()
              else PPO("MlpPolicy", venv, n_steps=512, batch_size=256, seed=0, device="cpu", verbose=0))
+    curves = Curves(out, resume_iteration=len(state["curve"]))  # curves.csv as the fine-tuning runs write it
     chunk = 50_000
     while state["env_steps"] < env_steps:
         start = cpu_seconds()
         steps = min(chunk, env_steps - state["env_steps"])
         model.learn(total_timesteps=steps, reset_num_timesteps=False)
         state["env_steps"] = int(model.num_timesteps)
-        state["curve"].append([state["env_steps"], evaluate_sb3(model, env_fn, seeds[:20])["success"] / 20])
+        held_out = evaluate_sb3(model, env_fn, seeds[:20])
+        state["curve"].append([state["env_steps"], held_out["success"] / held_out["episodes"]])
         state["cpu_s"] += cpu_seconds() - start
+        curves.log({"iteration": len(state["curve"]), "env_steps": state["env_steps"], "cpu_s": round(state["cpu_s"], 2),
+                    "eval_success": held_out["success"] / held_out["episodes"], "eval_return": held_out["mean_return"]})
         model.save(model_path)
         state_path.write_text(json.dumps(state))
         print(f"[sb3_ppo] env_steps={state['env_steps']} cpu_s={state['cpu_s']:.0f} curve={state['curve'][-1]}",
               flush=True)
+    curves.close()
     result = evaluate_sb3(model, env_fn, seeds)
     return {**result, "env_steps": state["env_steps"], "cpu_s": state["cpu_s"], "curve": state["curve"]}
 
