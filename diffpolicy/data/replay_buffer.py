@@ -27,7 +27,9 @@ and is ignored as uncommitted.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +479,23 @@ class ReplayBuffer:
         if value.dtype.kind == "U":
             return meta.create_array(name, shape=(0,), dtype=str, chunks=(1,))
         return meta.create_array(name, shape=(0,), dtype=value.dtype, chunks=(_META_CHUNK,))
+
+
+@contextmanager
+def staged_store(out: str | os.PathLike, zarr_format: int = 3) -> Iterator[ReplayBuffer]:
+    """A new store built under `<out>.partial` and renamed to `out` (replacing it) only when the
+    block ends without an error; otherwise the partial store is removed and `out` is untouched.
+    The importers build whole datasets with it, so nothing is ever half-written at `out`."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        yield ReplayBuffer.create(tmp, overwrite=True, zarr_format=zarr_format)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _check_name(name: Any, where: str) -> str:

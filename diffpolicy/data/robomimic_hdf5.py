@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import h5py
 import numpy as np
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError
-from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array
+from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array, staged_store
 from diffpolicy.errors import ExistingFileError, InvalidValueError, MissingFileError
 
 ACTION_KEY = "action"
@@ -121,18 +120,16 @@ def import_robomimic(
         raise MissingFileError(f"no robomimic HDF5 file at {path}")
     if out_zarr.exists() and not overwrite:
         raise ExistingFileError(f"{out_zarr} already exists; pass overwrite=True to replace it")
-    tmp = out_zarr.with_name(out_zarr.name + ".partial")
-    try:
-        with h5py.File(path, "r") as f:
-            if "data" not in f:
-                raise DataFormatError(f"{path} has no 'data' group (robomimic layout)")
-            data = f["data"]
-            demos = _demo_names(data, path)
-            attrs = _root_attrs(data, path, env_args)
-            masks = _read_masks(f, demos, path)
-            if masks:
-                attrs[FILTER_KEYS] = masks
-            buffer = ReplayBuffer.create(tmp, overwrite=True, zarr_format=zarr_format)
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise DataFormatError(f"{path} has no 'data' group (robomimic layout)")
+        data = f["data"]
+        demos = _demo_names(data, path)
+        attrs = _root_attrs(data, path, env_args)
+        masks = _read_masks(f, demos, path)
+        if masks:
+            attrs[FILTER_KEYS] = masks
+        with staged_store(out_zarr, zarr_format) as buffer:
             buffer.attrs.update(attrs)
             total = 0
             for name in demos:
@@ -145,12 +142,6 @@ def import_robomimic(
             if "total" in data.attrs and int(data.attrs["total"]) != total:
                 raise DataFormatError(f"{path}: data attr total = {int(data.attrs['total'])} "
                                       f"but the demos hold {total} samples")
-        if out_zarr.exists():
-            shutil.rmtree(out_zarr)
-        os.replace(tmp, out_zarr)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return ReplayBuffer.open(out_zarr, mode="r")
 
 

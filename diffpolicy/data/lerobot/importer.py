@@ -11,9 +11,7 @@ root attribute `lerobot` (fps, robot_type, codebase_version, tasks) and the epis
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ import pyarrow.parquet as pq
 from diffpolicy.data.errors import DataFormatError, EpisodeError
 from diffpolicy.data.lerobot import layout
 from diffpolicy.data.lerobot.video import decode_image, read_frames
-from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.data.replay_buffer import ReplayBuffer, staged_store
 from diffpolicy.errors import ExistingFileError, MissingFileError
 
 
@@ -58,9 +56,7 @@ def import_lerobot(
     episodes = _read_episodes(src, features)
     own = info.get("diffpolicy")
     meta_names = own["episode_meta"] if own else [c for c in episodes.column_names if _is_meta_column(episodes, c)]
-    tmp = out_zarr.with_name(out_zarr.name + ".partial")
-    try:
-        buffer = ReplayBuffer.create(tmp, overwrite=True, zarr_format=zarr_format)
+    with staged_store(out_zarr, zarr_format) as buffer:
         buffer.attrs.update(own["attrs"] if own else _foreign_attrs(src, info))
         reader = _DataReader(src, info, features)
         rows = episodes.to_pylist()
@@ -82,12 +78,6 @@ def import_lerobot(
         if buffer.n_steps != int(info.get("total_frames", buffer.n_steps)):
             raise DataFormatError(f"{info_path}: total_frames = {info['total_frames']} but the episodes hold "
                                   f"{buffer.n_steps} frames")
-        if out_zarr.exists():
-            shutil.rmtree(out_zarr)
-        os.replace(tmp, out_zarr)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return ReplayBuffer.open(out_zarr, mode="r")
 
 
