@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,13 @@ def load_model_files(directory: str | os.PathLike, kind: str) -> tuple[dict[str,
     if header.get("sha256") != _sha256(weights):
         raise InvalidValueError(f"{weights}: sha256 differs from the one {config_path} records (torn or replaced)")
     return header["config"], load_file(str(weights)), header.get("metadata", {})
+
+
+def load_model(directory: str | os.PathLike, kind: str, build: Callable[[dict[str, Any]], nn.Module]) -> nn.Module:
+    """A model of `kind` from a directory written by `save_model`: `build(config)` makes the module,
+    the verified weights load strictly, `metadata` is set; in eval mode, on the CPU."""
+    config, tensors, metadata = load_model_files(directory, kind)
+    model = build(config)
+    model.load_state_dict(tensors, strict=True)
+    model.metadata = dict(metadata)
+    return model.eval()

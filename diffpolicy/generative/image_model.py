@@ -32,7 +32,7 @@ from diffpolicy.core import (
     sample,
 )
 from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
-from diffpolicy.generative.checkpoint import load_model_files, save_model
+from diffpolicy.generative.checkpoint import load_model, save_model
 from diffpolicy.generative.patches import check_patch_size, patchify, unpatchify
 from diffpolicy.nn import make_backbone
 
@@ -207,8 +207,4 @@ class ImageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ImageModel:
         """Load a directory written by `save_pretrained` (eval mode, CPU)."""
-        config, tensors, metadata = load_model_files(directory, KIND)
-        model = cls(ImageModelConfig.from_dict(config))
-        model.load_state_dict(tensors, strict=True)
-        model.metadata = dict(metadata)
-        return model.eval()
+        return load_model(directory, KIND, lambda config: cls(ImageModelConfig.from_dict(config)))

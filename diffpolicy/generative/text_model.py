@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_dict
 from diffpolicy.core import MaskedDiffusion, PrefixInpainting, sample
 from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
 from diffpolicy.generative import corpus
-from diffpolicy.generative.checkpoint import load_model_files, save_model
+from diffpolicy.generative.checkpoint import load_model, save_model
 from diffpolicy.nn import make_backbone
-from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_dict
 
 KIND = "text_model"
 MIN_LEVEL = 1e-3  # training levels are drawn from U(MIN_LEVEL, 1): the 1 / t weight stays bounded
@@ -120,8 +120,4 @@ class TextModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> TextModel:
         """Load a directory written by `save_pretrained` (eval mode, CPU)."""
-        config, tensors, metadata = load_model_files(directory, KIND)
-        model = cls(TextModelConfig.from_dict(config))
-        model.load_state_dict(tensors, strict=True)
-        model.metadata = dict(metadata)
-        return model.eval()
+        return load_model(directory, KIND, lambda config: cls(TextModelConfig.from_dict(config)))
