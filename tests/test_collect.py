@@ -8,7 +8,7 @@ import yaml
 
 import diffpolicy.collection.collect as collect_module
 from diffpolicy.cli import main
-from diffpolicy.collection.collect import CollectError, collect
+from diffpolicy.collection.collect import CollectError, collect, expert_success_on
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.envs.pusht import PushTEnv
 from diffpolicy.envs.tasks import CARDS_DIR, TaskCardError, load_task
@@ -98,6 +98,21 @@ def test_only_success_keeps_successes_and_resumes_past_discarded_seeds(tmp_path)
     with_failures = collect(card, episodes=2, out=tmp_path / "all.zarr", progress=False)
     assert ReplayBuffer.open(tmp_path / "all.zarr").episode_meta("success").tolist()[0] is False
     assert with_failures.attempted == 2
+
+
+def test_expert_success_counts_the_seeds_behind_the_first_episodes_only(tmp_path):
+    card = short_pusht_card(tmp_path, max_episode_steps=100)
+    out = tmp_path / "short.zarr"
+    collect(card, episodes=3, out=out, only_success=True, progress=False)
+    buffer = ReplayBuffer.open(out)
+    seeds, discarded = buffer.episode_meta("seed").tolist(), buffer.attrs["collection"]["discarded_seeds"]
+    for episodes in (1, 2, 3):
+        below = sum(seed < seeds[episodes - 1] for seed in discarded)
+        assert expert_success_on(out, episodes) == (episodes, episodes + below)
+    assert expert_success_on(out, 3)[1] == len(seeds) + len(discarded)  # every attempt up to the third episode
+    for bad in (0, 4, 1.5):
+        with pytest.raises(CollectError, match=r"episodes must be an integer in \[1, 3\]"):
+            expert_success_on(out, bad)
 
 
 def test_only_success_gives_up_after_max_attempts_leaving_a_valid_store(tmp_path):

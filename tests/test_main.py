@@ -19,11 +19,18 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert "success rate (95 % Wilson CI)" in report and "mean_coverage" in report
     assert "![learning curve](learning_curve.png)" in report
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![Held-out success vs training CPU-minutes](held_out_success.png)" in report
+    assert (out / "held_out_success.png").read_bytes()[:4] == b"\x89PNG"
     video = "eval/videos/episode_000_seed_100000.mp4"
     assert f"]({video})" in report and (out / video).stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 2 and summary["training steps"] == 20 and summary["demonstrations"] == 3
     assert summary["seeds"] == "100000..100001"
+    # both kept checkpoints (steps 10 and 20) on the held-out seeds, the final one shipped
+    assert [point["step"] for point in summary["curve"]] == [10, 20]
+    assert all(point["success_rate"]["n"] == 2 for point in summary["curve"])
+    assert 0 < summary["curve"][0]["cpu_minutes"] < summary["curve"][1]["cpu_minutes"]
+    assert summary["checkpoint"].endswith("step_00000020/policy")
     episodes = json.loads((out / "eval" / "episodes.json").read_text())
     assert [e["seed"] for e in episodes] == [100000, 100001]
 
@@ -42,7 +49,9 @@ def test_main_job_trains_on_its_own_demonstrations_from_a_larger_store(tmp_path,
     argv = ["main", "--out", str(out), "--dataset", str(dataset), "--demos", "3", "--eval-episodes", "1",
             "--videos", "0", "--no-progress", *TINY]
     assert main(argv) == 0
-    assert json.loads((out / "summary.json").read_text())["demonstrations"] == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["demonstrations"] == 3
+    assert summary["expert success (demonstration seeds)"] == "3/3"  # not the store's 4/4
     assert json.loads((out / "train" / "config.json").read_text())["data"]["max_episodes"] == 3
 
 

@@ -176,6 +176,22 @@ def test_bad_backbone_settings_raise():
         DiT(2, 16, 4, hidden_dim=30, num_heads=4)
     with pytest.raises(NNConfigError, match="num_blocks >= 1"):
         MLPDenoiser(2, 16, 4, num_blocks=0)
+    with pytest.raises(NNConfigError, match=r"activation must be one of \['mish', 'silu'\], got 'relu'"):
+        MLPDenoiser(2, 16, 4, activation="relu")
+
+
+def test_mlp_activation_is_chosen_by_name_and_defaults_to_mish():
+    def activations(model):
+        return {type(m) for m in model.modules() if isinstance(m, (torch.nn.Mish, torch.nn.SiLU))}
+
+    assert activations(MLPDenoiser(2, 16, 4)) == {torch.nn.Mish}  # checkpoints saved before the option
+    silu = MLPDenoiser(2, 16, 4, activation="silu")
+    assert activations(silu) == {torch.nn.SiLU}
+    torch.manual_seed(0)
+    mish = MLPDenoiser(2, 16, 4)
+    silu.load_state_dict(mish.state_dict())  # same parameters, another function
+    x, t, cond = torch.randn(3, 16, 2), torch.rand(3, 16), torch.randn(3, 4)
+    assert not torch.allclose(silu(x, t, cond), mish(x, t, cond))
 
 
 def test_sinusoidal_time_embedding_closed_form():

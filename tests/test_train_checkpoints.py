@@ -60,6 +60,15 @@ def test_without_scores_only_the_latest_survives(tmp_path):
     assert manager.best() == manager.latest()
 
 
+def test_keep_all_keeps_every_checkpoint(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_top_k=0, keep_all=True)
+    for step, score in [(1, None), (2, 0.5), (3, None)]:
+        save(manager, step, score)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000001", "step_00000002",
+                                                                        "step_00000003"]
+    assert [c["step"] for c in manager.read_index()["checkpoints"]] == [1, 2, 3]
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint_and_index(tmp_path):
     manager = CheckpointManager(tmp_path, keep_top_k=1)
     save(manager, 10, 0.5)

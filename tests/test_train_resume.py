@@ -70,8 +70,12 @@ def test_kill_and_resume_is_bit_exact(tmp_path, dataset):
     for key in ("epoch", "batch_in_epoch", "scheduler", "ema"):
         assert got_meta[key] == expected_meta[key]
     # the log of the resumed run has each step once
-    steps = [row["step"] for row in map(json.loads, (killed / "log.jsonl").read_text().splitlines()) if "loss" in row]
-    assert steps == list(range(10, STEPS + 1, 10))
+    rows = [row for row in map(json.loads, (killed / "log.jsonl").read_text().splitlines()) if "loss" in row]
+    assert [row["step"] for row in rows] == list(range(10, STEPS + 1, 10))
+    # training time adds up over the resume: cumulative, never restarting from 0
+    for key in ("wall_s", "cpu_s"):
+        values = [row[key] for row in rows]
+        assert all(0 < a < b for a, b in zip(values, values[1:])), (key, values)
 
 
 def test_resume_of_a_finished_run_does_nothing_more(tmp_path, dataset):

@@ -289,3 +289,19 @@ def _meta_ints(buffer: ReplayBuffer, name: str) -> np.ndarray:
     if buffer.n_episodes == 0:
         return np.zeros(0, dtype=np.int64)
     return np.asarray(buffer.episode_meta(name)).astype(np.int64)
+
+
+def expert_success_on(path: str | os.PathLike, episodes: int) -> tuple[int, int]:
+    """(successes, seeds attempted) of the expert over the seeds that produced the store's first
+    `episodes` episodes: those episodes' seeds plus the discarded seeds up to the last of them.
+
+    This is what a run trained on the first `episodes` episodes learned from; a store holding more
+    (a later, larger collection) does not change it.
+    """
+    buffer = ReplayBuffer.open(path)
+    if not isinstance(episodes, (int, np.integer)) or not 1 <= episodes <= buffer.n_episodes:
+        raise CollectError(f"{path}: episodes must be an integer in [1, {buffer.n_episodes}], got {episodes!r}")
+    seeds = _meta_ints(buffer, "seed")[:episodes]
+    successes = int(_meta_ints(buffer, "success")[:episodes].sum())
+    discarded = np.asarray((buffer.attrs.get("collection") or {}).get("discarded_seeds", []), dtype=np.int64)
+    return successes, len(seeds) + int((discarded < seeds.max()).sum())

@@ -3,15 +3,19 @@
     diffpolicy main                      # diffusion; writes runs/main/report.md
     diffpolicy main --policy flow --out runs/main_flow
 
-1. collect 200 expert demonstrations into the card's store (`datasets/pusht.zarr`; resumes it; a store
-   already holding more, such as the card's 3000-episode benchmark recipe, is reused for its first 200),
-2. train a chunk policy with the CPU budget defaults below (`runs/main/train`; resumes),
-3. evaluate the best checkpoint on the card's held-out seeds (100000, ...) with a rollout video,
-4. write `runs/main/report.md` (metrics table, learning curve, video link) and print the summary.
+1. collect 1000 expert demonstrations into the card's store (`datasets/pusht.zarr`; resumes it; a store
+   already holding more, such as the card's 3000-episode benchmark recipe, is reused for its first 1000),
+2. train a chunk policy with the CPU budget defaults below (`runs/main/train`; resumes), keeping a
+   checkpoint at every quarter of the run,
+3. evaluate the final checkpoint on the card's held-out seeds (100000, ...) with a rollout video, and
+   the earlier checkpoints on the same seeds for the learning curve (no checkpoint is selected: the
+   final one ships, so the held-out seeds stay held out),
+4. write `runs/main/report.md` (metrics table, loss curve, held-out success vs training CPU-minutes,
+   video link) and print the summary.
 
 Interrupted at any point, the same command continues: collection skips seeds already attempted,
 training resumes its latest checkpoint, evaluation and the report are redone (they are short).
-The defaults fit the whole job into 20 minutes on a 2-core CPU.
+The defaults fit the whole job into 20 minutes on a 2-core CPU (docs/RESULTS.md, "Main job").
 """
 
 from __future__ import annotations
@@ -24,30 +28,31 @@ from pathlib import Path
 
 import numpy as np
 
-from diffpolicy.collection.collect import collect, recipe_settings
+from diffpolicy.collection.collect import collect, expert_success_on, recipe_settings
 from diffpolicy.envs.tasks import load_task
 from diffpolicy.evaluation.latency import chunk_latency_ms
-from diffpolicy.evaluation.report import write_report
+from diffpolicy.evaluation.report import plot_success_curve, write_report
 from diffpolicy.evaluation.rollout import evaluate, score_policy
+from diffpolicy.fsutil import read_jsonl
 from diffpolicy.policies import ChunkPolicy
-from diffpolicy.policies.locate import resolve_policy_dir
+from diffpolicy.policies.locate import read_index, resolve_policy_dir
 from diffpolicy.train.config import METHODS, config_for_run
 from diffpolicy.train.trainer import train
 
 TASK = "pusht"
 # CPU-budget training on top of the method defaults (`train.config.METHOD_DEFAULTS`) and the card's
-# `train:` settings (PushT: diffusion predicts the clean chunk): 10k steps of
-# 256 windows (about 12 min on one core), a short warm-up and a larger learning rate than Diffusion
-# Policy's 1e-4 (a short run), 4 checkpoints each evaluated on 20 selection seeds (200000, ...).
-# The network stays 512 wide for both methods (the card's flow recipe widens it to 768, which trains
-# half as fast), and the job uses 200 demonstrations (the card's benchmark recipe collects 3000,
-# about 6 min of the budget).
-# One torch thread: on 2 cores shared with the simulator or anything else, two intra-op threads
-# oversubscribe the CPU and run up to 10x slower; one thread loses little on this small network.
-BUDGET_OVERRIDES = ["train.steps=10000", "train.batch_size=256", "optim.lr=1e-3", "optim.warmup_steps=200",
-                    "train.checkpoint_every=2500", "train.log_every=100", "eval.episodes=20", "train.device=cpu",
-                    "train.num_threads=1", "policy.backbone.hidden_dim=512"]
-DEMOS = 200
+# `train:` settings (PushT: diffusion predicts the clean chunk), each measured in docs/RESULTS.md
+# ("Main job"): STEPS steps of 256 windows on both cores (two torch threads: the simulator is idle
+# while training), SiLU instead of Mish and the fused AdamW (1.4x the steps per second, `python
+# benchmarks/train_speed.py`), a short warm-up and a larger learning rate than Diffusion Policy's 1e-4
+# (a short run), no checkpoint selection (eval.episodes=0: selecting on a few seeds picked worse
+# checkpoints than the last), every quarter's checkpoint kept for the learning curve.
+STEPS = 24000
+BUDGET_OVERRIDES = [f"train.steps={STEPS}", "train.batch_size=256", "optim.lr=1e-3", "optim.warmup_steps=200",
+                    f"train.checkpoint_every={STEPS // 4}", "train.keep_all=true", "train.log_every=200",
+                    "eval.episodes=0", "train.device=cpu", "train.num_threads=2", "policy.backbone.hidden_dim=512",
+                    "policy.backbone.activation=silu"]
+DEMOS = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
         dataset = Path(args.dataset or card.dataset["path"])
         demos = args.demos
         print(f"[1/4] collecting {demos} {card.name} demonstrations into {dataset}", flush=True)
-        collected = collect(card, episodes=demos, out=dataset, progress=not args.no_progress,
-                            **recipe_settings(card))
+        collect(card, episodes=demos, out=dataset, progress=not args.no_progress, **recipe_settings(card))
         seconds["collect"] = time.perf_counter() - started
 
         run_dir = out / "train"
@@ -87,14 +91,15 @@ def run(args: argparse.Namespace) -> int:
                        scorer=score_policy)
         seconds["train"] = time.perf_counter() - mark
 
-        policy_dir = resolve_policy_dir(run_dir)
-        policy = ChunkPolicy.from_pretrained(policy_dir)
         episodes = args.eval_episodes if args.eval_episodes is not None else int(card.eval["episodes"])
         seed = int(card.eval["seed_start"])
+        policy_dir = resolve_policy_dir(result.latest)
+        policy = ChunkPolicy.from_pretrained(policy_dir)
         print(f"[3/4] evaluating {policy_dir} on {episodes} held-out seeds from {seed}", flush=True)
         mark = time.perf_counter()
         evaluation = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=10,
                               videos=min(args.videos, episodes), out_dir=out / "eval", progress=not args.no_progress)
+        curve = held_out_curve(run_dir, card, episodes, seed, final=(result.step, evaluation.summary))
         seconds["evaluate"] = time.perf_counter() - mark
     except KeyboardInterrupt:
         print("diffpolicy main: interrupted; rerun the same command to continue", file=sys.stderr)
@@ -102,22 +107,30 @@ def run(args: argparse.Namespace) -> int:
 
     chunk_ms = chunk_latency_ms(policy, _first_history(dataset, policy))
     seconds["total"] = time.perf_counter() - started
+    successes, attempted = expert_success_on(dataset, demos)
     summary = {
         **evaluation.summary,
-        "expert success (demonstration seeds)": f"{collected.successes}/{collected.attempted}",
+        "expert success (demonstration seeds)": f"{successes}/{attempted}",
         "method": args.policy,
         "demonstrations": demos,
         "training steps": result.step,
+        "training CPU-minutes": round(curve[-1]["cpu_minutes"], 1),
         "checkpoint": str(policy_dir),
         "inference ms / chunk (batch 1)": round(chunk_ms, 1),
         **{f"seconds: {k}": round(v, 1) for k, v in seconds.items()},
+        "curve": curve,
     }
     command = "diffpolicy main " + " ".join([f"--policy {args.policy}", f"--out {out}", *args.overrides])
+    png = plot_success_curve([(point["cpu_minutes"], point["success_rate"]) for point in curve],
+                             out / "held_out_success.png", target=0.9)
     report = write_report(out, title=f"diffpolicy main: {card.name} ({args.policy})", summary=summary,
                           log_path=run_dir / "log.jsonl", videos=evaluation.videos,
+                          figures=[("Held-out success vs training CPU-minutes", png)],
                           notes=[f"command: `{command}`",
                                  f"evaluation: `diffpolicy eval --checkpoint {policy_dir} --episodes {episodes} "
                                  f"--seed {seed}`",
+                                 "the final checkpoint ships; earlier ones are evaluated on the same held-out "
+                                 "seeds for the curve only (nothing is selected on them)",
                                  "success = coverage of the goal above 0.95 at any step; coverage = best over "
                                  "the episode"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -127,6 +140,26 @@ def run(args: argparse.Namespace) -> int:
           f"({rate['successes']}/{rate['n']}), mean coverage {evaluation.summary.get('mean_coverage', float('nan')):.3f}, "
           f"{chunk_ms:.1f} ms per chunk, total {seconds['total'] / 60:.1f} min")
     return 0
+
+
+def held_out_curve(run_dir: Path, card, episodes: int, seed: int,
+                   final: tuple[int, dict]) -> list[dict]:
+    """Held-out success of every kept checkpoint against the training time spent to reach it:
+    `[{"step", "cpu_minutes", "wall_minutes", "success_rate"}]` by step, the final checkpoint's
+    evaluation (`final`: its step and summary) reused."""
+    times = {row["step"]: row for row in read_jsonl(run_dir / "log.jsonl") if "cpu_s" in row}
+    curve = []
+    for entry in read_index(run_dir / "checkpoints")["checkpoints"]:
+        step = entry["step"]
+        if step == final[0]:
+            summary = final[1]
+        else:
+            policy = ChunkPolicy.from_pretrained(run_dir / "checkpoints" / entry["name"] / "policy")
+            summary = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=10).summary
+        clock = times.get(step, {"cpu_s": float("nan"), "wall_s": float("nan")})
+        curve.append({"step": step, "cpu_minutes": clock["cpu_s"] / 60, "wall_minutes": clock["wall_s"] / 60,
+                      "success_rate": summary["success_rate"]})
+    return curve
 
 
 def _first_history(dataset: Path, policy: ChunkPolicy) -> dict[str, np.ndarray]:

@@ -6,24 +6,12 @@ rows `{"step", "loss", "lr"}` and evaluation rows `{"step", "eval/success_rate",
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from diffpolicy.fsutil import atomic_write_text
-
-
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a `log.jsonl`; a torn last line (killed writer) is skipped."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+from diffpolicy.fsutil import atomic_write_text, read_jsonl
 
 
 def plot_learning_curve(rows: list[dict[str, Any]], png_path: str | os.PathLike) -> Path | None:
@@ -65,13 +53,43 @@ def plot_learning_curve(rows: list[dict[str, Any]], png_path: str | os.PathLike)
     return png_path
 
 
+def plot_success_curve(points: Sequence[tuple[float, dict[str, Any]]], png_path: str | os.PathLike,
+                       xlabel: str = "training CPU-minutes", target: float | None = None) -> Path:
+    """Success rate with its 95 % Wilson interval against `x`: `points` are `(x, success_rate)` with
+    `success_rate` as `summarize` gives it (`rate`, `ci95_low`, `ci95_high`); `target` draws a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [x for x, _ in points]
+    rates = [r["rate"] for _, r in points]
+    errors = [[r["rate"] - r["ci95_low"] for _, r in points], [r["ci95_high"] - r["rate"] for _, r in points]]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    ax.errorbar(xs, rates, yerr=errors, fmt="o-", color="tab:green", capsize=3, label="success (95 % CI)")
+    if target is not None:
+        ax.axhline(target, color="tab:red", ls="--", lw=1.0, label=f"target {target:.2f}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def write_report(out_dir: str | os.PathLike, *, title: str, summary: dict[str, Any],
                  log_path: str | os.PathLike | None = None, videos: Sequence[str | os.PathLike] = (),
-                 notes: Sequence[str] = ()) -> Path:
+                 notes: Sequence[str] = (), figures: Sequence[tuple[str, str | os.PathLike]] = ()) -> Path:
     """Write `out_dir/report.md` (and `learning_curve.png` when a log is given); return its path.
 
     Args:
@@ -79,6 +97,7 @@ def write_report(out_dir: str | os.PathLike, *, title: str, summary: dict[str, A
             `{name: value}` rows to show in the metrics table.
         videos: mp4 paths, linked relative to `out_dir`.
         notes: free lines (e.g. the exact commands) listed under the table.
+        figures: `(title, png path)` sections shown after the learning curve.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,9 +111,11 @@ def write_report(out_dir: str | os.PathLike, *, title: str, summary: dict[str, A
             lines.append(f"| {key} | {_fmt(value)} |")
     lines.append("")
     if log_path is not None and Path(log_path).is_file():
-        png = plot_learning_curve(read_log(log_path), out_dir / "learning_curve.png")
+        png = plot_learning_curve(read_jsonl(log_path), out_dir / "learning_curve.png")
         if png is not None:
             lines += ["## Learning curve", "", f"![learning curve]({png.name})", ""]
+    for title, png_path in figures:
+        lines += [f"## {title}", "", f"![{title}]({os.path.relpath(png_path, out_dir)})", ""]
     if videos:
         lines += ["## Rollout videos", ""]
         lines += [f"- [{Path(v).name}]({os.path.relpath(v, out_dir)})" for v in videos]

@@ -143,13 +143,15 @@ def checkpoint_name(step: int) -> str:
 
 
 class CheckpointManager:
-    """Writes checkpoints under `root` atomically and keeps the top-k by score plus the latest."""
+    """Writes checkpoints under `root` atomically and keeps the top-k by score plus the latest
+    (or, with `keep_all`, every checkpoint: a learning curve evaluated after training)."""
 
-    def __init__(self, root: str | os.PathLike, keep_top_k: int = 3) -> None:
+    def __init__(self, root: str | os.PathLike, keep_top_k: int = 3, keep_all: bool = False) -> None:
         if keep_top_k < 0:
             raise InvalidValueError(f"keep_top_k must be >= 0, got {keep_top_k}")
         self.root = Path(root)
         self.keep_top_k = keep_top_k
+        self.keep_all = keep_all
         for partial in self.root.glob(".tmp-*"):  # left by a run killed mid-write
             shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink()
 
@@ -203,7 +205,7 @@ class CheckpointManager:
         entries.append({"name": name, "step": step, "score": score})
         entries.sort(key=lambda c: c["step"])
         scored = sorted((c for c in entries if c["score"] is not None), key=score_rank, reverse=True)
-        keep = {c["name"] for c in scored[: self.keep_top_k]} | {name}
+        keep = {c["name"] for c in (entries if self.keep_all else scored[: self.keep_top_k])} | {name}
         kept = [c for c in entries if c["name"] in keep]
         atomic_write_text(self.root / INDEX_FILE, json.dumps({"latest": name, "checkpoints": kept}, indent=1))
         for entry in entries:

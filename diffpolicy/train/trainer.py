@@ -46,7 +46,7 @@ from diffpolicy.data.sequence_sampler import SequenceSampler, split_episodes
 from diffpolicy.data.torch_dataset import WindowDataset
 from diffpolicy.envs.tasks import TaskCard, load_task
 from diffpolicy.errors import InvalidValueError, MissingFileError
-from diffpolicy.fsutil import atomic_write_text
+from diffpolicy.fsutil import atomic_write_text, read_jsonl
 from diffpolicy.nn.ema import EMA
 from diffpolicy.policies import ChunkPolicy, Normalizer
 from diffpolicy.policies.errors import ConfigError
@@ -264,7 +264,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
     tc = config.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
-    manager = CheckpointManager(run_dir / "checkpoints", keep_top_k=tc.keep_top_k)
+    manager = CheckpointManager(run_dir / "checkpoints", keep_top_k=tc.keep_top_k, keep_all=tc.keep_all)
     latest = manager.latest() if (run_dir / "checkpoints").exists() else None
     if latest is not None and not resume:
         raise RunDirectoryError(f"{run_dir} already holds a run (latest checkpoint {latest.name}); "
@@ -289,7 +289,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
     torch.manual_seed(tc.seed)
     policy = ChunkPolicy(config.policy, fit_normalizer(buffer, train_mask, config)).to(ctx.device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
-                                  weight_decay=config.optim.weight_decay)
+                                  weight_decay=config.optim.weight_decay, fused=config.optim.fused)
     learner = Learner(
         policy=policy,
         ema=EMA(policy, power=tc.ema_power, max_decay=tc.ema_max_decay),
@@ -310,6 +310,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
         trim_log(run_dir / "log.jsonl", step)
+    clock = TrainingClock.resumed(run_dir / "log.jsonl")
     writer = _tensorboard(run_dir / "tb", step) if ctx.is_main else None
 
     sampler = ResumableDistributedSampler(dataset, ctx, seed=tc.seed)
@@ -325,7 +326,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {config.task} ({config.method})", unit="step",
                disable=not (progress and ctx.is_main), dynamic_ncols=True)
     loss_sum, loss_count, last = torch.zeros((), device=ctx.device), 0, None
-    interval_start = time.perf_counter()
+    interval_start = clock.start_interval()
     policy.train()
     while step < tc.steps:
         if batch_in_epoch == batches_per_epoch:
@@ -350,12 +351,13 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
 
         if step % tc.log_every == 0 or step == tc.steps:
             mean_loss = float(all_reduce_mean(loss_sum / loss_count, ctx))
-            steps_per_s = loss_count / max(1e-9, time.perf_counter() - interval_start)
+            steps_per_s = loss_count / max(1e-9, clock.end_interval(interval_start))
             loss_sum.zero_()
             loss_count = 0
             if ctx.is_main:
                 lr = learner.scheduler.get_last_lr()[0]
-                log_row(run_dir, writer, {"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": steps_per_s})
+                log_row(run_dir, writer, {"step": step, "loss": mean_loss, "lr": lr, "steps_per_s": steps_per_s,
+                                          "wall_s": clock.wall_s, "cpu_s": clock.cpu_s})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
 
         if step % tc.checkpoint_every == 0 or step == tc.steps:
@@ -368,7 +370,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
                 torch.distributed.barrier()
             policy.train()
         if loss_count == 0:  # an interval was logged: time the next one from here (checkpoints excluded)
-            interval_start = time.perf_counter()
+            interval_start = clock.start_interval()
     bar.close()
     if writer is not None:
         writer.close()
@@ -451,6 +453,31 @@ def _tensorboard(path: Path, step: int):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(path), purge_step=step or None)
+
+
+class TrainingClock:
+    """Cumulative training time over a run's resumes: wall seconds and process CPU seconds (all
+    threads) of the optimizer steps, checkpoints and their evaluations left out. Logged with every
+    loss row as `wall_s` / `cpu_s`; a resumed run continues from the last logged row."""
+
+    def __init__(self, wall_s: float = 0.0, cpu_s: float = 0.0) -> None:
+        self.wall_s, self.cpu_s = wall_s, cpu_s
+
+    @classmethod
+    def resumed(cls, log_path: Path) -> TrainingClock:
+        rows = [row for row in (read_jsonl(log_path) if log_path.is_file() else []) if "cpu_s" in row]
+        return cls(rows[-1]["wall_s"], rows[-1]["cpu_s"]) if rows else cls()
+
+    @staticmethod
+    def start_interval() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def end_interval(self, start: tuple[float, float]) -> float:
+        """Add the interval since `start` to the totals; returns its wall seconds."""
+        wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+        self.wall_s += wall
+        self.cpu_s += cpu
+        return wall
 
 
 def log_row(run_dir: Path, writer, row: dict[str, Any]) -> None:

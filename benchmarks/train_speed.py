@@ -1,0 +1,198 @@
+"""Training throughput on this CPU: steps / s, achieved FLOP / s and efficiency against the CPU's
+matrix-multiply peak, for the main job's PushT network and for Diffusion Policy's default UNet.
+
+One training step is the trainer's: `policy.compute_loss` on a batch of `--batch` PushT windows
+(the real card's policy: To = 2, 20-D state, Tp = 16, Da = 2; DDPM, clean-chunk prediction),
+backward, gradient clipping, AdamW, the EMA update. Rows add one lever at a time to the main
+job's network as it was before 2026-12 (Mish, per-tensor AdamW, one thread), all in one process,
+and report the speed-up against that first row:
+
+    baseline      MLP 512 x 3 blocks, Mish, AdamW (foreach), 1 thread
+    + fused AdamW `optim.fused=true`
+    + SiLU        `policy.backbone.activation=silu`
+    + 2 threads   `train.num_threads=2`
+    + compile     `torch.compile` of the denoiser (`--compile`; the compile time is reported apart)
+    DP UNet       Diffusion Policy's default ConditionalUnet1D (down dims 256, 512, 1024), 1 and 2 threads
+
+FLOPs of a step are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
+convolutions, forward and backward); the peak is the best of `torch.mm` at the network's own layer
+shapes (`(B, in) @ (in, out)`, each Linear of the MLP) at the row's thread count. A second table
+splits the fastest configuration's step into its parts. Usage:
+
+    python benchmarks/train_speed.py [--batch 256] [--steps 30] [--compile] [--no-unet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffpolicy.nn.ema import EMA
+from diffpolicy.policies import ChunkPolicy, Normalizer
+from diffpolicy.train.config import build_config
+
+DP_UNET = ["policy.backbone={\"type\": \"unet\", \"down_dims\": [256, 512, 1024], \"time_embed_dim\": 256}"]
+MAIN_JOB_NETWORK = ["policy.backbone.hidden_dim=512"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: config overrides on the PushT diffusion card, threads, compile."""
+
+    name: str
+    overrides: tuple[str, ...]
+    threads: int
+    compile: bool = False
+    steps: int | None = None  # timed steps (None: --steps)
+
+
+def make_policy(overrides: tuple[str, ...]) -> tuple[ChunkPolicy, torch.optim.Optimizer, EMA]:
+    """The PushT card's diffusion policy with `overrides`, its AdamW and EMA as the trainer builds them."""
+    config = build_config("pusht", "diffusion", list(overrides))
+    rng = np.random.default_rng(0)
+    shapes = {**{k: v[0] for k, v in config.policy.obs_shapes.items()}, "action": config.policy.action_dim}
+    normalizer = Normalizer.fit({key: rng.uniform(0, 512, (256, dim)) for key, dim in shapes.items()})
+    torch.manual_seed(0)
+    policy = ChunkPolicy(config.policy, normalizer)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                  weight_decay=optim.weight_decay, fused=optim.fused)
+    return policy, optimizer, EMA(policy)
+
+
+def make_batch(policy: ChunkPolicy, batch: int) -> dict:
+    """A batch of `batch` random windows in data units: obs `{key: (B, To, dim)}`, action `(B, Tp, Da)`."""
+    g = torch.Generator().manual_seed(0)
+    c = policy.config
+    obs = {k: torch.rand(batch, c.obs_horizon, *shape, generator=g) * 512 for k, shape in c.obs_shapes.items()}
+    return {"obs": obs, "action": torch.rand(batch, c.pred_horizon, c.action_dim, generator=g) * 512}
+
+
+def step_parts(policy: ChunkPolicy, optimizer: torch.optim.Optimizer, ema: EMA, batch: dict,
+               loss_fn: Callable[[dict], torch.Tensor]) -> dict[str, Callable[[], object]]:
+    """The trainer's step as named parts, run in order."""
+    state: dict = {}
+
+    def forward() -> None:
+        state["loss"] = loss_fn(batch)
+
+    def backward() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        state["loss"].backward()
+
+    return {"forward": forward, "backward": backward,
+            "clip": lambda: torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0),
+            "optimizer": optimizer.step, "ema": lambda: ema.update(policy)}
+
+
+def time_step(parts: dict[str, Callable[[], object]], steps: int) -> tuple[float, dict[str, float]]:
+    """Median seconds of a whole step over `steps` timed steps (after 3 warm-up steps), and the
+    median seconds of each part."""
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    totals = []
+    for i in range(steps + 3):
+        began = time.perf_counter()
+        for name, part in parts.items():
+            mark = time.perf_counter()
+            part()
+            times[name].append(time.perf_counter() - mark)
+        if i >= 3:
+            totals.append(time.perf_counter() - began)
+    return statistics.median(totals), {name: statistics.median(v[3:]) for name, v in times.items()}
+
+
+def step_flops(policy: ChunkPolicy, batch: dict) -> float:
+    """FLOPs of one forward + backward of the loss (matmuls and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        policy.compute_loss(batch, generator=torch.Generator().manual_seed(0)).backward()
+    policy.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(policy: ChunkPolicy, batch: int, threads: int) -> float:
+    """Best FLOP/s of `torch.mm` at the shapes of the policy's Linear layers, `(batch, in) @ (in, out)`."""
+    torch.set_num_threads(threads)
+    shapes = {(m.in_features, m.out_features) for m in policy.backbone.modules() if isinstance(m, nn.Linear)}
+    best = 0.0
+    for fan_in, fan_out in sorted(shapes):
+        a, w = torch.randn(batch, fan_in), torch.randn(fan_in, fan_out)
+        repeats = max(20, int(2e9 / (2 * batch * fan_in * fan_out)))
+        for _ in range(5):
+            torch.mm(a, w)
+        began = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, w)
+        best = max(best, 2 * batch * fan_in * fan_out * repeats / (time.perf_counter() - began))
+    return best
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    before = (*MAIN_JOB_NETWORK, "optim.fused=false", "policy.backbone.activation=mish")
+    fused = (*MAIN_JOB_NETWORK, "optim.fused=true", "policy.backbone.activation=mish")
+    silu = (*MAIN_JOB_NETWORK, "optim.fused=true", "policy.backbone.activation=silu")
+    rows = [Variant("baseline (Mish, AdamW, 1 thread)", before, 1), Variant("+ fused AdamW", fused, 1),
+            Variant("+ SiLU", silu, 1), Variant("+ 2 threads", silu, 2)]
+    if args.compile:
+        rows.append(Variant("+ torch.compile", silu, 2, compile=True))
+    if not args.no_unet:
+        unet = (*DP_UNET, "optim.fused=false")
+        rows += [Variant("DP UNet (1 thread)", unet, 1, steps=3), Variant("DP UNet (2 threads)", unet, 2, steps=3)]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per row (DP UNet: 3)")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    parser.add_argument("--no-unet", action="store_true", help="skip Diffusion Policy's UNet rows")
+    args = parser.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, batch {args.batch}")
+
+    peaks: dict[int, float] = {}
+    rows, fastest = [], None
+    for variant in variants(args):
+        torch.set_num_threads(variant.threads)
+        policy, optimizer, ema = make_policy(variant.overrides)
+        batch = make_batch(policy, args.batch)
+        flops = step_flops(policy, batch)
+        loss_fn: Callable[[dict], torch.Tensor] = lambda b, p=policy: p.compute_loss(b)  # noqa: E731
+        compile_s = 0.0
+        if variant.compile:
+            policy.backbone = torch.compile(policy.backbone)
+            began = time.perf_counter()
+            policy.compute_loss(batch).backward()
+            compile_s = time.perf_counter() - began
+        seconds, parts = time_step(step_parts(policy, optimizer, ema, batch, loss_fn), variant.steps or args.steps)
+        if variant.threads not in peaks:
+            peaks[variant.threads] = matmul_peak(make_policy(MAIN_JOB_NETWORK)[0], args.batch, variant.threads)
+        rows.append((variant, seconds, flops, compile_s))
+        if not variant.name.startswith("DP"):
+            fastest = (variant, seconds, parts) if fastest is None or seconds < fastest[1] else fastest
+
+    base = rows[0][1]
+    print(f"{'configuration':<36}{'ms/step':>9}{'steps/s':>9}{'GFLOP/step':>12}{'GFLOP/s':>9}"
+          f"{'peak GFLOP/s':>14}{'efficiency':>12}{'speed-up':>10}")
+    for variant, seconds, flops, compile_s in rows:
+        achieved, peak = flops / seconds / 1e9, peaks[variant.threads] / 1e9
+        note = f"  (compile {compile_s:.0f} s)" if variant.compile else ""
+        print(f"{variant.name:<36}{seconds * 1e3:>9.1f}{1 / seconds:>9.1f}{flops / 1e9:>12.2f}{achieved:>9.1f}"
+              f"{peak:>14.1f}{achieved / peak:>11.0%}{base / seconds:>9.2f}x{note}")
+    variant, seconds, parts = fastest
+    print(f"\nparts of a step, {variant.name.lstrip('+ ')} (median ms):")
+    print("  " + "  ".join(f"{name} {value * 1e3:.1f}" for name, value in parts.items())
+          + f"  = {sum(parts.values()) * 1e3:.1f}")
+
+
+if __name__ == "__main__":
+    main()
