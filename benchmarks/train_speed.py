@@ -17,9 +17,10 @@ and report the speed-up against that first row:
 FLOPs of a step are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
 convolutions, forward and backward); the peak is the best of `torch.mm` at the network's own layer
 shapes (`(B, in) @ (in, out)`, each Linear of the MLP) at the row's thread count. A second table
-splits the fastest configuration's step into its parts. Usage:
+splits the fastest configuration's step into its parts, a third gives its steps / s and windows / s
+at each batch size of `--batches` on one and two threads. Usage:
 
-    python benchmarks/train_speed.py [--batch 256] [--steps 30] [--compile] [--no-unet]
+    python benchmarks/train_speed.py [--batch 256] [--steps 30] [--compile] [--no-unet] [--batches 64,128,256,512]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from diffpolicy.train.config import build_config
 
 DP_UNET = ["policy.backbone={\"type\": \"unet\", \"down_dims\": [256, 512, 1024], \"time_embed_dim\": 256}"]
 MAIN_JOB_NETWORK = ["policy.backbone.hidden_dim=512"]
+FAST = (*MAIN_JOB_NETWORK, "optim.fused=true", "policy.backbone.activation=silu")
 
 
 @dataclass(frozen=True)
@@ -95,19 +97,20 @@ def step_parts(policy: ChunkPolicy, optimizer: torch.optim.Optimizer, ema: EMA, 
 
 
 def time_step(parts: dict[str, Callable[[], object]], steps: int) -> tuple[float, dict[str, float]]:
-    """Median seconds of a whole step over `steps` timed steps (after 3 warm-up steps), and the
-    median seconds of each part."""
+    """Median seconds of a whole step over `steps` timed steps (after 3 warm-up steps, 1 when
+    `steps` < 5: Diffusion Policy's UNet takes seconds per step), and the median seconds of each part."""
+    warmup = 3 if steps >= 5 else 1
     times: dict[str, list[float]] = {name: [] for name in parts}
     totals = []
-    for i in range(steps + 3):
+    for i in range(steps + warmup):
         began = time.perf_counter()
         for name, part in parts.items():
             mark = time.perf_counter()
             part()
             times[name].append(time.perf_counter() - mark)
-        if i >= 3:
+        if i >= warmup:
             totals.append(time.perf_counter() - began)
-    return statistics.median(totals), {name: statistics.median(v[3:]) for name, v in times.items()}
+    return statistics.median(totals), {name: statistics.median(v[warmup:]) for name, v in times.items()}
 
 
 def step_flops(policy: ChunkPolicy, batch: dict) -> float:
@@ -139,23 +142,24 @@ def matmul_peak(policy: ChunkPolicy, batch: int, threads: int) -> float:
 def variants(args: argparse.Namespace) -> list[Variant]:
     before = (*MAIN_JOB_NETWORK, "optim.fused=false", "policy.backbone.activation=mish")
     fused = (*MAIN_JOB_NETWORK, "optim.fused=true", "policy.backbone.activation=mish")
-    silu = (*MAIN_JOB_NETWORK, "optim.fused=true", "policy.backbone.activation=silu")
+    silu = FAST
     rows = [Variant("baseline (Mish, AdamW, 1 thread)", before, 1), Variant("+ fused AdamW", fused, 1),
             Variant("+ SiLU", silu, 1), Variant("+ 2 threads", silu, 2)]
     if args.compile:
         rows.append(Variant("+ torch.compile", silu, 2, compile=True))
     if not args.no_unet:
         unet = (*DP_UNET, "optim.fused=false")
-        rows += [Variant("DP UNet (1 thread)", unet, 1, steps=3), Variant("DP UNet (2 threads)", unet, 2, steps=3)]
+        rows += [Variant("DP UNet (1 thread)", unet, 1, steps=2), Variant("DP UNet (2 threads)", unet, 2, steps=2)]
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per row (DP UNet: 3)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per row (DP UNet: 2)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile row")
     parser.add_argument("--no-unet", action="store_true", help="skip Diffusion Policy's UNet rows")
+    parser.add_argument("--batches", default="64,128,256,512", help="batch sizes of the third table ('' to skip)")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, batch {args.batch}")
 
@@ -192,6 +196,18 @@ def main() -> None:
     print(f"\nparts of a step, {variant.name.lstrip('+ ')} (median ms):")
     print("  " + "  ".join(f"{name} {value * 1e3:.1f}" for name, value in parts.items())
           + f"  = {sum(parts.values()) * 1e3:.1f}")
+    if args.batches:
+        print("\nbatch size and threads, SiLU + fused AdamW (steps / s, windows / s):")
+        print(f"{'batch':>6}" + "".join(f"{f'{n} thread' + ('s' if n > 1 else ''):>24}" for n in (1, 2)))
+        for size in (int(b) for b in args.batches.split(",")):
+            cells = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                policy, optimizer, ema = make_policy(FAST)
+                batch = make_batch(policy, size)
+                seconds, _ = time_step(step_parts(policy, optimizer, ema, batch, policy.compute_loss), args.steps)
+                cells.append(f"{1 / seconds:.1f} / {size / seconds:.0f}")
+            print(f"{size:>6}" + "".join(f"{cell:>24}" for cell in cells))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffpolicy.collection.collect import collect, expert_success_on, recipe_settings
 from diffpolicy.envs.tasks import load_task
@@ -94,22 +97,23 @@ def run(args: argparse.Namespace) -> int:
         episodes = args.eval_episodes if args.eval_episodes is not None else int(card.eval["episodes"])
         seed = int(card.eval["seed_start"])
         policy_dir = resolve_policy_dir(result.latest)
-        policy = ChunkPolicy.from_pretrained(policy_dir)
-        print(f"[3/4] evaluating {policy_dir} on {episodes} held-out seeds from {seed}", flush=True)
+        print(f"[3/4] evaluating {policy_dir} (and the earlier checkpoints for the curve) on {episodes} held-out "
+              f"seeds from {seed}", flush=True)
         mark = time.perf_counter()
-        evaluation = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=10,
-                              videos=min(args.videos, episodes), out_dir=out / "eval", progress=not args.no_progress)
-        curve = held_out_curve(run_dir, card, episodes, seed, final=(result.step, evaluation.summary))
+        curve, final = held_out_curve(run_dir, episodes, seed, videos=min(args.videos, episodes),
+                                      out_dir=out / "eval")
         seconds["evaluate"] = time.perf_counter() - mark
     except KeyboardInterrupt:
         print("diffpolicy main: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
 
+    torch.set_num_threads(1)  # batch-1 latency, as a robot's controller would run it
+    policy = ChunkPolicy.from_pretrained(policy_dir)
     chunk_ms = chunk_latency_ms(policy, _first_history(dataset, policy))
     seconds["total"] = time.perf_counter() - started
     successes, attempted = expert_success_on(dataset, demos)
     summary = {
-        **evaluation.summary,
+        **final["summary"],
         "expert success (demonstration seeds)": f"{successes}/{attempted}",
         "method": args.policy,
         "demonstrations": demos,
@@ -124,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     png = plot_success_curve([(point["cpu_minutes"], point["success_rate"]) for point in curve],
                              out / "held_out_success.png", target=0.9)
     report = write_report(out, title=f"diffpolicy main: {card.name} ({args.policy})", summary=summary,
-                          log_path=run_dir / "log.jsonl", videos=evaluation.videos,
+                          log_path=run_dir / "log.jsonl", videos=final["videos"],
                           figures=[("Held-out success vs training CPU-minutes", png)],
                           notes=[f"command: `{command}`",
                                  f"evaluation: `diffpolicy eval --checkpoint {policy_dir} --episodes {episodes} "
@@ -134,32 +138,48 @@ def run(args: argparse.Namespace) -> int:
                                  "success = coverage of the goal above 0.95 at any step; coverage = best over "
                                  "the episode"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    rate = evaluation.summary["success_rate"]
+    rate = final["summary"]["success_rate"]
     print(f"[4/4] report: {report}")
     print(f"{card.name} {args.policy}: success {rate['rate']:.3f} [{rate['ci95_low']:.3f}, {rate['ci95_high']:.3f}] "
-          f"({rate['successes']}/{rate['n']}), mean coverage {evaluation.summary.get('mean_coverage', float('nan')):.3f}, "
+          f"({rate['successes']}/{rate['n']}), mean coverage {final['summary'].get('mean_coverage', float('nan')):.3f}, "
           f"{chunk_ms:.1f} ms per chunk, total {seconds['total'] / 60:.1f} min")
     return 0
 
 
-def held_out_curve(run_dir: Path, card, episodes: int, seed: int,
-                   final: tuple[int, dict]) -> list[dict]:
-    """Held-out success of every kept checkpoint against the training time spent to reach it:
-    `[{"step", "cpu_minutes", "wall_minutes", "success_rate"}]` by step, the final checkpoint's
-    evaluation (`final`: its step and summary) reused."""
+def held_out_curve(run_dir: Path, episodes: int, seed: int, videos: int, out_dir: Path) -> tuple[list[dict], dict]:
+    """Held-out success of every kept checkpoint against the training time spent to reach it.
+
+    Returns the curve `[{"step", "cpu_minutes", "wall_minutes", "success_rate"}]` by step and the
+    final checkpoint's evaluation `{"summary", "videos"}` (its results and `videos` rollout videos
+    under `out_dir`). The checkpoints are evaluated two at a time in worker processes of one torch
+    thread each: a batch of 10 observations is too small for two threads (10 PushT episodes took
+    2.5 s on one thread, 7.2 s on two, while another job ran).
+    """
     times = {row["step"]: row for row in read_jsonl(run_dir / "log.jsonl") if "cpu_s" in row}
+    entries = read_index(run_dir / "checkpoints")["checkpoints"]
+    final_step = entries[-1]["step"]
+    jobs = [(str(run_dir / "checkpoints" / entry["name"] / "policy"), episodes, seed,
+             videos if entry["step"] == final_step else 0, str(out_dir) if entry["step"] == final_step else None)
+            for entry in entries]
+    with ProcessPoolExecutor(max_workers=min(2, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_evaluate_checkpoint, *zip(*jobs)))
     curve = []
-    for entry in read_index(run_dir / "checkpoints")["checkpoints"]:
-        step = entry["step"]
-        if step == final[0]:
-            summary = final[1]
-        else:
-            policy = ChunkPolicy.from_pretrained(run_dir / "checkpoints" / entry["name"] / "policy")
-            summary = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=10).summary
-        clock = times.get(step, {"cpu_s": float("nan"), "wall_s": float("nan")})
-        curve.append({"step": step, "cpu_minutes": clock["cpu_s"] / 60, "wall_minutes": clock["wall_s"] / 60,
+    for entry, (summary, _) in zip(entries, results):
+        clock = times.get(entry["step"], {"cpu_s": float("nan"), "wall_s": float("nan")})
+        curve.append({"step": entry["step"], "cpu_minutes": clock["cpu_s"] / 60, "wall_minutes": clock["wall_s"] / 60,
                       "success_rate": summary["success_rate"]})
-    return curve
+    summary, video_paths = results[-1]
+    return curve, {"summary": summary, "videos": [Path(v) for v in video_paths]}
+
+
+def _evaluate_checkpoint(policy_dir: str, episodes: int, seed: int, videos: int,
+                         out_dir: str | None) -> tuple[dict, list[str]]:
+    """One checkpoint on the held-out seeds (a worker process, one torch thread): summary, videos."""
+    torch.set_num_threads(1)
+    policy = ChunkPolicy.from_pretrained(policy_dir)
+    evaluation = evaluate(policy, load_task(TASK), episodes=episodes, seed_start=seed, n_envs=10, videos=videos,
+                          out_dir=out_dir)
+    return evaluation.summary, [str(v) for v in evaluation.videos]
 
 
 def _first_history(dataset: Path, policy: ChunkPolicy) -> dict[str, np.ndarray]:
