@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffpolicy.collection.collect import collect, recipe_settings
+from diffpolicy.collection.episodes import available_cpus
 from diffpolicy.envs.tasks import load_task
 from diffpolicy.evaluation.latency import chunk_latency_ms
 from diffpolicy.evaluation.report import write_report
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         demos = args.demos
         print(f"[1/4] collecting {demos} {card.name} demonstrations into {dataset}", flush=True)
         collected = collect(card, episodes=demos, out=dataset, progress=not args.no_progress,
-                            **recipe_settings(card))
+                            workers=available_cpus(), **recipe_settings(card))
         seconds["collect"] = time.perf_counter() - started
 
         run_dir = out / "train"

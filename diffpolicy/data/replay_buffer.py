@@ -353,6 +353,13 @@ class ReplayBuffer:
         ends[index:] = new_ends
         self._ends = np.concatenate([self._ends, new_ends])
 
+    def check_episodes(
+        self,
+        episodes: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, int | float | bool | str] | None]],
+    ) -> None:
+        """Raise the EpisodeError `add_episodes(episodes)` would raise, writing nothing."""
+        self._validate_episodes(episodes)
+
     # ------------------------------------------------------------------ internals
     def _data_array(self, key: str) -> zarr.Array:
         data = self._group["data"]
@@ -410,10 +417,13 @@ class ReplayBuffer:
         for index, pair in enumerate(episodes):
             where = str(self.path) if len(episodes) == 1 else f"{self.path}: episode {index} of {len(episodes)}"
             if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
-                raise EpisodeError(f"{where}: expected a (data, meta) pair, got {type(pair).__name__}")
+                raise EpisodeError(f"{where}: expected a (data, meta) pair, got {type(pair).__name__}", index=index)
             data, meta = pair
-            arrays, length = self._validate_data(data, layout, where)
-            values = self._validate_meta(meta or {}, layout, where)
+            try:
+                arrays, length = self._validate_data(data, layout, where)
+                values = self._validate_meta(meta or {}, layout, where)
+            except EpisodeError as err:
+                raise EpisodeError(str(err), index=index) from None
             if layout is None:
                 layout = _Layout.of_episode(arrays, values, "episode 0")
             checked.append((arrays, values, length))
