@@ -13,8 +13,9 @@ from diffpolicy.envs.tasks import CARDS_DIR
 
 
 class FaultyPushT(PushTEnv):
-    """PushT whose episode of `fault_seed` fails at its first step: it raises (`fault="raise"`)
-    or its process exits at once (`fault="exit"`, as a worker killed from outside)."""
+    """PushT whose episode of `fault_seed` fails at its first step: it raises (`fault="raise"`),
+    its process exits at once (`fault="exit"`, as a worker killed from outside), or its reward is
+    NaN (`fault="nan"`, data the store refuses)."""
 
     def __init__(self, fault_seed: int, fault: str = "raise", **kwargs):
         super().__init__(**kwargs)
@@ -29,7 +30,10 @@ class FaultyPushT(PushTEnv):
         if self._seed == self.fault_seed:
             if self.fault == "exit":
                 os._exit(3)
-            raise RuntimeError(f"simulated fault in the episode of seed {self._seed}")
+            if self.fault == "raise":
+                raise RuntimeError(f"simulated fault in the episode of seed {self._seed}")
+            obs, _, terminated, truncated, info = super().step(action)
+            return obs, float("nan"), terminated, truncated, info
         return super().step(action)
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -134,6 +139,15 @@ def test_a_failing_episode_raises_collect_error_naming_its_seed(tmp_path, worker
     assert ReplayBuffer.open(out).episode_meta("seed").tolist() == [0, 1, 2]  # the seeds before it, whole
 
 
+def test_an_episode_the_store_refuses_raises_collect_error_naming_its_seed(tmp_path):
+    card = faulty_card(tmp_path, fault_seed=2, fault="nan")
+    out = tmp_path / "nan.zarr"
+    message = r"the episode of seed 2 cannot be stored: .*episode 2 of 4: data key 'reward' has a non-finite value nan"
+    with pytest.raises(CollectError, match=message):
+        collect(card, episodes=8, out=out, write_batch=4, progress=False)
+    assert ReplayBuffer.open(out).episode_meta("seed").tolist() == [0, 1]  # its batch, up to it
+
+
 def test_a_worker_that_dies_raises_collect_error_naming_its_seed(tmp_path):
     card = faulty_card(tmp_path, fault_seed=2, fault="exit")
     out = tmp_path / "died.zarr"
@@ -173,3 +187,53 @@ def test_cli_takes_workers(tmp_path, capsys):
     assert main(["collect", "--task", "pusht", "--episodes", "1", "--out", str(tmp_path / "y.zarr"),
                  "--workers", "0"]) == 2
     assert "workers must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_ctrl_c_on_the_cli_with_workers_leaves_a_resumable_store_and_no_workers(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C: the workers ignore it, the command
+    writes the episodes played, closes the pool and exits 130; the same command then completes."""
+    out = tmp_path / "ctrl_c.zarr"
+    command = [sys.executable, "-m", "diffpolicy.cli", "collect", "--task", "pusht", "--episodes", "2000",
+               "--out", str(out), "--workers", "2", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,  # its own process group, like a terminal job
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _stored(out) == 0:  # a first batch written, more being played
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "interrupted; rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert _group_members(process.pid) == []  # no worker outlives the command
+    stored = ReplayBuffer.open(out).episode_meta("seed").tolist()
+    assert 0 < len(stored) < 2000
+    resume = [*command[:7], str(len(stored) + 2), "--out", str(out), "--workers", "1", "--no-progress"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert ReplayBuffer.open(out).episode_meta("seed").tolist()[: len(stored)] == stored
+
+
+def _stored(path: Path) -> int:
+    """Episodes committed to the store at `path` (0 before it exists)."""
+    try:
+        return ReplayBuffer.open(path).n_episodes
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members

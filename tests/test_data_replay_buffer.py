@@ -344,6 +344,9 @@ def test_add_episodes_validates_every_episode_before_writing_any(tmp_path):
     message = _batch_error(empty, late_nan)
     assert "episode 2 of 3: data key 'action' has a non-finite value nan" in message
     assert empty.keys() == [] and ReplayBuffer.open(tmp_path / "empty.zarr").n_episodes == 0
+    with pytest.raises(EpisodeError) as info:
+        empty.check_episodes(late_nan)  # the same check, writing nothing
+    assert info.value.index == 2 and "episode 2 of 3" in str(info.value)
     # In an empty store the first episode of the batch sets the layout the others must match.
     message = _batch_error(empty, [good[0], (dict(good[1][0], img=good[1][0]["img"][:, :5]), good[1][1])])
     assert "episode 1 of 2: data key 'img' has per-step shape (5, 10, 3), episode 0 has (12, 10, 3)" in message
@@ -364,6 +367,9 @@ def test_add_episodes_validates_every_episode_before_writing_any(tmp_path):
     assert "episode 1 of 2: data key 'state' has per-step shape (4,), the store has (5,)" in message
     assert "expected a (data, meta) pair" in _batch_error(buffer, [good[0], good[1][0]])
     assert "a list of (data, meta) pairs, got dict" in _batch_error(buffer, good[0][0])
+    with pytest.raises(EpisodeError) as info:
+        buffer.add_episodes(good[0][0])
+    assert info.value.index is None
     assert ReplayBuffer.open(tmp_path / "buf.zarr").n_episodes == 3
 
 

@@ -64,13 +64,14 @@ class EpisodeWriter:
         reject raises CollectError naming its seed, once what precedes it in seed order is written."""
         queue, self._queue, self._episodes, self._bytes = self._queue, [], 0, 0
         self._since = time.monotonic()
+        seeds = [seed for seed, data, _ in queue if data is not None]
         episodes = [(data, meta) for _, data, meta in queue if data is not None]
         try:
             self.buffer.check_episodes(episodes)
         except EpisodeError as err:
             if err.index is None:
                 raise
-            bad_seed = int(episodes[err.index][1]["seed"])
+            bad_seed = seeds[err.index]
             self._queue = [entry for entry in queue if entry[0] < bad_seed]
             self._episodes = sum(data is not None for _, data, _ in self._queue)
             self.flush()
