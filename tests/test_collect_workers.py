@@ -165,7 +165,7 @@ def test_workers_start_without_the_parents_torch(tmp_path):
     context = multiprocessing.get_context(episodes_module.START_METHOD)
     with ProcessPoolExecutor(1, mp_context=context) as pool:
         loaded = pool.submit(modules_loaded, ["torch", "diffpolicy.collection.episodes"]).result()
-        pool.submit(episodes_module._start_worker, episodes_module.EpisodeJob(load_task("pusht"))).result()
+        pool.submit(episodes_module._start_worker, episodes_module.EpisodeJob(load_task("pusht")), 1).result()
         data, success, _ = pool.submit(episodes_module._play, 5).result()
         after = pool.submit(modules_loaded, ["torch", "zarr"]).result()
     assert loaded == {"torch": False, "diffpolicy.collection.episodes": False}

@@ -7,16 +7,17 @@ depend on it. One episode depends on its seed alone (the env, the expert and the
 all seeded by it), so a worker's fresh env gives the episode the caller's env would.
 
 With `workers` > 1 a `ProcessPoolExecutor` of that many processes runs the episodes, each with
-its own env and expert built from the `EpisodeJob`; at most `2 * workers` seeds are in flight
-ahead of the one the caller waits for, and seeds are drawn from `seeds` only as slots free up
-(so a finite `seeds` bounds the work, and the caller's break stops it). Workers are started with
+its own env and expert built from the `EpisodeJob`; at most `2 * workers` seeds are in flight,
+the one the caller waits for included, and seeds are drawn from `seeds` only as slots free up (so
+a finite `seeds` bounds the work, and the caller's break stops it). Workers are started with
 `spawn`: a fresh interpreter that imports this module and the card's env and expert, never the
-caller's torch or its zarr IO thread (a fork of a threaded parent can inherit a held lock).
-Workers ignore SIGINT: Ctrl-C reaches the caller alone, which closes the pool. An exception in an
-episode is raised as `CollectError` naming the seed (with the worker's traceback); a worker that
-dies (killed, out of memory) breaks the pool and raises `CollectError` naming the seeds in flight
-(one of them was its). Closing the
-generator, or an error, cancels the seeds not started and waits for the running ones.
+caller's torch or its zarr IO thread (a fork of a threaded parent can inherit a held lock). A
+worker whose expert imports torch (a learned expert) takes its share of the cores as threads,
+`available_cpus() // workers`. Workers ignore SIGINT: Ctrl-C reaches the caller alone, which
+closes the pool. An exception in an episode is raised as `CollectError` naming the seed (with the
+worker's traceback); a worker that dies (killed, out of memory) breaks the pool and raises
+`CollectError` naming the seeds in flight (one of them was its). Closing the generator, or an
+error, cancels the seeds not started and waits for the running ones.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -131,7 +133,7 @@ class _Failure:
 
 def _in_workers(job: EpisodeJob, seeds: Iterator[int], workers: int) -> Iterator[tuple[int, Episode]]:
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(START_METHOD),
-                               initializer=_start_worker, initargs=(job,))
+                               initializer=_start_worker, initargs=(job, max(1, available_cpus() // workers)))
     try:
         in_flight = deque((seed, pool.submit(_play, seed)) for seed in _take(seeds, IN_FLIGHT_PER_WORKER * workers))
         while in_flight:
@@ -160,9 +162,9 @@ def _take(seeds: Iterator[int], count: int) -> list[int]:
 _worker: dict[str, Any] = {}  # in a worker process: its job, and its env and expert once built
 
 
-def _start_worker(job: EpisodeJob) -> None:
+def _start_worker(job: EpisodeJob, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker["job"] = job
+    _worker.update(job=job, threads=threads)
 
 
 def _play(seed: int) -> Episode | _Failure:
@@ -171,6 +173,8 @@ def _play(seed: int) -> Episode | _Failure:
         if "env" not in _worker:
             _worker["env"] = make_env(job.card, **job.env_overrides)
             _worker["expert"] = make_expert(job.card, _worker["env"])
+            if "torch" in sys.modules:  # a learned expert: share the cores among the workers
+                sys.modules["torch"].set_num_threads(_worker["threads"])
         return run_episode(_worker["env"], _worker["expert"], seed, job.noise_scale)
     except Exception as err:
         return _Failure(f"{type(err).__name__}: {err}", traceback.format_exc())
