@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 import diffpolicy.collection.collect as collect_module
+import diffpolicy.collection.episodes as episodes_module
 from diffpolicy.cli import main
 from diffpolicy.collection.collect import CollectError, collect, expert_success_on
 from diffpolicy.data.replay_buffer import ReplayBuffer
@@ -53,7 +54,7 @@ def test_collect_writes_whole_episodes_that_replay(tmp_path):
 
 def test_collect_resumes_after_an_interruption_without_repeating_seeds(tmp_path, monkeypatch):
     out = tmp_path / "pusht.zarr"
-    real_run_episode = collect_module.run_episode
+    real_run_episode = episodes_module.run_episode
     calls = []
 
     def interrupted_on_third(*args, **kwargs):
@@ -62,11 +63,11 @@ def test_collect_resumes_after_an_interruption_without_repeating_seeds(tmp_path,
             raise KeyboardInterrupt
         return real_run_episode(*args, **kwargs)
 
-    monkeypatch.setattr(collect_module, "run_episode", interrupted_on_third)
+    monkeypatch.setattr(episodes_module, "run_episode", interrupted_on_third)
     with pytest.raises(KeyboardInterrupt):
         collect("pusht", episodes=4, out=out, progress=False)
     assert ReplayBuffer.open(out).episode_meta("seed").tolist() == [0, 1]
-    monkeypatch.setattr(collect_module, "run_episode", real_run_episode)
+    monkeypatch.setattr(episodes_module, "run_episode", real_run_episode)
 
     summary = collect("pusht", episodes=4, out=out, progress=False)
     assert summary.new_episodes == 2 and summary.new_attempts == 2

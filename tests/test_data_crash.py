@@ -1,4 +1,4 @@
-"""A writer killed by SIGKILL in the middle of an episode leaves a store of whole episodes."""
+"""A writer killed by SIGKILL in the middle of an append (one episode or a batch) leaves a store of whole episodes."""
 
 import os
 import signal
@@ -8,11 +8,13 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from diffpolicy.data import ReplayBuffer
 
-# The writer appends episode k = 0, 1, 2, ... (content a function of k alone) and prints
-# "committed k" after each commit. Images make one episode take many chunk writes.
+# The writer appends episode k = 0, 1, 2, ... (content a function of k alone), `batch` episodes per
+# `add_episodes` call, and prints "committed k" for the last episode of each commit. Images make one
+# append take many chunk writes.
 WRITER = textwrap.dedent("""
     import sys
     import numpy as np
@@ -24,13 +26,13 @@ WRITER = textwrap.dedent("""
         return {"action": rng.normal(size=(length, 2)),
                 "img": rng.integers(0, 256, size=(length, 32, 32, 3), dtype=np.uint8)}
 
-    path, first = sys.argv[1], int(sys.argv[2])
+    path, first, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     buffer = ReplayBuffer.create(path) if first == 0 else ReplayBuffer.open(path, mode="a")
     k = first
     while True:
-        buffer.add_episode(episode(k), {"seed": k, "model_file": "<mujoco/>" * k})
-        print("committed", k, flush=True)
-        k += 1
+        buffer.add_episodes([(episode(j), {"seed": j, "model_file": "<mujoco/>" * j}) for j in range(k, k + batch)])
+        k += batch
+        print("committed", k - 1, flush=True)
 """)
 
 
@@ -40,18 +42,19 @@ def expected_episode(k):
     return namespace["episode"](k)
 
 
-def kill_writer_mid_episode(path, first, rng):
-    """Start the writer, let it commit two episodes, then SIGKILL it a random fraction of an
-    episode's write time later. Returns the last episode it reported committed."""
+def kill_writer_mid_append(path, first, rng, batch):
+    """Start the writer, let it commit two appends, then SIGKILL it a random fraction of an
+    append's write time later. Returns the last episode it reported committed."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(first)],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(first), str(batch)],
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
-        stamps = []
+        stamps, reported = [], []
         for _ in range(2):
             line = writer.stdout.readline()
             assert line.startswith("committed"), f"writer failed: {line!r}"
             stamps.append(time.monotonic())
+            reported.append(int(line.split()[1]))
         time.sleep(rng.uniform(0.1, 0.9) * (stamps[1] - stamps[0]))
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait(timeout=30)
@@ -59,9 +62,9 @@ def kill_writer_mid_episode(path, first, rng):
         if writer.poll() is None:
             writer.kill()
             writer.wait()
-    later = [line for line in writer.stdout.read().splitlines() if line.startswith("committed")]
+    reported += [int(line.split()[1]) for line in writer.stdout.read().splitlines() if line.startswith("committed")]
     writer.stdout.close()
-    return first + 1 + len(later)
+    return reported[-1]
 
 
 def check_whole_episodes(path, at_least):
@@ -76,12 +79,13 @@ def check_whole_episodes(path, at_least):
     return buffer.n_episodes
 
 
-def test_sigkill_mid_episode_leaves_only_whole_episodes(tmp_path):
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sigkill_mid_append_leaves_only_whole_episodes(tmp_path, batch):
+    rng = np.random.default_rng(batch)
     path = tmp_path / "crash.zarr"
     first = 0
     for _ in range(2):
-        last_reported = kill_writer_mid_episode(path, first, rng)
+        last_reported = kill_writer_mid_append(path, first, rng, batch)
         first = check_whole_episodes(path, last_reported)
     buffer = ReplayBuffer.open(path, mode="a")
     buffer.add_episode(expected_episode(first), {"seed": first, "model_file": "<mujoco/>" * first})

@@ -273,3 +273,124 @@ def test_bad_episodes_are_rejected_before_any_write(tmp_path):
 
     buffer.add_episode(dict(good, state=good["state"].astype(np.float32)), meta)  # lossless cast
     assert buffer.n_episodes == 4
+
+
+def episode_meta(index: int) -> dict:
+    return {"seed": index, "success": index % 2 == 0, "model_file": f"<mujoco model='{index}'/>" * (index % 3)}
+
+
+def store_contents(path) -> dict:
+    """Every array of a store (data and meta, read whole) and its attrs."""
+    root = zarr.open_group(str(path), mode="r")
+    arrays = {f"{group}/{name}": root[group][name][:] for group in ("data", "meta")
+              for name in root[group].array_keys()}
+    return {"arrays": arrays, "attrs": dict(root.attrs)}
+
+
+def assert_same_contents(a: dict, b: dict) -> None:
+    assert a["attrs"] == b["attrs"] and sorted(a["arrays"]) == sorted(b["arrays"])
+    for name, value in a["arrays"].items():
+        assert value.dtype == b["arrays"][name].dtype, name
+        np.testing.assert_array_equal(value, b["arrays"][name], err_msg=name)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_add_episodes_writes_what_one_at_a_time_writes(tmp_path, zarr_format):
+    rng = np.random.default_rng(8)
+    episodes = [(make_episode(rng, n), episode_meta(i)) for i, n in enumerate((4, 1, 7, 3, 5))]
+    single = ReplayBuffer.create(tmp_path / "single.zarr", zarr_format=zarr_format)
+    for data, meta in episodes:
+        single.add_episode(data, meta)
+    batched = ReplayBuffer.create(tmp_path / "batched.zarr", zarr_format=zarr_format)
+    batched.add_episodes(episodes[:3])  # into an empty store: episode 0 sets the layout
+    batched.add_episodes([])  # nothing to add is a no-op
+    batched.add_episodes(episodes[3:])  # appended to a store with episodes
+    np.testing.assert_array_equal(batched.episode_ends, [4, 5, 12, 15, 20])
+    assert_same_contents(store_contents(tmp_path / "single.zarr"), store_contents(tmp_path / "batched.zarr"))
+    reopened = ReplayBuffer.open(tmp_path / "batched.zarr")
+    for index, (data, _) in enumerate(episodes):
+        for key, value in data.items():
+            np.testing.assert_array_equal(reopened.get_episode(index)[key], value)
+
+
+def test_add_episodes_casts_losslessly_and_follows_the_cache(tmp_path):
+    rng = np.random.default_rng(9)
+    first, second = make_episode(rng, 3, image=False), make_episode(rng, 2, image=False)
+    second["state"] = second["state"].astype(np.float32)  # float32 into the float64 of episode 0
+    buffer = ReplayBuffer.create(tmp_path / "buf.zarr")
+    buffer.add_episodes([(first, {"seed": 0}), (second, {"seed": np.int32(1)})])
+    buffer = ReplayBuffer.open(tmp_path / "buf.zarr", mode="a", cache_low_dim=True)
+    assert buffer["state"].dtype == np.float64 and buffer.episode_meta("seed").dtype == np.int64
+    np.testing.assert_array_equal(buffer["state"][3:], second["state"])
+    third = make_episode(rng, 4, image=False)
+    buffer.add_episodes([(third, {"seed": 2})])
+    np.testing.assert_array_equal(buffer["action"][-4:], third["action"])
+
+
+def _batch_error(buffer, episodes):
+    before = (buffer.n_episodes, {key: buffer._group["data"][key].shape for key in buffer.keys()})
+    with pytest.raises(EpisodeError) as info:
+        buffer.add_episodes(episodes)
+    after = (buffer.n_episodes, {key: buffer._group["data"][key].shape for key in buffer.keys()})
+    assert before == after, "a rejected batch must not write anything"
+    return str(info.value)
+
+
+def test_add_episodes_validates_every_episode_before_writing_any(tmp_path):
+    rng = np.random.default_rng(10)
+    good = [(make_episode(rng, n), episode_meta(i)) for i, n in enumerate((3, 4, 2))]
+    empty = ReplayBuffer.create(tmp_path / "empty.zarr")
+    late_nan = [*good[:2], (dict(good[2][0], action=np.full((2, 2), np.nan, np.float32)), good[2][1])]
+    message = _batch_error(empty, late_nan)
+    assert "episode 2 of 3: data key 'action' has a non-finite value nan" in message
+    assert empty.keys() == [] and ReplayBuffer.open(tmp_path / "empty.zarr").n_episodes == 0
+    with pytest.raises(EpisodeError) as info:
+        empty.check_episodes(late_nan)  # the same check, writing nothing
+    assert info.value.index == 2 and "episode 2 of 3" in str(info.value)
+    # In an empty store the first episode of the batch sets the layout the others must match.
+    message = _batch_error(empty, [good[0], (dict(good[1][0], img=good[1][0]["img"][:, :5]), good[1][1])])
+    assert "episode 1 of 2: data key 'img' has per-step shape (5, 10, 3), episode 0 has (12, 10, 3)" in message
+    message = _batch_error(empty, [good[0], (dict(good[1][0], action=good[1][0]["action"].astype(np.float64)),
+                                             good[1][1])])
+    assert "episode 1 of 2: data key 'action' has dtype float64, episode 0 holds float32" in message
+    message = _batch_error(empty, [good[0], (good[1][0], {"seed": 1})])
+    assert "episode 1 of 2: episode meta names ['seed'] differ from episode 0's" in message
+    message = _batch_error(empty, [good[0], (good[1][0], dict(good[1][1], success=2))])
+    assert "episode meta 'success' has dtype int64, episode 0 holds bool" in message
+    message = _batch_error(empty, [good[0], (good[1][0], dict(good[1][1], model_file=3))])
+    assert "episode meta 'model_file' has dtype int64, episode 0 holds object" in message
+    message = _batch_error(empty, [good[0], ({k: v for k, v in good[1][0].items() if k != "img"}, good[1][1])])
+    assert "differ from episode 0's" in message and "missing ['img']" in message
+
+    buffer, _ = filled_buffer(tmp_path / "buf.zarr", rng)
+    message = _batch_error(buffer, [good[0], (dict(good[1][0], state=good[1][0]["state"][:, :4]), good[1][1])])
+    assert "episode 1 of 2: data key 'state' has per-step shape (4,), the store has (5,)" in message
+    assert "expected a (data, meta) pair" in _batch_error(buffer, [good[0], good[1][0]])
+    assert "a list of (data, meta) pairs, got dict" in _batch_error(buffer, good[0][0])
+    with pytest.raises(EpisodeError) as info:
+        buffer.add_episodes(good[0][0])
+    assert info.value.index is None
+    assert ReplayBuffer.open(tmp_path / "buf.zarr").n_episodes == 3
+
+
+def test_torn_batch_commit_keeps_the_whole_episodes_it_names(tmp_path):
+    rng = np.random.default_rng(11)
+    path = tmp_path / "buf.zarr"
+    buffer, episodes = filled_buffer(path, rng)
+    extra = [(make_episode(rng, n), episode_meta(3 + i)) for i, n in enumerate((2, 3, 4))]
+    buffer.add_episodes(extra)
+    root = zarr.open_group(str(path), mode="r+")
+    ends = root["meta/episode_ends"]
+    # Killed after resizing episode_ends for a batch of three, before writing its entries.
+    ends[3:] = -1
+    assert ReplayBuffer.open(path).n_episodes == 3 and ReplayBuffer.open(path).n_steps == 12
+    # Entries spanning two chunks of which only the first was written: that episode is whole.
+    ends[3] = 14
+    reopened = ReplayBuffer.open(path, mode="a")
+    assert reopened.n_episodes == 4
+    np.testing.assert_array_equal(reopened.get_episode(3)["img"], extra[0][0]["img"])
+    reopened.add_episodes(extra[1:])
+    np.testing.assert_array_equal(ReplayBuffer.open(path).episode_ends, [4, 11, 12, 14, 17, 21])
+    ends[4:] = [-3, 17]  # a negative entry that is not the fill value is corruption, not a torn commit
+    with pytest.raises(DataFormatError, match="entry 4 is -3 after 14"):
+        ReplayBuffer.open(path)

@@ -26,17 +26,24 @@ the stored `states` still do.
 
 Resuming: seeds run upward from `seed_start`, skipping every seed already attempted, which is the
 `seed` meta of the stored episodes plus `collection.discarded_seeds` (failures dropped by
-`only_success`, recorded as they happen). Rerunning the same call after an interruption therefore
-continues where it stopped without repeating a seed; an episode cut short by the interruption is
-simply run again.
+`only_success`). Rerunning the same call after an interruption therefore continues where it
+stopped without repeating a seed; an episode cut short by the interruption is simply run again.
+
+Speed: `workers` processes play the episodes (`episodes.episode_results`), and the results are
+taken in seed order and written in batches of `write_batch` episodes (`writer.EpisodeWriter`:
+discarded seeds first, then one `add_episodes` call). The store, its seeds, its discarded seeds and
+their order are the same for any `workers` and `write_batch`, and a resumed collection writes the
+store an uninterrupted one would. On Ctrl-C or an error the episodes already played are written
+before the call returns; a run killed outright loses at most the last unwritten batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +51,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from diffpolicy.collection.episodes import NOISE_STREAM, RESERVED_KEYS, EpisodeJob, episode_results, run_episode
+from diffpolicy.collection.errors import CollectError
+from diffpolicy.collection.writer import EpisodeWriter
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.envs.tasks import (
     TaskCard,
@@ -52,18 +62,13 @@ from diffpolicy.envs.tasks import (
     make_env,
     make_expert,
 )
-from diffpolicy.errors import InvalidValueError
 
-RESERVED_KEYS = ("action", "reward", "states")
+__all__ = ["CollectError", "CollectSummary", "NOISE_STREAM", "collect", "recipe_settings", "run_episode"]
 # Settings that must match to resume a store; a store made otherwise needs overwrite=True.
 RESUME_SETTINGS = ("task", "seed_start", "only_success", "env_overrides", "action_noise")
 # Settings added after stores were first made, with the value those stores were collected with.
 SETTING_DEFAULTS = {"action_noise": 0.0}
-NOISE_STREAM = 7  # generator of the executed action noise: default_rng([seed, NOISE_STREAM])
-
-
-class CollectError(InvalidValueError):
-    """A collection cannot start or go on (incompatible store, expert failing too often)."""
+WRITE_BATCH = 64  # episodes per store write by default
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class CollectSummary:
 def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_start: int = 0,
             only_success: bool = False, overwrite: bool = False, env_overrides: dict[str, Any] | None = None,
             max_attempts: int | None = None, action_noise: float | Sequence[float] = 0.0,
-            progress: bool = True) -> CollectSummary:
+            progress: bool = True, workers: int = 1, write_batch: int = WRITE_BATCH) -> CollectSummary:
     """Run the card's expert until the store at `out` holds `episodes` episodes.
 
     Args:
@@ -103,12 +108,18 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         action_noise: DART noise std as a fraction of the action half-range, one float or one per
             action dimension, >= 0 (see the module docstring); 0 executes the expert's actions.
         progress: show a tqdm bar with the running success rate.
+        workers: processes playing episodes (>= 1; 1 plays them here). The store is the same for
+            any number; more use more cores, each spawned worker costs about a second to start.
+        write_batch: episodes per store write (>= 1; 1 writes each one as it comes).
     """
     card = card if isinstance(card, TaskCard) else load_task(card)
     if not isinstance(episodes, (int, np.integer)) or episodes < 1:
         raise CollectError(f"collect: episodes must be a positive integer, got {episodes!r}")
     if not isinstance(seed_start, (int, np.integer)) or seed_start < 0:
         raise CollectError(f"collect: seed_start must be a non-negative integer, got {seed_start!r}")
+    for name, value in (("workers", workers), ("write_batch", write_batch)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise CollectError(f"collect: {name} must be a positive integer, got {value!r}")
     env_overrides = dict(env_overrides or {})
     max_attempts = 3 * int(episodes) + 20 if max_attempts is None else int(max_attempts)
     noise_fractions = action_noise_fractions(action_noise, card)
@@ -126,43 +137,56 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         _check_observation(env.reset(seed=int(seed_start))[0], card)  # before anything is written
         buffer = _open_store(out, card, settings, overwrite, env)
         collection = dict(buffer.attrs["collection"])
-        discarded = [int(s) for s in collection["discarded_seeds"]]
+        collection["discarded_seeds"] = [int(s) for s in collection["discarded_seeds"]]
         stored_seeds = _meta_ints(buffer, "seed")
         successes = int(_meta_ints(buffer, "success").sum())
-        attempted = set(stored_seeds.tolist()) | set(discarded)
+        attempted = set(stored_seeds.tolist()) | set(collection["discarded_seeds"])
         stored_before, attempts = buffer.n_episodes, 0
+        short = max(0, int(episodes) - buffer.n_episodes)
+        # Seeds this call may play: every stored one needs a seed, and no more than max_attempts.
+        budget = 0 if not short else max_attempts if only_success else min(max_attempts, short)
+        seeds = itertools.islice(_unattempted(int(seed_start), attempted), budget)
+        job = EpisodeJob(card, env_overrides, noise_scale)
+        results = episode_results(job, seeds, max(1, min(int(workers), budget, short)), env, expert)
+        writer = EpisodeWriter(buffer, collection, int(write_batch), card.name)
         bar = tqdm(total=int(episodes), initial=min(buffer.n_episodes, int(episodes)), disable=not progress,
                    desc=f"collect {card.name}", unit="ep")
-        seed = int(seed_start)
         try:
-            while buffer.n_episodes < episodes:
-                if attempts >= max_attempts:
-                    raise CollectError(
-                        f"collect {card.name}: {attempts} seeds attempted in this run (max_attempts) but "
-                        f"{out} holds {buffer.n_episodes} of {episodes} episodes; the expert succeeds "
-                        f"too rarely for only_success={only_success}. Rerun to continue."
-                    )
-                while seed in attempted:
-                    seed += 1
-                data, success, meta = run_episode(env, expert, seed, noise_scale)
+            for seed, (data, success, meta) in results:
                 attempts += 1
                 attempted.add(seed)
                 if success or not only_success:
-                    buffer.add_episode(data, {"seed": seed, "success": success, **meta})
+                    writer.add(seed, data, {"seed": seed, "success": success, **meta})
                     successes += int(success)
                     bar.update(1)
                 else:
-                    discarded.append(seed)
-                    collection["discarded_seeds"] = discarded
-                    buffer.attrs["collection"] = collection
+                    writer.discard(seed)
                 bar.set_postfix(success=f"{successes / len(attempted):.2f}", seed=seed)
+                if writer.episodes >= episodes:
+                    break
         finally:
-            bar.close()
+            try:
+                writer.flush()  # also on Ctrl-C and errors: the episodes played so far are whole
+            finally:
+                results.close()
+                bar.close()
+        if buffer.n_episodes < episodes:
+            raise CollectError(
+                f"collect {card.name}: {attempts} seeds attempted in this run (max_attempts) but "
+                f"{out} holds {buffer.n_episodes} of {episodes} episodes; the expert succeeds "
+                f"too rarely for only_success={only_success}. Rerun to continue."
+            )
         return CollectSummary(path=out, episodes=buffer.n_episodes, attempted=len(attempted),
                               successes=successes, new_episodes=buffer.n_episodes - stored_before,
                               new_attempts=attempts, seconds=time.perf_counter() - started)
     finally:
         env.close()
+
+
+def _unattempted(seed_start: int, attempted: set[int]) -> Iterator[int]:
+    """Seeds upward from `seed_start` that are not in `attempted` (as it is now)."""
+    skip = frozenset(attempted)
+    return (seed for seed in itertools.count(seed_start) if seed not in skip)
 
 
 def action_noise_fractions(action_noise: float | Sequence[float], card: TaskCard) -> np.ndarray:
@@ -189,43 +213,6 @@ def recipe_settings(card: TaskCard) -> dict[str, Any]:
     recipe = card.dataset
     return {"seed_start": int(recipe.get("seed_start", 0)), "only_success": bool(recipe.get("only_success", False)),
             "action_noise": recipe.get("action_noise", 0.0)}
-
-
-def run_episode(env, expert, seed: int, noise_scale: np.ndarray | None = None
-                ) -> tuple[dict[str, np.ndarray], bool, dict[str, Any]]:
-    """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta).
-
-    With `noise_scale (Da,)` (action units) the env executes the expert's action plus Gaussian
-    noise of that std, clipped to the action space; the data records the expert's action.
-    """
-    noise = None if noise_scale is None else np.random.default_rng([int(seed), NOISE_STREAM])
-    obs, info = env.reset(seed=int(seed))
-    expert.reset(int(seed))
-    sim = env.unwrapped
-    has_state = callable(getattr(sim, "get_state", None))
-    meta = {"model_file": sim.model_xml()} if callable(getattr(sim, "model_xml", None)) else {}
-    columns: dict[str, list] = {key: [] for key in (*obs.keys(), *RESERVED_KEYS)}
-    if not has_state:
-        del columns["states"]
-    action_dtype = env.action_space.dtype
-    success = bool(info.get("is_success", False))
-    while True:
-        for key, value in obs.items():
-            columns[key].append(value)
-        if has_state:
-            columns["states"].append(np.asarray(sim.get_state(), dtype=np.float64))
-        action = np.asarray(expert.act(obs), dtype=action_dtype)
-        executed = action
-        if noise is not None:
-            perturbed = action + noise_scale * noise.standard_normal(action.shape)
-            executed = np.clip(perturbed, env.action_space.low, env.action_space.high).astype(action_dtype)
-        obs, reward, terminated, truncated, info = env.step(executed)
-        columns["action"].append(action)
-        columns["reward"].append(np.float32(reward))
-        success = success or bool(info.get("is_success", False))
-        if terminated or truncated:
-            break
-    return {key: np.stack(values) for key, values in columns.items()}, success, meta
 
 
 def _check_observation(obs: dict[str, np.ndarray], card: TaskCard) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from diffpolicy.collection.collect import collect, expert_success_on, recipe_settings
+from diffpolicy.collection.episodes import available_cpus
 from diffpolicy.envs.tasks import load_task
 from diffpolicy.evaluation.latency import chunk_latency_ms
 from diffpolicy.evaluation.report import plot_success_curve, write_report
@@ -50,7 +51,7 @@ TASK = "pusht"
 # benchmarks/train_speed.py`), a short warm-up and a larger learning rate than Diffusion Policy's 1e-4
 # (a short run), no checkpoint selection (eval.episodes=0: selecting on a few seeds picked worse
 # checkpoints than the last), every quarter's checkpoint kept for the learning curve.
-STEPS = 24000
+STEPS = 28000
 BUDGET_OVERRIDES = [f"train.steps={STEPS}", "train.batch_size=256", "optim.lr=1e-3", "optim.warmup_steps=200",
                     f"train.checkpoint_every={STEPS // 4}", "train.keep_all=true", "train.log_every=200",
                     "eval.episodes=0", "train.device=cpu", "train.num_threads=2", "policy.backbone.hidden_dim=512",
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         dataset = Path(args.dataset or card.dataset["path"])
         demos = args.demos
         print(f"[1/4] collecting {demos} {card.name} demonstrations into {dataset}", flush=True)
-        collect(card, episodes=demos, out=dataset, progress=not args.no_progress, **recipe_settings(card))
+        collect(card, episodes=demos, out=dataset, progress=not args.no_progress, workers=available_cpus(),
+                **recipe_settings(card))
         seconds["collect"] = time.perf_counter() - started
 
         run_dir = out / "train"

@@ -4,6 +4,8 @@ Both derive from `ValueError`, so callers may catch either the specific class or
 Missing files and stores raise the built-in `FileNotFoundError`.
 """
 
+from __future__ import annotations
+
 from diffpolicy.errors import InvalidValueError
 
 
@@ -12,4 +14,12 @@ class DataFormatError(InvalidValueError):
 
 
 class EpisodeError(InvalidValueError):
-    """An episode handed to `ReplayBuffer.add_episode` is invalid (names the key and the index)."""
+    """An episode handed to `ReplayBuffer.add_episode(s)` is invalid (names the key and the index).
+
+    `index`: the position of the rejected episode in the list given to `add_episodes` (None when
+    the list itself is malformed).
+    """
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index

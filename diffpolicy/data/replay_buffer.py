@@ -15,21 +15,25 @@ Images (uint8 arrays with ndim 4, `(N, H, W, C)`) are chunked one frame per chun
 is zstd-compressed. New stores are written in zarr format 3 by default; format 2 (what Diffusion
 Policy wrote) is read, appended to and, on request, written.
 
-Commit protocol (single writer): `add_episode` validates the whole episode first, then writes
-`data/*`, then `meta/<name>`, and commits by writing `meta/episode_ends` last. Readers trust only
+Commit protocol (single writer): `add_episodes` validates every episode it is given first, then
+writes `data/*` (one resize and one write per key for all of them), then `meta/<name>`, and commits
+by writing `meta/episode_ends` last; `add_episode` is its one-episode case. Readers trust only
 `episode_ends`: data and meta arrays may be longer than it says (the orphaned tail of an append
 that was killed), and the next append overwrites that tail. Each store write is an atomic file
 replace (zarr's LocalStore), so the one torn state left is `episode_ends` resized but its new
-entry not yet written; that entry reads as the array's fill value (-1 for stores created here)
-and is ignored as uncommitted.
+entries not yet written; those entries read as the array's fill value (-1 for stores created here)
+and are ignored as uncommitted. New entries that span two chunks of `episode_ends` may be written
+one chunk only: the episodes that chunk names are whole (their data and meta were written before)
+and count as committed, so a killed append leaves whole episodes, a prefix of those it was given.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -301,35 +305,60 @@ class ReplayBuffer:
         data: Mapping[str, np.ndarray],
         meta: Mapping[str, int | float | bool | str] | None = None,
     ) -> None:
-        """Append one whole episode atomically.
+        """Append one whole episode atomically: `add_episodes([(data, meta)])`.
 
         data: key -> `(T, ...)` numeric array, same T >= 1 for every key, the same key set,
         trailing shape and (losslessly castable) dtype as the store; float data must be finite.
         meta: name -> scalar (int, float, bool, str), the same names as earlier episodes.
         Nothing is written unless everything validates.
         """
+        self.add_episodes([(data, meta)])
+
+    def add_episodes(
+        self,
+        episodes: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, int | float | bool | str] | None]],
+    ) -> None:
+        """Append whole episodes `[(data, meta), ...]` in order, with one resize and one write per
+        data key and per meta name for all of them (see `add_episode` for what each must be).
+
+        Every episode is validated, against the store or, in an empty store, against the first
+        episode given, before anything is written; a rejected one names its index in the list.
+        A killed append leaves a prefix of the episodes committed, each whole (module docstring).
+        """
         if self._group.read_only:
             raise ReadOnlyError(f"{self.path} is open read-only; open it with mode='a'")
-        arrays, length = self._validate_data(data)
-        values = self._validate_meta(meta or {})
+        checked = self._validate_episodes(episodes)
+        if not checked:
+            return
         if self.n_episodes == 0:
             self._drop_orphans()
-        start, stop = self.n_steps, self.n_steps + length
-        for key, value in arrays.items():
+        lengths = np.array([length for _, _, length in checked], dtype=np.int64)
+        new_ends = self.n_steps + np.cumsum(lengths)
+        start, stop = self.n_steps, int(new_ends[-1])
+        first_arrays, first_values, _ = checked[0]
+        for key, value in first_arrays.items():
             target = self._require_data_array(key, value)
             target.resize((stop, *value.shape[1:]))
-            target[start:stop] = value
+            target[start:stop] = np.concatenate([arrays[key].astype(target.dtype, copy=False)
+                                                 for arrays, _, _ in checked])
             self._cache.pop(key, None)
-        index = self.n_episodes
-        for name, value in values.items():
+        index, count = self.n_episodes, len(checked)
+        for name, value in first_values.items():
             target = self._require_meta_array(name, value)
-            target.resize((index + 1,))
-            stored = object if value.dtype.kind == "U" else value.dtype
-            target[index : index + 1] = value.reshape(1).astype(stored)
+            target.resize((index + count,))
+            stored = object if value.dtype.kind == "U" else target.dtype
+            target[index:] = np.stack([values[name] for _, values, _ in checked]).astype(stored)
         ends = self._group["meta"][EPISODE_ENDS]
-        ends.resize((index + 1,))
-        ends[index] = stop
-        self._ends = np.append(self._ends, np.int64(stop))
+        ends.resize((index + count,))
+        ends[index:] = new_ends
+        self._ends = np.concatenate([self._ends, new_ends])
+
+    def check_episodes(
+        self,
+        episodes: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, int | float | bool | str] | None]],
+    ) -> None:
+        """Raise the EpisodeError `add_episodes(episodes)` would raise, writing nothing."""
+        self._validate_episodes(episodes)
 
     # ------------------------------------------------------------------ internals
     def _data_array(self, key: str) -> zarr.Array:
@@ -343,10 +372,13 @@ class ReplayBuffer:
         ends = np.asarray(array[:]).astype(np.int64)
         fill = array.fill_value
         count = len(ends)
-        # A trailing fill value that breaks monotonicity is an entry resized but never written.
-        while (count and fill is not None and fill <= 0 and ends[count - 1] == fill
-               and (count == 1 or ends[count - 1] < ends[count - 2])):
-            count -= 1
+        # A trailing run of fill values after a larger entry (or filling the array) is entries
+        # resized but never written: an append killed before its commit.
+        if count and fill is not None and fill <= 0 and ends[count - 1] == fill:
+            while count and ends[count - 1] == fill:
+                count -= 1
+            if count and ends[count - 1] < fill:
+                count = len(ends)  # not a torn commit: the monotonicity check below names it
         ends = ends[:count]
         steps = np.diff(ends, prepend=0)
         if count and steps.min() < 0:
@@ -374,15 +406,40 @@ class ReplayBuffer:
                     f"has {self.n_episodes} episodes"
                 )
 
-    def _validate_data(self, data: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    def _validate_episodes(self, episodes) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]]:
+        """Every `(data, meta)` pair checked against the store's layout, or in an empty store
+        against the first pair's -> `(arrays, meta values, length)` per episode."""
+        if isinstance(episodes, (Mapping, str, bytes)) or not isinstance(episodes, Sequence):
+            raise EpisodeError(f"{self.path}: episodes must be a list of (data, meta) pairs, "
+                               f"got {type(episodes).__name__}")
+        layout = _Layout.of_store(self) if self.n_episodes else None
+        checked = []
+        for index, pair in enumerate(episodes):
+            where = str(self.path) if len(episodes) == 1 else f"{self.path}: episode {index} of {len(episodes)}"
+            if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
+                raise EpisodeError(f"{where}: expected a (data, meta) pair, got {type(pair).__name__}", index=index)
+            data, meta = pair
+            try:
+                arrays, length = self._validate_data(data, layout, where)
+                values = self._validate_meta(meta or {}, layout, where)
+            except EpisodeError as err:
+                raise EpisodeError(str(err), index=index) from None
+            if layout is None:
+                layout = _Layout.of_episode(arrays, values, "episode 0")
+            checked.append((arrays, values, length))
+        return checked
+
+    def _validate_data(self, data: Mapping[str, np.ndarray], layout: _Layout | None,
+                       where: str) -> tuple[dict[str, np.ndarray], int]:
         if not isinstance(data, Mapping) or not data:
-            raise EpisodeError(f"{self.path}: episode data must be a non-empty dict of arrays")
+            raise EpisodeError(f"{where}: episode data must be a non-empty dict of arrays")
         arrays = {_check_name(key, "data"): np.asarray(value) for key, value in data.items()}
-        if self.n_episodes and set(arrays) != set(self.keys()):
+        if layout is not None and set(arrays) != set(layout.frames):
+            known = sorted(layout.frames)
             raise EpisodeError(
-                f"{self.path}: episode keys {sorted(arrays)} differ from the store's "
-                f"{self.keys()} (missing {sorted(set(self.keys()) - set(arrays))}, "
-                f"unexpected {sorted(set(arrays) - set(self.keys()))})"
+                f"{where}: episode keys {sorted(arrays)} differ from {layout.owner}'s "
+                f"{known} (missing {sorted(set(known) - set(arrays))}, "
+                f"unexpected {sorted(set(arrays) - set(known))})"
             )
         lengths = {key: (value.shape[0] if value.ndim else None) for key, value in arrays.items()}
         first_key = next(iter(arrays))
@@ -390,64 +447,35 @@ class ReplayBuffer:
         for key, value in arrays.items():
             if value.ndim == 0 or lengths[key] != length or not lengths[key]:
                 raise EpisodeError(
-                    f"{self.path}: every data key needs the same length T >= 1 along axis 0; "
+                    f"{where}: every data key needs the same length T >= 1 along axis 0; "
                     f"lengths {lengths}"
                 )
             if value.dtype.kind not in "biuf":
                 raise EpisodeError(
-                    f"{self.path}: data key {key!r} must be numeric or bool, got dtype "
+                    f"{where}: data key {key!r} must be numeric or bool, got dtype "
                     f"{value.dtype}"
                 )
-            if self.n_episodes:
-                self._check_compatible(key, value)
+            if layout is not None:
+                layout.check_data(key, value, where)
             if value.dtype.kind == "f":
-                _check_finite(self.path, key, value)
+                _check_finite(where, key, value)
         return arrays, int(length)
 
-    def _check_compatible(self, key: str, value: np.ndarray) -> None:
-        stored = self._group["data"][key]
-        if tuple(stored.shape[1:]) != value.shape[1:]:
-            raise EpisodeError(
-                f"{self.path}: data key {key!r} has per-step shape {value.shape[1:]}, the store "
-                f"has {tuple(stored.shape[1:])}"
-            )
-        if not np.can_cast(value.dtype, stored.dtype, casting="safe"):
-            raise EpisodeError(
-                f"{self.path}: data key {key!r} has dtype {value.dtype}, the store holds "
-                f"{stored.dtype} (only lossless casts are allowed)"
-            )
-
-    def _validate_meta(self, meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def _validate_meta(self, meta: Mapping[str, Any], layout: _Layout | None, where: str) -> dict[str, np.ndarray]:
         values = {}
         for name, value in meta.items():
             _check_name(name, "meta")
             if name == EPISODE_ENDS:
-                raise EpisodeError(f"{self.path}: meta name {EPISODE_ENDS!r} is reserved")
+                raise EpisodeError(f"{where}: meta name {EPISODE_ENDS!r} is reserved")
             array = np.asarray(value)
             if array.ndim != 0 or array.dtype.kind not in "biufU":
                 raise EpisodeError(
-                    f"{self.path}: episode meta {name!r} must be a scalar int, float, bool or "
+                    f"{where}: episode meta {name!r} must be a scalar int, float, bool or "
                     f"str, got {type(value).__name__} {array.dtype} shape {array.shape}"
                 )
             values[name] = array
-        present = self.meta_keys()
-        if self.n_episodes and set(values) != set(present):
-            raise EpisodeError(
-                f"{self.path}: episode meta names {sorted(values)} differ from the store's "
-                f"{present}"
-            )
-        for name, array in values.items():
-            if not self.n_episodes:
-                continue
-            stored = self._group["meta"][name].dtype
-            is_str = array.dtype.kind == "U"
-            if is_str != (stored == object) or (
-                not is_str and not np.can_cast(array.dtype, stored, casting="safe")
-            ):
-                raise EpisodeError(
-                    f"{self.path}: episode meta {name!r} has dtype {array.dtype}, the store "
-                    f"holds {stored}"
-                )
+        if layout is not None:
+            layout.check_meta(values, where)
         return values
 
     def _drop_orphans(self) -> None:
@@ -481,6 +509,58 @@ class ReplayBuffer:
         return meta.create_array(name, shape=(0,), dtype=value.dtype, chunks=(_META_CHUNK,))
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What an appended episode must match: per-step shape and dtype of each data key, dtype of
+    each meta name (object for strings), and whose layout it is (for messages)."""
+
+    frames: dict[str, tuple[tuple[int, ...], np.dtype]]
+    meta: dict[str, np.dtype]
+    owner: str
+
+    @classmethod
+    def of_store(cls, buffer: "ReplayBuffer") -> "_Layout":
+        data, meta = buffer._group["data"], buffer._group["meta"]
+        return cls({key: (tuple(data[key].shape[1:]), data[key].dtype) for key in buffer.keys()},
+                   {name: meta[name].dtype for name in buffer.meta_keys()}, "the store")
+
+    @classmethod
+    def of_episode(cls, arrays: dict[str, np.ndarray], values: dict[str, np.ndarray], owner: str) -> "_Layout":
+        return cls({key: (value.shape[1:], value.dtype) for key, value in arrays.items()},
+                   {name: np.dtype(object) if value.dtype.kind == "U" else value.dtype
+                    for name, value in values.items()}, owner)
+
+    def check_data(self, key: str, value: np.ndarray, where: str) -> None:
+        frame, dtype = self.frames[key]
+        if frame != value.shape[1:]:
+            raise EpisodeError(
+                f"{where}: data key {key!r} has per-step shape {value.shape[1:]}, {self.owner} "
+                f"has {frame}"
+            )
+        if not np.can_cast(value.dtype, dtype, casting="safe"):
+            raise EpisodeError(
+                f"{where}: data key {key!r} has dtype {value.dtype}, {self.owner} holds "
+                f"{dtype} (only lossless casts are allowed)"
+            )
+
+    def check_meta(self, values: dict[str, np.ndarray], where: str) -> None:
+        if set(values) != set(self.meta):
+            raise EpisodeError(
+                f"{where}: episode meta names {sorted(values)} differ from {self.owner}'s "
+                f"{sorted(self.meta)}"
+            )
+        for name, array in values.items():
+            stored = self.meta[name]
+            is_str = array.dtype.kind == "U"
+            if is_str != (stored == object) or (
+                not is_str and not np.can_cast(array.dtype, stored, casting="safe")
+            ):
+                raise EpisodeError(
+                    f"{where}: episode meta {name!r} has dtype {array.dtype}, {self.owner} "
+                    f"holds {stored}"
+                )
+
+
 @contextmanager
 def staged_store(out: str | os.PathLike, zarr_format: int = 3) -> Iterator[ReplayBuffer]:
     """A new store built under `<out>.partial` and renamed to `out` (replacing it) only when the
@@ -506,11 +586,11 @@ def _check_name(name: Any, where: str) -> str:
     return name
 
 
-def _check_finite(path: Path, key: str, value: np.ndarray) -> None:
+def _check_finite(where: str, key: str, value: np.ndarray) -> None:
     finite = np.isfinite(value)
     if not finite.all():
         index = tuple(int(i) for i in np.argwhere(~finite)[0])
         raise EpisodeError(
-            f"{path}: data key {key!r} has a non-finite value {value[index]} at index {index} "
+            f"{where}: data key {key!r} has a non-finite value {value[index]} at index {index} "
             f"(step {index[0]})"
         )
