@@ -51,7 +51,7 @@ TASK = "pusht"
 # benchmarks/train_speed.py`), a short warm-up and a larger learning rate than Diffusion Policy's 1e-4
 # (a short run), no checkpoint selection (eval.episodes=0: selecting on a few seeds picked worse
 # checkpoints than the last), every quarter's checkpoint kept for the learning curve.
-STEPS = 28000
+STEPS = 22000
 BUDGET_OVERRIDES = [f"train.steps={STEPS}", "train.batch_size=256", "optim.lr=1e-3", "optim.warmup_steps=200",
                     f"train.checkpoint_every={STEPS // 4}", "train.keep_all=true", "train.log_every=200",
                     "eval.episodes=0", "train.device=cpu", "train.num_threads=2", "policy.backbone.hidden_dim=512",
