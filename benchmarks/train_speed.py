@@ -191,7 +191,7 @@ def main() -> None:
         achieved, peak = flops / seconds / 1e9, peaks[variant.threads] / 1e9
         note = f"  (compile {compile_s:.0f} s)" if variant.compile else ""
         print(f"{variant.name:<36}{seconds * 1e3:>9.1f}{1 / seconds:>9.1f}{flops / 1e9:>12.2f}{achieved:>9.1f}"
-              f"{peak:>14.1f}{achieved / peak:>11.0%}{base / seconds:>9.2f}x{note}")
+              f"{peak:>14.1f}{achieved / peak:>11.0%}{base / seconds:>9.3g}x{note}")
     variant, seconds, parts = fastest
     print(f"\nparts of a step, {variant.name.lstrip('+ ')} (median ms):")
     print("  " + "  ".join(f"{name} {value * 1e3:.1f}" for name, value in parts.items())

@@ -55,6 +55,24 @@ def test_main_job_trains_on_its_own_demonstrations_from_a_larger_store(tmp_path,
     assert json.loads((out / "train" / "config.json").read_text())["data"]["max_episodes"] == 3
 
 
+def test_the_readme_reports_the_main_jobs_own_settings():
+    """The README's main-job row names what `diffpolicy main` runs, so its numbers measure the default."""
+    from pathlib import Path
+
+    from diffpolicy.commands.main import BUDGET_OVERRIDES, DEMOS, STEPS
+    from diffpolicy.train.config import build_config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| PushT, `./run main`"))
+    config = build_config("pusht", "diffusion", BUDGET_OVERRIDES)
+    backbone = config.policy.backbone
+    assert f"{DEMOS} demos" in row and f"{STEPS // 1000}k steps of {config.train.batch_size}" in row
+    assert f"MLP {backbone['hidden_dim']}×{backbone['num_blocks']}, {backbone['activation']}" in row
+    assert config.policy.process.prediction == "sample" and "predicts the clean chunk" in row  # the card's setting
+    assert f"{config.train.num_threads} threads" in row
+    assert f"collects {DEMOS} PushT demonstrations" in readme and f"for {STEPS // 1000}k steps" in readme
+
+
 def test_main_job_budget_keeps_both_methods_on_the_512_wide_network():
     from diffpolicy.commands.main import BUDGET_OVERRIDES
     from diffpolicy.train.config import build_config

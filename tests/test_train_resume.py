@@ -86,3 +86,12 @@ def test_resume_of_a_finished_run_does_nothing_more(tmp_path, dataset):
     assert again.step == first.step == 20 and again.latest == first.latest
     after = load_file(again.latest / "state" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_every_checkpoint_step_has_a_loss_row_with_its_training_time(tmp_path, dataset):
+    config = build_config("pusht", "diffusion", [*TINY, "train.log_every=7", "train.checkpoint_every=10",
+                                                 f"data.path={dataset}"])
+    train(config, tmp_path / "run", progress=False)
+    rows = [row for row in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in row]
+    assert [row["step"] for row in rows] == [7, 10, 14, 20]  # a checkpoint's time is read off its own row
+    assert all(row["cpu_s"] > 0 and row["wall_s"] > 0 for row in rows)

@@ -101,8 +101,9 @@ class LoopConfig:
     device: "auto" (GPU when present), "cpu", "cuda", "cuda:1", ...
     bf16: bf16 autocast for the forward pass (GPU only; ignored on CPU).
     ema_power, ema_max_decay: EMA warm-up (DP: 0.75, 0.9999).
-    log_every: steps between loss logs. checkpoint_every: steps between checkpoints (each one
-        evaluated when eval.episodes > 0). keep_top_k: best checkpoints kept besides the latest.
+    log_every: steps between loss logs (and one at every checkpoint). checkpoint_every: steps between
+        checkpoints (each one evaluated when eval.episodes > 0). keep_top_k: best checkpoints kept
+        besides the latest.
     keep_all: keep every checkpoint (for a learning curve evaluated after training).
     num_threads: torch CPU threads (0: torch's default).
     """

@@ -349,7 +349,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
         loss_count += 1
         bar.update(1)
 
-        if step % tc.log_every == 0 or step == tc.steps:
+        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.steps:
             mean_loss = float(all_reduce_mean(loss_sum / loss_count, ctx))
             steps_per_s = loss_count / max(1e-9, clock.end_interval(interval_start))
             loss_sum.zero_()
