@@ -87,6 +87,27 @@ def _bc_policy(kind: str, steps: int, inference_steps: int, seed: int) -> ChunkP
     return policy.eval()
 
 
+def write_demonstrations(path, episodes: int = 16, seed: int = 0) -> str:
+    """A replay-buffer store of the biased demonstrator's PointReach episodes (`pos`, `action`)."""
+    from diffpolicy.data.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer.create(path, attrs={"task": TASK})
+    env = make_env()
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        positions, actions = [], []
+        for _ in range(MAX_STEPS):
+            action = biased_action(obs["pos"])
+            positions.append(obs["pos"])
+            actions.append(action)
+            obs, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                break
+        buffer.add_episode({"pos": np.stack(positions), "action": np.stack(actions)})
+    buffer.close()
+    return str(path)
+
+
 class WideActionReach(PointReach):
     """PointReach with a 3-D action space (a mismatch for the 2-D policy); counts its steps."""
 
