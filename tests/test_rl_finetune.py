@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from rl_tasks import TASK, WideActionReach, make_bc_policy, make_env, write_card
+from rl_tasks import TASK, WideActionReach, make_bc_policy, make_env, write_card, write_demonstrations
 
 from diffpolicy.cli import main
 from diffpolicy.evaluation.rollout import rollout
@@ -92,7 +92,9 @@ def test_finetuning_raises_the_return_where_imitation_is_poor(algo, env_steps, t
 
 def test_resume_continues_bit_exactly(tmp_path, monkeypatch):
     module, _, config = ALGOS["dppo"]
-    config = dataclasses.replace(config, env_steps=230, eval_every=0)  # three iterations
+    # Three iterations, with the BC regulariser: its window and noise draws resume exactly too.
+    store = write_demonstrations(tmp_path / "demos.zarr")
+    config = dataclasses.replace(config, env_steps=230, eval_every=0, bc_coef=0.5, bc_data=store)
     straight = module.finetune(policy_for("dppo"), make_env, config, tmp_path / "straight", progress=False)
 
     original_save = Session.save
