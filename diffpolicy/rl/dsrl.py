@@ -7,8 +7,9 @@ executes the same Ta actions of the chunk that deployment executes, returning th
 reward. stable-baselines3's SAC (or PPO) learns the noise actor; timesteps are counted in
 environment steps (each wrapper step adds the Ta, or fewer at an episode end, it executed), and
 SB3 keeps terminated and truncated apart in SAC's targets (a truncated transition is
-bootstrapped: `handle_timeout_termination`). The result is a `DSRLPolicy` (noise actor + frozen
-base) that saves and loads on its own:
+bootstrapped: `handle_timeout_termination`). A killed run resumes bit-exactly (`SB3State` and the
+segments of `finetune`). The result is a `DSRLPolicy` (noise actor + frozen base) that saves and
+loads on its own:
 
     policy = DSRLPolicy.load("runs/dsrl/policy")
     chunk = policy.sample(obs)                       # (B, Tp, Da), data units
@@ -237,9 +238,11 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
     `run_dir/sb3/` (the learner's checkpoint, `SB3State`), curves and TensorBoard.
 
     The run is cut into segments of `eval_every` environment steps (one segment without it). A
-    segment ends at a checkpoint: evaluation, a curves row, the saved policy and learner; the next
-    segment starts new episodes in every environment from seeds of the run seed and the segment
-    index. A resumed run therefore repeats the uninterrupted one bit-exactly: it loads the learner
+    segment ends at a checkpoint at the first rollout boundary past its last step (SAC: the next
+    step; PPO: the end of its rollout of n_steps x n_envs chunks, so PPO may run past an
+    evaluation point and the budget by less than one rollout): evaluation, a curves row, the saved
+    policy and learner; the next segment starts new episodes in every environment from seeds of
+    the run seed and the segment index. A resumed run therefore repeats the uninterrupted one bit-exactly: it loads the learner
     with its replay buffer and RNG states and starts the same segment from the same seeds.
     (Resuming with a larger budget continues exactly from the last checkpoint; it equals a run
     started with that budget when the old budget ended on a segment boundary.)
