@@ -88,8 +88,8 @@ def test_bad_bc_settings_fail_before_any_environment_step(algo, tmp_path, capsys
     policy = make_bc_policy(kind, inference_steps=steps)
     # A named store that is not there.
     with pytest.raises(MissingDemonstrationsError, match=r"config key 'bc_data': no replay-buffer store at .*nowhere"):
-        module.finetune(policy, never_make_env, dataclasses.replace(config, bc_coef=0.1, bc_data=str(tmp_path / "nowhere")),
-                        tmp_path / "a")
+        module.finetune(policy, never_make_env,
+                        dataclasses.replace(config, bc_coef=0.1, bc_data=str(tmp_path / "nowhere")), tmp_path / "a")
     # No store named, and the checkpoint records none / one that is gone.
     with pytest.raises(MissingDemonstrationsError, match="the checkpoint records no training store"):
         module.finetune(make_bc_policy(kind, inference_steps=steps), never_make_env,
@@ -102,7 +102,8 @@ def test_bad_bc_settings_fail_before_any_environment_step(algo, tmp_path, capsys
     other = ReplayBuffer.create(tmp_path / "wide.zarr")
     other.add_episode({"pos": np.zeros((5, 2), np.float32), "action": np.zeros((5, 3), np.float32)})
     other.close()
-    with pytest.raises(DatasetMismatchError, match=r"wide.zarr: actions have shape \[3\] per step, the policy expects \[2\]"):
+    with pytest.raises(DatasetMismatchError,
+                       match=r"wide.zarr: actions have shape \[3\] per step, the policy expects \[2\]"):
         module.finetune(make_bc_policy(kind, inference_steps=steps), never_make_env,
                         dataclasses.replace(config, bc_coef=0.1, bc_data=str(tmp_path / "wide.zarr")), tmp_path / "d")
     assert not any((tmp_path / name).exists() for name in "abcd")

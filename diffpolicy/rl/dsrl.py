@@ -38,7 +38,7 @@ from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
 from diffpolicy.rl.evaluate import evaluate
 from diffpolicy.rl.sb3_state import SB3State
-from diffpolicy.rl.session import FinetuneResult
+from diffpolicy.rl.session import FinetuneResult, reset_seed
 
 ALGORITHMS = ("sac", "ppo")
 
@@ -227,11 +227,6 @@ def _export_actor(model: Any) -> tuple[nn.Sequential, list[list[Any]], str]:
     return actor.cpu(), layers, squash
 
 
-def segment_seed(config: DSRLConfig, segment: int) -> int:
-    """The reset seed of environment 0 in `segment` (environment i gets this + i)."""
-    return config.seed * 1_000_003 + segment * config.n_envs
-
-
 def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLConfig, run_dir: str | Path,
              resume: bool = False, progress: bool = True) -> FinetuneResult:
     """Train a DSRL noise actor for the frozen `policy`; writes `run_dir/policy` (a `DSRLPolicy`),
@@ -242,8 +237,9 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
     step; PPO: the end of its rollout of n_steps x n_envs chunks, so PPO may run past an
     evaluation point and the budget by less than one rollout): evaluation, a curves row, the saved
     policy and learner; the next segment starts new episodes in every environment from seeds of
-    the run seed and the segment index. A resumed run therefore repeats the uninterrupted one bit-exactly: it loads the learner
-    with its replay buffer and RNG states and starts the same segment from the same seeds.
+    the run seed and the segment index (`session.reset_seed`). A resumed run therefore repeats the
+    uninterrupted one bit-exactly: it loads the learner with its replay buffer and RNG states and
+    starts the same segment from the same seeds.
     (Resuming with a larger budget continues exactly from the last checkpoint; it equals a run
     started with that budget when the old budget ended on a segment boundary.)
     """
@@ -293,7 +289,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
 
     def start_segment() -> None:
         """New episodes in every environment from the seeds of segment `iteration`."""
-        env.seed(segment_seed(config, counters["iteration"]))
+        env.seed(reset_seed(config.seed, counters["iteration"], config.n_envs))
         model._last_obs = env.reset()
         model._last_episode_starts = np.ones(config.n_envs, dtype=bool)
 

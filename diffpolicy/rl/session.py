@@ -107,6 +107,12 @@ class FinetuneResult:
     history: list[dict[str, float]]
 
 
+def reset_seed(seed: int, iteration: int, n_envs: int) -> int:
+    """The reset seed of environment 0 at the start of an iteration (environment i: this + i);
+    iterations and runs with other seeds never share one."""
+    return seed * 1_000_003 + iteration * n_envs
+
+
 def config_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -144,7 +150,7 @@ class Session:
     # ------------------------------------------------------------------ environments
     def reset(self) -> dict[str, np.ndarray]:
         """Reset every environment for iteration `self.iteration` (seeds from the run seed)."""
-        base = self.config.seed * 1_000_003 + self.iteration * self.config.n_envs
+        base = reset_seed(self.config.seed, self.iteration, self.config.n_envs)
         obs, _ = self.envs.reset(seed=[base + i for i in range(self.config.n_envs)])
         self.stats.start()
         return obs
