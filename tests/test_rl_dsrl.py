@@ -181,3 +181,28 @@ def test_sb3_ppo_ratio_is_exactly_one_before_the_first_update():
         with torch.no_grad():
             _, log_prob, _ = model.policy.evaluate_actions(batch.observations, batch.actions)
         assert torch.equal(torch.exp(log_prob - batch.old_log_prob), torch.ones_like(log_prob))
+
+
+def test_ppo_resume_continues_bit_exactly(tmp_path, monkeypatch):
+    # SB3 PPO: segments end at its rollout boundaries (16 chunks x 2 environments, about 64 steps).
+    config = dsrl.DSRLConfig(algorithm="ppo", env_steps=160, batch_size=16, hidden_dim=32, eval_every=40,
+                             eval_episodes=2, n_envs=2)
+    straight = dsrl.finetune(make_bc_policy(), make_env, config, tmp_path / "straight", progress=False)
+    original = SB3State.save
+
+    def save_then_die(self, model, number, *args):
+        original(self, model, number, *args)
+        if number == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SB3State, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        dsrl.finetune(make_bc_policy(), make_env, config, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(SB3State, "save", original)
+    resumed = dsrl.finetune(make_bc_policy(), make_env, config, tmp_path / "resumed", resume=True, progress=False)
+    assert len(straight.history) == 3 and len(resumed.history) == 2
+    assert straight.history[-1]["env_steps"] >= 160  # a rollout started before the budget is finished
+    for a, b in zip(straight.history[1:], resumed.history):
+        assert {k: v for k, v in a.items() if k != "cpu_s"} == {k: v for k, v in b.items() if k != "cpu_s"}
+    for name, tensor in straight.policy.actor.state_dict().items():
+        assert torch.equal(tensor, resumed.policy.actor.state_dict()[name]), name
