@@ -4,6 +4,7 @@
 step (action in [-1, 1]^2) towards a fixed goal; reward -distance; success (terminated) within 0.15
 of the goal; 12 steps at most (truncated). The demonstrations aim at goal + BIAS, so the cloned
 policy stops about 0.57 away from the goal and never succeeds: imitation is poor, RL can fix it.
+`FailingReach` also terminates episodes that start left of x = 0 (a failure) after 6 steps.
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ def make_env() -> gym.Env:
     return gym.wrappers.TimeLimit(PointReach(), max_episode_steps=MAX_STEPS)
 
 
+FAIL_STEPS = 6
+
+
+class FailingReach(PointReach):
+    """PointReach whose episodes starting left of x = 0 fail: terminated after FAIL_STEPS steps
+    (besides success), so episodes end terminated and truncated (12 steps) in one run."""
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = super().reset(seed=seed, options=options)
+        self.steps, self.doomed = 0, bool(self.pos[0] < 0)
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        self.steps += 1
+        return obs, reward, terminated or (self.doomed and self.steps >= FAIL_STEPS), truncated, info
+
+
+def make_failing_env() -> gym.Env:
+    return gym.wrappers.TimeLimit(FailingReach(), max_episode_steps=MAX_STEPS)
+
+
 def biased_action(pos: np.ndarray) -> np.ndarray:
     return np.clip(4.0 * (GOAL + BIAS - pos), -1, 1).astype(np.float32)
 
@@ -85,6 +108,27 @@ def _bc_policy(kind: str, steps: int, inference_steps: int, seed: int) -> ChunkP
         optimizer.step()
     policy.metadata = {"task": TASK}
     return policy.eval()
+
+
+def write_demonstrations(path, episodes: int = 16, seed: int = 0) -> str:
+    """A replay-buffer store of the biased demonstrator's PointReach episodes (`pos`, `action`)."""
+    from diffpolicy.data.replay_buffer import ReplayBuffer
+
+    buffer = ReplayBuffer.create(path, attrs={"task": TASK})
+    env = make_env()
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        positions, actions = [], []
+        for _ in range(MAX_STEPS):
+            action = biased_action(obs["pos"])
+            positions.append(obs["pos"])
+            actions.append(action)
+            obs, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                break
+        buffer.add_episode({"pos": np.stack(positions), "action": np.stack(actions)})
+    buffer.close()
+    return str(path)
 
 
 class WideActionReach(PointReach):

@@ -1,20 +1,22 @@
 """DPPO and flow PPO end to end on a tiny point-reaching task whose behaviour-cloned policy is
-biased: the PPO ratio is exactly 1 before every update, fine-tuning raises the held-out return,
-resuming continues bit-exactly, and bad input fails before any environment step."""
+biased: the PPO ratio is exactly 1 for every transition before each iteration's update,
+fine-tuning raises the held-out return, resuming continues bit-exactly, and bad input fails
+before any environment step."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from rl_tasks import TASK, WideActionReach, make_bc_policy, make_env, write_card
+from rl_tasks import TASK, WideActionReach, make_bc_policy, make_env, write_card, write_demonstrations
 
 from diffpolicy.cli import main
 from diffpolicy.evaluation.rollout import rollout
 from diffpolicy.policies import ChunkPolicy
-from diffpolicy.rl import dppo, flow_ppo
+from diffpolicy.rl import chain_ppo, dppo, flow_ppo
 from diffpolicy.rl.errors import ActionSpaceMismatchError, UnsupportedProcessError
 from diffpolicy.rl.evaluate import evaluate
+from diffpolicy.rl.ppo import clipped_surrogate, log_ratio
 from diffpolicy.rl.session import Session
 
 SMALL = {"n_envs": 8, "n_steps": 6, "batch_size": 16, "epochs": 4, "eval_episodes": 16}
@@ -30,11 +32,30 @@ def policy_for(algo):
 
 
 @pytest.mark.parametrize("algo", list(ALGOS))
-def test_ppo_ratio_is_exactly_one_before_every_update(algo, tmp_path):
+def test_ppo_ratio_is_exactly_one_for_every_transition_before_the_update(algo, tmp_path, monkeypatch):
     module, _, config = ALGOS[algo]
     config = dataclasses.replace(config, env_steps=150, eval_every=0)  # two iterations
+    checked = []
+
+    def scored_then_checked(policy, critic, rollout, noise, gamma, lam, tokens=None):
+        # Every transition of the iteration, scored in minibatches as the update scores them,
+        # before any update: the PPO ratio (from the clamped log-ratio) is exactly 1.
+        batch = chain_ppo.ppo_batch(policy, critic, rollout, noise, gamma, lam, tokens)
+        order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(len(checked)))
+        for index in order.split(config.batch_size):
+            log_prob = policy.chain_log_prob(batch.cond[index], batch.chain.index(index), noise, tokens=tokens)
+            assert torch.equal(log_prob, batch.old_log_prob[index])
+            ratio = log_ratio(log_prob, batch.old_log_prob[index]).exp()
+            assert torch.equal(ratio, torch.ones_like(ratio))
+            _, stats = clipped_surrogate(log_prob.sum(1), batch.old_log_prob[index].sum(1),
+                                         torch.randn(len(index)), 0.2)  # flow PPO's whole-chain ratio
+            assert stats["ratio"] == 1.0 and stats["clip_fraction"] == 0.0 and stats["approx_kl"] == 0.0
+        checked.append(len(batch))
+        return batch
+
+    monkeypatch.setattr(module, "ppo_batch", scored_then_checked)
     result = module.finetune(policy_for(algo), make_env, config, tmp_path / "run", progress=False)
-    assert len(result.history) == 2
+    assert checked == [48, 48]  # 8 environments x 6 chunks, in each of the two iterations
     assert [row["first_ratio_error"] for row in result.history] == [0.0, 0.0]
     assert result.history[-1]["ratio"] != 1.0  # later minibatches did move the policy
 
@@ -71,7 +92,9 @@ def test_finetuning_raises_the_return_where_imitation_is_poor(algo, env_steps, t
 
 def test_resume_continues_bit_exactly(tmp_path, monkeypatch):
     module, _, config = ALGOS["dppo"]
-    config = dataclasses.replace(config, env_steps=230, eval_every=0)  # three iterations
+    # Three iterations, with the BC regulariser: its window and noise draws resume exactly too.
+    store = write_demonstrations(tmp_path / "demos.zarr")
+    config = dataclasses.replace(config, env_steps=230, eval_every=0, bc_coef=0.5, bc_data=store)
     straight = module.finetune(policy_for("dppo"), make_env, config, tmp_path / "straight", progress=False)
 
     original_save = Session.save

@@ -1,10 +1,15 @@
 """GAE over environment steps: a truncated episode is bootstrapped from V of its final state, a
-terminated one is not; neither lets advantages leak across the episode boundary."""
+terminated one is not; neither lets advantages leak across the episode boundary. Rollouts of
+vector chunk environments record the two apart, with each ended episode's final observation."""
 
+import numpy as np
 import pytest
 import torch
+from rl_tasks import GOAL, make_bc_policy, make_failing_env
 
 from diffpolicy.rl.gae import gae
+from diffpolicy.rl.rollout import EpisodeStats, collect_rollout
+from diffpolicy.rl.vec_env import make_chunk_vec_env
 
 G, LAM = 0.9, 0.8
 
@@ -44,3 +49,36 @@ def test_environments_are_independent_and_shapes_are_checked():
         torch.testing.assert_close(adv[:, n:n + 1], single)
     with pytest.raises(ValueError, match=r"next_values must have the shape of rewards \(5, 3\), got \(5, 2\)"):
         gae(rewards, values, next_values[:, :2], terminated, truncated, G, LAM)
+
+
+def test_rollouts_keep_terminated_apart_from_truncated_and_bootstrap_from_the_final_state():
+    # Zero actions: a point never moves, so an episode's final observation is its first one. FailingReach
+    # terminates episodes that start left of x = 0 after 6 steps (3 chunks of Ta = 2); the others are
+    # truncated by the 12-step limit (6 chunks).
+    config = make_bc_policy().config
+    envs = make_chunk_vec_env(make_failing_env, config, n_envs=3)
+    obs, _ = envs.reset(seed=[10, 11, 12])
+
+    def still(obs_t):
+        return np.zeros((3, config.pred_horizon, config.action_dim), np.float32), {}
+
+    rollout, _ = collect_rollout(envs, obs, still, 14, EpisodeStats(3))
+    envs.close()
+    x = rollout.obs["pos"][..., -1, 0]
+    distance = (rollout.obs["pos"][..., -1, :] - torch.from_numpy(GOAL)).norm(dim=-1)
+    done = rollout.terminated | rollout.truncated
+    assert not (rollout.terminated & rollout.truncated).any()
+    assert torch.equal(rollout.terminated, done & ((x < 0) | (distance < 0.15)))
+    assert rollout.terminated.sum() > 0 and rollout.truncated.sum() > 0
+    # next_obs of an ended episode is its final state; the next row already holds the reset one.
+    assert torch.equal(rollout.next_obs["pos"][done], rollout.obs["pos"][done])
+    later = done.clone()
+    later[-1] = False
+    assert not torch.equal(rollout.obs["pos"][1:][later[:-1]], rollout.obs["pos"][:-1][later[:-1]])
+    # The value targets: a terminated step's is its reward, a truncated one's bootstraps from V(final).
+    value = lambda o: 1.0 + o["pos"][..., -1, 0]  # noqa: E731
+    _, returns = gae(rollout.rewards, value(rollout.obs), value(rollout.next_obs), rollout.terminated,
+                     rollout.truncated, G, LAM)
+    terminated, truncated = rollout.terminated, rollout.truncated
+    torch.testing.assert_close(returns[terminated], rollout.rewards[terminated])
+    torch.testing.assert_close(returns[truncated], rollout.rewards[truncated] + G * (1.0 + x[truncated]))

@@ -3,6 +3,7 @@
     diffpolicy finetune --algo dppo --checkpoint runs/pusht_diffusion --task pusht --env-steps 200000
     diffpolicy finetune --algo flowppo --checkpoint runs/pusht_flow --task pusht clip=0.02 lr=3e-5
     diffpolicy finetune --algo dsrl --checkpoint runs/pusht_diffusion --task pusht algorithm=sac
+    diffpolicy finetune --algo dppo --checkpoint runs/pusht_diffusion --task pusht bc_coef=0.1   # + BC on its demos
     diffpolicy finetune --algo dppo --checkpoint runs/pusht_diffusion --task pusht --resume   # continue
 
 Writes into `--out` (default runs/finetune_<task>_<algo>): `curves.csv` and `curves.png` (success

@@ -154,7 +154,8 @@ class ChunkPolicy(nn.Module):
         return draw_token_times(weights, batch, horizon, self.config.action_horizon,
                                 self.config.process.train_steps, lambda shape: _rand(shape, x0, generator))
 
-    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                     finetuned: bool = False) -> torch.Tensor:
         """Denoising loss of one batch (a scalar).
 
         Args:
@@ -162,6 +163,8 @@ class ChunkPolicy(nn.Module):
                 bool (optional)}` in data units.
             generator: source of every random draw, in this order: the encoder's random crops
                 (image keys, train mode), t `(B,)` by `torch.rand`, the noise `(B, Tp, Da)`.
+            finetuned: run the fine-tuned copy (`start_finetuning`) instead of the backbone: the
+                same loss for the copy (RL fine-tuning's behaviour-cloning regulariser).
 
         Each example gets one level t for its whole chunk (continuous, or on the training grid of
         `config.process.train_steps`), or per-token levels as `config.loss.token_times` says
@@ -169,12 +172,15 @@ class ChunkPolicy(nn.Module):
         `config.loss.mask_padding`; tokens held clean by the token times never count.
         """
         check_batch(batch, self.config)
+        if finetuned and self.config.finetune_steps == 0:
+            raise ConfigError("compute_loss(finetuned=True): this policy has no fine-tuned copy; call "
+                              "start_finetuning(last_steps) first")
         x0 = self.normalize_action(batch["action"])
         cond = self.encode_obs(batch["obs"], generator)
         t, clean = self._token_times(x0, generator)
         noise = _randn(tuple(x0.shape), x0, generator)
         x_t = self.process.corrupt(x0, t, noise)
-        out = self.backbone(x_t, t, cond)
+        out = (self.finetuned_backbone if finetuned else self.backbone)(x_t, t, cond)
         weight = loss_weight(self.process, t, self.config.loss.weighting, self.config.loss.min_snr_gamma)
         pad = batch.get("action_is_pad")
         mask = ~pad if (pad is not None and self.config.loss.mask_padding) else None

@@ -13,7 +13,8 @@ from diffpolicy.errors import MissingKeyError
 from diffpolicy.fsutil import atomic_write_text
 
 COLUMNS = ("iteration", "env_steps", "cpu_s", "train_return", "train_success", "train_episodes",
-           "eval_return", "eval_success", "policy_loss", "value_loss", "ratio", "clip_fraction", "approx_kl", "first_ratio_error")
+           "eval_return", "eval_success", "policy_loss", "value_loss", "ratio", "clip_fraction", "approx_kl", "first_ratio_error",
+           "bc_loss")
 
 
 class Curves:

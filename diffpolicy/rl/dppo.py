@@ -9,6 +9,8 @@ denoising steps, discounted by `denoising_gamma` per step away from the clean en
 ramps from `clip_start` (noisiest fine-tuned step) to `clip_end` (the last). With `executed_only`
 the log-probabilities count only the Ta executed actions of each chunk. Evaluation and the
 saved policy sample with DDIM eta = `eval_eta` (0: deterministic) through the same fine-tuned copy.
+With `bc_coef` > 0 the copy's imitation loss on demonstration windows joins the actor's loss
+(`rl.bc`, off by default).
 
     result = finetune(ChunkPolicy.from_pretrained("runs/pusht/..."), make_env, DPPOConfig(), "runs/dppo")
     ChunkPolicy.from_pretrained("runs/dppo/checkpoints/step_.../policy")   # the fine-tuned policy
@@ -25,10 +27,11 @@ import torch
 
 from diffpolicy.core.samplers import StepNoise
 from diffpolicy.policies.chunk_policy import ChunkPolicy
+from diffpolicy.rl.bc import BCRegularizer
 from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
-from diffpolicy.rl.ppo import clipped_surrogate, joint_step, minibatches, normalize_advantages
+from diffpolicy.rl.ppo import clipped_surrogate, joint_step, minibatches, normalize_advantages, ratio_error
 from diffpolicy.rl.rollout import collect_rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 
@@ -80,6 +83,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
     actor_optimizer = torch.optim.Adam(actor_params, lr=config.lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
     generator = torch.Generator().manual_seed(config.seed)
+    bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
     session = Session(run_dir, "dppo", config, policy, make_env, resume)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "critic": critic}
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
@@ -115,15 +119,23 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
                     policy_loss, stats = clipped_surrogate(log_prob, batch.old_log_prob[index],
                                                            advantages[index, None] * discount, clip)
                     if first_ratio_error is None:
-                        first_ratio_error = float((log_prob.detach() - batch.old_log_prob[index]).exp().sub(1).abs().max())
+                        first_ratio_error = ratio_error(log_prob, batch.old_log_prob[index])
                     value_loss = (critic({k: v[index] for k, v in batch.obs.items()}) - batch.returns[index]).pow(2).mean()
-                    joint_step(policy_loss + value_loss, [actor_optimizer, critic_optimizer],
-                               [actor_params, critic.parameters()], config.max_grad_norm)
+                    loss = policy_loss + value_loss
+                    if bc is not None:  # the copy's imitation loss on demonstration windows
+                        bc_loss = bc.loss(generator)
+                        loss = loss + config.bc_coef * bc_loss
+                    joint_step(loss, [actor_optimizer, critic_optimizer], [actor_params, critic.parameters()],
+                               config.max_grad_norm)
             # 4. Log, evaluate with the saved sampler, checkpoint.
             row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
                    "first_ratio_error": first_ratio_error}
+            if bc is not None:
+                row["bc_loss"] = float(bc_loss.detach())
             history.append(row)
             session.end_iteration(policy, row, modules, optimizers, {"sampling": generator}, progress)
     finally:
         session.close()
+        if bc is not None:
+            bc.close()
     return FinetuneResult(policy, session.checkpoints.latest(), history)

@@ -7,8 +7,9 @@ executes the same Ta actions of the chunk that deployment executes, returning th
 reward. stable-baselines3's SAC (or PPO) learns the noise actor; timesteps are counted in
 environment steps (each wrapper step adds the Ta, or fewer at an episode end, it executed), and
 SB3 keeps terminated and truncated apart in SAC's targets (a truncated transition is
-bootstrapped: `handle_timeout_termination`). The result is a `DSRLPolicy` (noise actor + frozen
-base) that saves and loads on its own:
+bootstrapped: `handle_timeout_termination`). A killed run resumes bit-exactly (`SB3State` and the
+segments of `finetune`). The result is a `DSRLPolicy` (noise actor + frozen base) that saves and
+loads on its own:
 
     policy = DSRLPolicy.load("runs/dsrl/policy")
     chunk = policy.sample(obs)                       # (B, Tp, Da), data units
@@ -36,7 +37,8 @@ from diffpolicy.rl.chunk_env import ChunkEnv
 from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
 from diffpolicy.rl.evaluate import evaluate
-from diffpolicy.rl.session import FinetuneResult
+from diffpolicy.rl.sb3_state import SB3State
+from diffpolicy.rl.session import FinetuneResult, reset_seed
 
 ALGORITHMS = ("sac", "ppo")
 
@@ -228,7 +230,19 @@ def _export_actor(model: Any) -> tuple[nn.Sequential, list[list[Any]], str]:
 def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLConfig, run_dir: str | Path,
              resume: bool = False, progress: bool = True) -> FinetuneResult:
     """Train a DSRL noise actor for the frozen `policy`; writes `run_dir/policy` (a `DSRLPolicy`),
-    `run_dir/sb3/` (the SB3 model and replay buffer, for --resume), curves and TensorBoard."""
+    `run_dir/sb3/` (the learner's checkpoint, `SB3State`), curves and TensorBoard.
+
+    The run is cut into segments of `eval_every` environment steps (one segment without it). A
+    segment ends at a checkpoint at the first rollout boundary past its last step (SAC: the next
+    step; PPO: the end of its rollout of n_steps x n_envs chunks, so PPO may run past an
+    evaluation point and the budget by less than one rollout): evaluation, a curves row, the saved
+    policy and learner; the next segment starts new episodes in every environment from seeds of
+    the run seed and the segment index (`session.reset_seed`). A resumed run therefore repeats the
+    uninterrupted one bit-exactly: it loads the learner with its replay buffer and RNG states and
+    starts the same segment from the same seeds.
+    (Resuming with a larger budget continues exactly from the last checkpoint; it equals a run
+    started with that budget when the old budget ended on a segment boundary.)
+    """
     from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv
@@ -237,24 +251,22 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
     base = deterministic(policy, config.inference_steps)
     probe = make_env()
     ChunkEnv(probe, base.config).close()  # checks the spaces before any step
-    state_path, model_path, buffer_path = run_dir / "sb3" / "state.json", run_dir / "sb3" / "model.zip", run_dir / "sb3" / "replay_buffer.pkl"
-    if state_path.exists() and not resume:
+    state = SB3State(run_dir / "sb3")
+    if state.exists() and not resume:
         raise FinetuneError(f"{run_dir} already holds a DSRL run; pass --resume to continue it or choose another --out")
-    if resume and not state_path.exists():
+    if resume and not state.exists():
         raise FinetuneError(f"--resume: {run_dir} holds no DSRL run to continue")
     env = DummyVecEnv([lambda: NoiseActionEnv(make_env(), base, config.action_magnitude)
                        for _ in range(config.n_envs)])
-    env.seed(config.seed)
     net = [config.hidden_dim] * config.layers
+    algorithm = SAC if config.algorithm == "sac" else PPO
     if resume:
-        saved = json.loads(state_path.read_text())
+        saved = state.read()
         changed = sorted(k for k in saved["config"] if k != "env_steps" and saved["config"][k] != asdict(config)[k])
         if changed:
-            raise FinetuneError(f"{state_path}: the run was started with other settings ({changed}); resume with "
-                                "the same ones (only env_steps, the budget, may change)")
-        model = (SAC if config.algorithm == "sac" else PPO).load(model_path, env=env, device="cpu")
-        if config.algorithm == "sac":
-            model.load_replay_buffer(buffer_path)
+            raise FinetuneError(f"{state.state_path}: the run was started with other settings ({changed}); resume "
+                                "with the same ones (only env_steps, the budget, may change)")
+        model, saved = state.load(algorithm, env)
         counters = saved["counters"]
     else:
         if config.algorithm == "sac":
@@ -266,26 +278,28 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
             model = PPO("MlpPolicy", env, learning_rate=config.lr, batch_size=config.batch_size, gamma=config.gamma,
                         n_steps=max(config.batch_size // config.n_envs, 16), seed=config.seed,
                         policy_kwargs={"net_arch": net}, device="cpu", verbose=0)
-        counters = {"env_steps": 0, "next_eval": config.eval_every or config.env_steps, "iteration": 0}
+        counters = {"env_steps": 0, "next_eval": config.eval_every or config.env_steps, "iteration": 0, "cpu_s": 0.0}
     curves = Curves(run_dir, counters["iteration"])
     seeds = list(range(config.eval_seed_start, config.eval_seed_start + config.eval_episodes))
     history: list[dict[str, float]] = []
 
-    def save_all() -> None:
+    def trained_policy() -> DSRLPolicy:
         actor, layers, squash = _export_actor(model)
-        DSRLPolicy(base, actor, layers, squash, config.action_magnitude).save(run_dir / "policy")
-        model.save(model_path)
-        if config.algorithm == "sac":
-            model.save_replay_buffer(buffer_path)
-        atomic_write_text(state_path, json.dumps({"config": asdict(config), "counters": counters}))
+        return DSRLPolicy(base, actor, layers, squash, config.action_magnitude)
 
-    def evaluate_actor() -> dict[str, float]:
-        actor, layers, squash = _export_actor(model)
-        return evaluate(DSRLPolicy(base, actor, layers, squash, config.action_magnitude).sample, base.config,
-                        make_env, seeds)
+    def start_segment() -> None:
+        """New episodes in every environment from the seeds of segment `iteration`."""
+        env.seed(reset_seed(config.seed, counters["iteration"], config.n_envs))
+        model._last_obs = env.reset()
+        model._last_episode_starts = np.ones(config.n_envs, dtype=bool)
 
-    class Budget(BaseCallback):
-        """Counts environment steps from the wrapper's infos, logs episodes, evaluates, saves, stops."""
+    class Segments(BaseCallback):
+        """Counts environment steps from the wrapper's infos and ends segments (see `finetune`).
+
+        SB3 stops learning only from `_on_step`, after an environment step whose transition it then
+        drops; so a segment ends at the next rollout start (every transition stored and trained
+        on), and past the budget the run stops at the step after it (which no run keeps).
+        """
 
         def __init__(self) -> None:
             super().__init__()
@@ -293,8 +307,11 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
             self.returns = np.zeros(config.n_envs)
             self.success = np.zeros(config.n_envs, dtype=bool)
             self.cpu_start = time.process_time()
+            self.due = self.stop = False
 
         def _on_step(self) -> bool:
+            if self.stop:
+                return False
             for i, (info, done) in enumerate(zip(self.locals["infos"], self.locals["dones"])):
                 counters["env_steps"] += int(info["env_steps"])
                 self.returns[i] += float(self.locals["rewards"][i])
@@ -302,31 +319,49 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DSRLC
                 if done:
                     self.finished.append((self.returns[i], float(self.success[i])))
                     self.returns[i], self.success[i] = 0.0, False
-            finished = counters["env_steps"] >= config.env_steps
-            if finished or counters["env_steps"] >= counters["next_eval"]:
-                counters["iteration"] += 1
-                counters["next_eval"] += config.eval_every or config.env_steps
-                counters["cpu_s"] = counters.get("cpu_s", 0.0) + time.process_time() - self.cpu_start
-                self.cpu_start = time.process_time()
-                row: dict[str, Any] = {"iteration": counters["iteration"], "env_steps": counters["env_steps"],
-                                       "cpu_s": round(counters["cpu_s"], 2),
-                                       **evaluate_actor(), "train_episodes": len(self.finished)}
-                if self.finished:
-                    row["train_return"] = float(np.mean([r for r, _ in self.finished]))
-                    row["train_success"] = float(np.mean([s for _, s in self.finished]))
-                self.finished = []
-                curves.log(row)
-                history.append(row)
-                save_all()
-                if progress:
-                    print("[dsrl] " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in row.items()), flush=True)
-            return not finished
+            self.due = counters["env_steps"] >= min(counters["next_eval"], config.env_steps)
+            return True
+
+        def _on_rollout_start(self) -> None:
+            if self.due:
+                self.end_segment()
+                self.stop = counters["env_steps"] >= config.env_steps
+                if not self.stop:
+                    start_segment()
+
+        def end_segment(self) -> None:
+            """Evaluate, log and checkpoint; the running episodes are dropped from the statistics."""
+            self.due = False
+            counters["iteration"] += 1
+            counters["next_eval"] += config.eval_every or config.env_steps
+            counters["cpu_s"] += time.process_time() - self.cpu_start
+            self.cpu_start = time.process_time()
+            trained = trained_policy()
+            row: dict[str, Any] = {"iteration": counters["iteration"], "env_steps": counters["env_steps"],
+                                   "cpu_s": round(counters["cpu_s"], 2),
+                                   **evaluate(trained.sample, base.config, make_env, seeds),
+                                   "train_episodes": len(self.finished)}
+            if self.finished:
+                row["train_return"] = float(np.mean([r for r, _ in self.finished]))
+                row["train_success"] = float(np.mean([s for _, s in self.finished]))
+            self.finished, self.returns[:], self.success[:] = [], 0.0, False
+            curves.log(row)
+            history.append(row)
+            trained.save(run_dir / "policy")
+            state.save(model, counters["iteration"], asdict(config), counters)
+            if progress:
+                print("[dsrl] " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in row.items()), flush=True)
 
     try:
         if counters["env_steps"] < config.env_steps:
-            # SB3 counts wrapper steps; each takes at most Ta environment steps, the callback stops at the budget.
-            model.learn(total_timesteps=config.env_steps, callback=Budget(), reset_num_timesteps=not resume)
+            start_segment()
+            segments = Segments()
+            # SB3 counts wrapper steps (each at least one environment step): the budget ends first.
+            model.learn(total_timesteps=config.env_steps - model.num_timesteps, callback=segments,
+                        reset_num_timesteps=False)
+            if segments.due:  # SB3's own step limit ended learn before the next rollout start
+                segments.end_segment()
     finally:
         curves.close()
         env.close()

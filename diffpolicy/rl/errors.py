@@ -1,6 +1,7 @@
-"""Errors of RL fine-tuning: bad input found before any environment step."""
+"""Errors of RL fine-tuning: bad input found before any environment step, and numbers a run
+cannot go on with."""
 
-from diffpolicy.errors import InvalidValueError
+from diffpolicy.errors import InvalidStateError, InvalidValueError, MissingFileError
 
 
 class FinetuneError(InvalidValueError):
@@ -17,3 +18,11 @@ class UnsupportedProcessError(FinetuneError):
 
 class ActionSpaceMismatchError(FinetuneError):
     """The environment's action or observation space differs from the policy's."""
+
+
+class NonFiniteLogProbError(InvalidStateError):
+    """A transition's log-probability is inf or NaN, so no PPO ratio can be formed from it."""
+
+
+class MissingDemonstrationsError(MissingFileError):
+    """The BC regulariser's demonstration store is not named or not there."""

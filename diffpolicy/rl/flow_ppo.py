@@ -6,7 +6,9 @@ step x_s = x_t + (s - t) v(x_t, t, cond) + sigma_theta * eps into a Gaussian, so
 last K' = `finetune_steps` steps (default all) is a trainable copy of the base's, trained with the
 noise network by PPO (GAE over environment steps, critic V(s), entropy bonus
 `entropy_coef` * mean log sigma). Evaluation and the saved policy sample deterministic Euler steps
-through the fine-tuned copy; the noise network is part of the training state only.
+through the fine-tuned copy; the noise network is part of the training state only. With
+`bc_coef` > 0 the copy's imitation loss on demonstration windows joins the actor's loss (`rl.bc`,
+off by default).
 
     result = finetune(ChunkPolicy.from_pretrained("runs/pusht_flow/..."), make_env, FlowPPOConfig(), "runs/fppo")
 """
@@ -23,10 +25,11 @@ from torch import nn
 
 from diffpolicy.core.samplers import StepNoise
 from diffpolicy.policies.chunk_policy import ChunkPolicy
+from diffpolicy.rl.bc import BCRegularizer
 from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
-from diffpolicy.rl.ppo import clipped_surrogate, joint_step, minibatches, normalize_advantages
+from diffpolicy.rl.ppo import clipped_surrogate, joint_step, minibatches, normalize_advantages, ratio_error
 from diffpolicy.rl.rollout import collect_rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 
@@ -107,6 +110,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
     actor_optimizer = torch.optim.Adam(actor_params, lr=config.lr)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
     generator = torch.Generator().manual_seed(config.seed)
+    bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
     session = Session(run_dir, "flowppo", config, policy, make_env, resume)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "noise_network": noise_net, "critic": critic}
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
@@ -137,19 +141,27 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
                     log_prob = policy.chain_log_prob(cond, chain, noise).sum(1)
                     policy_loss, stats = clipped_surrogate(log_prob, old_log_prob[index], advantages[index], config.clip)
                     if first_ratio_error is None:
-                        first_ratio_error = float((log_prob.detach() - old_log_prob[index]).exp().sub(1).abs().max())
+                        first_ratio_error = ratio_error(log_prob, old_log_prob[index])
                     x_t, levels = chain.x[:, tuned], chain.levels[:, tuned]
                     sigma = noise_net(x_t.flatten(0, 1), levels.flatten(0, 1), chain.levels[:, tuned + 1].flatten(0, 1),
                                       cond.repeat_interleave(len(tuned), 0))
                     entropy = sigma.log().mean()
                     value_loss = (critic({k: v[index] for k, v in batch.obs.items()}) - batch.returns[index]).pow(2).mean()
-                    joint_step(policy_loss - config.entropy_coef * entropy + value_loss, [actor_optimizer, critic_optimizer],
-                               [actor_params, critic.parameters()], config.max_grad_norm)
+                    loss = policy_loss - config.entropy_coef * entropy + value_loss
+                    if bc is not None:  # the copy's imitation loss on demonstration windows
+                        bc_loss = bc.loss(generator)
+                        loss = loss + config.bc_coef * bc_loss
+                    joint_step(loss, [actor_optimizer, critic_optimizer], [actor_params, critic.parameters()],
+                               config.max_grad_norm)
             # 4. Log, evaluate the deterministic fine-tuned sampler, checkpoint.
             row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
                    "first_ratio_error": first_ratio_error}
+            if bc is not None:
+                row["bc_loss"] = float(bc_loss.detach())
             history.append(row)
             session.end_iteration(policy, row, modules, optimizers, {"sampling": generator}, progress)
     finally:
         session.close()
+        if bc is not None:
+            bc.close()
     return FinetuneResult(policy, session.checkpoints.latest(), history)

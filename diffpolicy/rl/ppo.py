@@ -1,11 +1,46 @@
 """The pieces of PPO every on-policy algorithm here shares: the clipped surrogate, minibatches,
-advantage normalization, and one gradient step of actor and critic together."""
+advantage normalization, and one gradient step of actor and critic together.
+
+The ratio is exp of the log-probability difference clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO]:
+a transition the update has moved far (a near-zero std, an extreme outlier) gives a large but
+finite ratio and no gradient past the clamp, never inf or NaN; equal log-probabilities give
+exactly 1 (exp(0)). Log-probabilities that are not finite themselves (a std of 0, a diverged
+network) raise `NonFiniteLogProbError` instead of turning into a NaN loss.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import torch
+
+from diffpolicy.rl.errors import NonFiniteLogProbError
+
+MAX_LOG_RATIO = 20.0
+"""|log ratio| bound: exp(20) ~ 4.9e8, far past any PPO clip, far below float32's overflow (exp(88))."""
+
+
+def check_log_probs(log_prob: torch.Tensor, where: str) -> None:
+    """Raise `NonFiniteLogProbError` unless every entry of `log_prob` is finite."""
+    bad = ~torch.isfinite(log_prob)
+    if bool(bad.any()):
+        raise NonFiniteLogProbError(
+            f"{where}: {int(bad.sum())} of {log_prob.numel()} log-probabilities are not finite (e.g. "
+            f"{float(log_prob[bad][0])}); expected finite values: a transition std of 0 or near it (raise "
+            "the std floor / std_min) or a diverged network (lower lr) makes them inf / NaN")
+
+
+def log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> torch.Tensor:
+    """log(pi_new / pi_old) per entry, clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO] (checked finite first)."""
+    check_log_probs(log_prob, "PPO ratio: log_prob")
+    check_log_probs(old_log_prob, "PPO ratio: old_log_prob")
+    return (log_prob - old_log_prob).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+
+
+def ratio_error(log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> float:
+    """max |ratio - 1| over all entries (0.0 exactly when the policy that acted is the one scored)."""
+    with torch.no_grad():
+        return float(log_ratio(log_prob, old_log_prob).exp().sub(1).abs().max())
 
 
 def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -17,16 +52,17 @@ def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
         clip: epsilon, a float or a tensor broadcastable to them (DPPO ramps it over steps).
     Returns:
         (loss, {"ratio": mean ratio, "clip_fraction": share of clipped terms, "approx_kl": ...}).
+        The ratio is exp(`log_ratio`), clamped (see the module docstring).
     """
-    log_ratio = log_prob - old_log_prob
-    ratio = log_ratio.exp()
+    log_r = log_ratio(log_prob, old_log_prob)
+    ratio = log_r.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = torch.max(unclipped, clipped).mean()
     with torch.no_grad():
         stats = {"ratio": float(ratio.mean()),
                  "clip_fraction": float(((ratio - 1.0).abs() > clip).float().mean()),
-                 "approx_kl": float(((ratio - 1.0) - log_ratio).mean())}
+                 "approx_kl": float(((ratio - 1.0) - log_r).mean())}
     return loss, stats
 
 

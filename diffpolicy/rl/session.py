@@ -11,6 +11,7 @@ longer than one iteration are cut there and bootstrapped as truncated.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ class OnPolicyConfig:
     gamma, gae_lambda: GAE over environment-level (chunk) steps. epochs, batch_size: PPO updates
     per iteration and minibatch size (in chunk samples). lr, critic_lr: Adam learning rates.
     max_grad_norm: gradient clipping. eval_every: iterations between held-out evaluations (0: only
-    at the end); eval_episodes, eval_seed_start: held-out seeds.
+    at the end); eval_episodes, eval_seed_start: held-out seeds. bc_coef: weight of the optional
+    behaviour-cloning regulariser (0: off; `rl.bc`); bc_data: its demonstration store (None: the
+    store the base policy was trained on).
     """
 
     env_steps: int = 100_000
@@ -66,6 +69,8 @@ class OnPolicyConfig:
     eval_every: int = 10
     eval_episodes: int = 20
     eval_seed_start: int = 100_000
+    bc_coef: float = 0.0
+    bc_data: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("env_steps", "n_envs", "n_steps", "epochs", "batch_size", "eval_episodes")
@@ -83,6 +88,13 @@ class OnPolicyConfig:
         for name in ("lr", "critic_lr", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise FinetuneError(f"config key {name!r}: expected a number > 0, got {getattr(self, name)!r}")
+        if not (isinstance(self.bc_coef, (int, float)) and not isinstance(self.bc_coef, bool)
+                and math.isfinite(self.bc_coef) and self.bc_coef >= 0):
+            raise FinetuneError(f"config key 'bc_coef': expected a finite number >= 0 (0: no BC regulariser), "
+                                f"got {self.bc_coef!r}")
+        if self.bc_data is not None and self.bc_coef == 0:
+            raise FinetuneError(f"config key 'bc_data' is {self.bc_data!r} but 'bc_coef' is 0, so the BC regulariser "
+                                "is off; set bc_coef > 0 or drop bc_data")
 
 
 @dataclass
@@ -93,6 +105,12 @@ class FinetuneResult:
     policy: ChunkPolicy
     checkpoint: Path | None
     history: list[dict[str, float]]
+
+
+def reset_seed(seed: int, iteration: int, n_envs: int) -> int:
+    """The reset seed of environment 0 at the start of an iteration (environment i: this + i);
+    iterations and runs with other seeds never share one."""
+    return seed * 1_000_003 + iteration * n_envs
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -132,7 +150,7 @@ class Session:
     # ------------------------------------------------------------------ environments
     def reset(self) -> dict[str, np.ndarray]:
         """Reset every environment for iteration `self.iteration` (seeds from the run seed)."""
-        base = self.config.seed * 1_000_003 + self.iteration * self.config.n_envs
+        base = reset_seed(self.config.seed, self.iteration, self.config.n_envs)
         obs, _ = self.envs.reset(seed=[base + i for i in range(self.config.n_envs)])
         self.stats.start()
         return obs
@@ -199,9 +217,9 @@ class Session:
         groups, meta = CheckpointManager.load_state(latest)
         if meta["algo"] != self.algo:
             raise FinetuneError(f"{latest}: a {meta['algo']} run, cannot resume it with --algo {self.algo}")
-        now = config_dict(self.config)
-        changed = sorted(k for k in set(meta["config"]) | set(now)
-                         if k != "env_steps" and meta["config"].get(k) != now.get(k))
+        now, defaults = config_dict(self.config), config_dict(type(self.config)())
+        saved = {**defaults, **meta["config"]}  # a key added since the run started had its default
+        changed = sorted(k for k in set(saved) | set(now) if k != "env_steps" and saved.get(k) != now.get(k))
         if changed:
             raise FinetuneError(f"{latest}: the run was started with other settings ({changed}); resume with the "
                                 "same ones (bit-exact resume needs them; only env_steps, the budget, may change)")

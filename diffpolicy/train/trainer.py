@@ -48,7 +48,7 @@ from diffpolicy.envs.tasks import TaskCard, load_task
 from diffpolicy.errors import InvalidValueError, MissingFileError
 from diffpolicy.fsutil import atomic_write_text, read_jsonl
 from diffpolicy.nn.ema import EMA
-from diffpolicy.policies import ChunkPolicy, Normalizer
+from diffpolicy.policies import ChunkPolicy, Normalizer, PolicyConfig
 from diffpolicy.policies.errors import ConfigError
 from diffpolicy.train.checkpoints import (
     CheckpointManager,
@@ -118,27 +118,33 @@ def open_dataset(path: str | os.PathLike, card: TaskCard) -> ReplayBuffer:
         raise DatasetMissingError(f"no dataset for task {card.name!r} at {path}; "
                                   f"make it with: {collect_command(card, path)}")
     buffer = ReplayBuffer.open(path, mode="r", cache_low_dim=True)
-    where = f"dataset {path} (task card {card.source})"
+    check_store(buffer, card.obs_shapes, card.action_dim, f"dataset {path} (task card {card.source})", "the task",
+                f"Recollect with: {collect_command(card, path)} --overwrite")
+    return buffer
+
+
+def check_store(buffer: ReplayBuffer, obs_shapes: dict[str, tuple[int, ...]], action_dim: int, where: str,
+                expecter: str, remedy: str) -> None:
+    """Raise `DatasetMismatchError` unless `buffer` holds episodes with every observation key of
+    `obs_shapes` (per-step shapes) and actions `(action_dim,)`. Messages start with `where`, name
+    what `expecter` ("the task", "the policy") expects, and end with `remedy`."""
     keys = buffer.keys()
-    missing = [k for k in [*card.observation, "action"] if k not in keys]
+    made_for = buffer.attrs.get("task")
+    missing = [k for k in [*obs_shapes, "action"] if k not in keys]
     if missing:
         raise DatasetMismatchError(f"{where}: missing data key(s) {missing}; the store has {keys}. "
-                                   f"Was it collected for another task ({buffer.attrs.get('task')!r})? "
-                                   f"Recollect with: {collect_command(card, path)} --overwrite")
+                                   f"Was it collected for another task ({made_for!r})? {remedy}")
     action_shape = tuple(buffer["action"].shape[1:])
-    if action_shape != (card.action_dim,):
-        raise DatasetMismatchError(
-            f"{where}: actions have shape {list(action_shape)} per step, the task expects "
-            f"[{card.action_dim}] (action.shape); the store was made for task {buffer.attrs.get('task')!r}. "
-            f"Recollect with: {collect_command(card, path)} --overwrite")
-    for key, shape in card.obs_shapes.items():
+    if action_shape != (action_dim,):
+        raise DatasetMismatchError(f"{where}: actions have shape {list(action_shape)} per step, {expecter} expects "
+                                   f"[{action_dim}]; the store was made for task {made_for!r}. {remedy}")
+    for key, shape in obs_shapes.items():
         got = tuple(buffer[key].shape[1:])
-        if got != shape:
-            raise DatasetMismatchError(f"{where}: observation {key!r} has shape {list(got)} per step, the task "
-                                       f"expects {list(shape)} (observation.{key}.shape)")
+        if got != tuple(shape):
+            raise DatasetMismatchError(f"{where}: observation {key!r} has shape {list(got)} per step, {expecter} "
+                                       f"expects {list(shape)}. {remedy}")
     if buffer.n_episodes == 0:
-        raise DatasetMismatchError(f"{where}: the store holds no episodes; run {collect_command(card, path)}")
-    return buffer
+        raise DatasetMismatchError(f"{where}: the store holds no episodes. {remedy}")
 
 
 def episode_masks(buffer: ReplayBuffer, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -161,9 +167,8 @@ def fit_normalizer(buffer: ReplayBuffer, train_mask: np.ndarray, config: TrainCo
     return Normalizer.fit(data, image_keys=policy.image_keys)
 
 
-def window_dataset(buffer: ReplayBuffer, mask: np.ndarray, config: TrainConfig) -> WindowDataset:
-    """The policy's training windows of the episodes in `mask`; `dataset[indices]` is one batch."""
-    policy = config.policy
+def window_dataset(buffer: ReplayBuffer, mask: np.ndarray | None, policy: PolicyConfig) -> WindowDataset:
+    """The policy's training windows of the episodes in `mask` (None: all); `dataset[indices]` is one batch."""
     return WindowDataset(SequenceSampler(buffer, list(policy.obs_shapes), policy.obs_horizon, policy.pred_horizon,
                                           action_horizon=policy.action_horizon, episode_mask=mask))
 
@@ -273,8 +278,8 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
     # --- data: the card's dataset, split by episode; normalizer fitted on the training split
     buffer = open_dataset(config.data.path, card)
     train_mask, val_mask = episode_masks(buffer, config)
-    dataset = window_dataset(buffer, train_mask, config)
-    val_dataset = window_dataset(buffer, val_mask, config) if val_mask.any() else None
+    dataset = window_dataset(buffer, train_mask, config.policy)
+    val_dataset = window_dataset(buffer, val_mask, config.policy) if val_mask.any() else None
     shards = tc.loss_shards or ctx.world_size
     if shards % ctx.world_size or tc.batch_size % shards:
         raise ConfigError(f"train.loss_shards={shards} must be a multiple of the {ctx.world_size} processes and "
