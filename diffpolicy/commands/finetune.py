@@ -95,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(config_cls, args, [o for o in args.overrides if not o.startswith("dream.")])
     run_dir = Path(args.out or f"runs/finetune_{card.name}_{args.algo}")
     env_fn = functools.partial(make_env, card)
-    if args.absorbing_success:
-        env_fn = functools.partial(absorbing_success_env, env_fn, card.max_episode_steps)
     try:
-        if args.algo == DREAM:
+        if args.algo == DREAM:  # it shapes the reward itself: its imagination and model need the raw one too
             result = dream_finetune(policy, env_fn, config, card, args, run_dir)
         else:
+            if args.absorbing_success:
+                env_fn = functools.partial(absorbing_success_env, env_fn, card.max_episode_steps)
             result = module.finetune(policy, env_fn, config, run_dir, resume=args.resume,
                                      progress=not args.no_progress)
     except KeyboardInterrupt:

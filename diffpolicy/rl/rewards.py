@@ -39,6 +39,6 @@ def success_bonus(steps_taken, max_episode_steps: int, success_reward: float = 1
     return success_reward * np.maximum(max_episode_steps - np.asarray(steps_taken), 0)
 
 
-def absorbing_success_env(make_env, max_episode_steps: int) -> gym.Env:
+def absorbing_success_env(make_env, max_episode_steps: int, success_reward: float = 1.0) -> gym.Env:
     """`make_env()` wrapped in `AbsorbingSuccess` (picklable with functools.partial)."""
-    return AbsorbingSuccess(make_env(), max_episode_steps)
+    return AbsorbingSuccess(make_env(), max_episode_steps, success_reward)

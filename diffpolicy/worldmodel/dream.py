@@ -38,6 +38,7 @@ from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_
 from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl import dppo, flow_ppo
 from diffpolicy.rl.chunk_env import check_env_matches_policy
+from diffpolicy.rl.rewards import absorbing_success_env
 from diffpolicy.rl.rollout import Rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 from diffpolicy.train.checkpoints import state_dict_tensors
@@ -83,20 +84,22 @@ class DreamSession(Session):
     Extra keyword arguments: model (the world model, refreshed in place in mixed mode), data (the
     transitions it was trained on: start states and refresh data), dream (`DreamConfig`),
     max_episode_steps (the task's time limit), success_reward (None, or the absorbing-success
-    reward the real runs use).
+    reward: `make_env` then builds the shaped environment the evaluation uses), raw_env (the
+    unshaped environment the refreshes record, whose rewards are the ones the model learns).
     """
 
     curve_x = "dream_steps"
 
     def __init__(self, run_dir: str | Path, algo: str, config: OnPolicyConfig, policy: ChunkPolicy,
                  make_env: Callable[[], gym.Env], resume: bool, *, model: LatentWorldModel, data: Transitions,
-                 dream: DreamConfig, max_episode_steps: int, success_reward: float | None = None) -> None:
+                 dream: DreamConfig, max_episode_steps: int, success_reward: float | None = None,
+                 raw_env: Callable[[], gym.Env]) -> None:
         if "train" not in model.metadata:
             raise WorldModelError("the world model's metadata has no 'train' settings (refreshes train with them); "
                                   "train it with `diffpolicy worldmodel train`")
         self.model, self.data, self.dream = model, data, dream
         self.real = Transitions.empty(data.keys, data.dims, data.action.shape[1])
-        self.max_episode_steps, self.success_reward = int(max_episode_steps), success_reward
+        self.max_episode_steps, self.success_reward, self.raw_env = int(max_episode_steps), success_reward, raw_env
         self.train_config = from_dict(TrainConfig, model.metadata["train"], "train")
         self.dream_steps = 0
         probe = make_env()
@@ -134,7 +137,7 @@ class DreamSession(Session):
         them. Returns the mean world-model loss of the updates."""
         policy.eval()
         first = REFRESH_SEED_BASE + self.config.seed * 1_000_003 + index * self.dream.refresh_episodes
-        episodes = record_episodes(policy.sample, policy.config, self.make_env,
+        episodes = record_episodes(policy.sample, policy.config, self.raw_env,
                                    range(first, first + self.dream.refresh_episodes), self.dream.refresh_envs)
         fresh = Transitions.from_episodes(episodes, self.data.keys)
         self.env_steps += fresh.n_steps
@@ -174,12 +177,15 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: dppo.
              max_episode_steps: int, success_reward: float | None = None, resume: bool = False,
              progress: bool = True) -> FinetuneResult:
     """Fine-tune `policy` in `model`'s imagination: DPPO for a `DPPOConfig`, flow PPO for a
-    `FlowPPOConfig` (config.env_steps: the imagined budget); `make_env` builds the real
-    environment (evaluation, mixed-mode refreshes)."""
+    `FlowPPOConfig` (config.env_steps: the imagined budget). `make_env` builds the real,
+    unshaped environment (mixed-mode refreshes; wrapped in `rl.rewards.AbsorbingSuccess` with
+    `success_reward` for evaluation, the reward the imagination pays too)."""
     algorithms = {dppo.DPPOConfig: dppo, flow_ppo.FlowPPOConfig: flow_ppo}
     if type(config) not in algorithms:
         raise WorldModelError(f"dream fine-tuning runs DPPO or flow PPO; got a {type(config).__name__}")
-    make_session = functools.partial(DreamSession, model=model, data=data, dream=dream,
+    shaped = make_env if success_reward is None else functools.partial(absorbing_success_env, make_env,
+                                                                        max_episode_steps, success_reward)
+    make_session = functools.partial(DreamSession, model=model, data=data, dream=dream, raw_env=make_env,
                                      max_episode_steps=max_episode_steps, success_reward=success_reward)
-    return algorithms[type(config)].finetune(policy, make_env, config, run_dir, resume=resume, progress=progress,
+    return algorithms[type(config)].finetune(policy, shaped, config, run_dir, resume=resume, progress=progress,
                                              make_session=make_session)
