@@ -15,7 +15,8 @@ from diffpolicy.cli import main
 from diffpolicy.data.replay_buffer import ReplayBuffer
 from diffpolicy.evaluation.rollout import rollout
 from diffpolicy.policies import ChunkPolicy, PolicyConfig, flow_process
-from diffpolicy.rl import flow_ppo
+from diffpolicy.rl import dppo, flow_ppo
+from diffpolicy.rl.dsrl import DSRLConfig
 from diffpolicy.rl.runs import read_run
 from diffpolicy.worldmodel import dream
 from diffpolicy.worldmodel.data import Transitions
@@ -214,6 +215,19 @@ def test_real_evaluation_never_feeds_gradients(reach_model, tmp_path):
     assert "eval_success" in evaluated.history[0] and "eval_success" not in silent.history[0]
     for name, tensor in silent.policy.state_dict().items():
         assert torch.equal(tensor, evaluated.policy.state_dict()[name]), name
+
+
+def test_dppo_runs_unchanged_in_the_dream(reach_model, tmp_path):
+    run, data = reach_model
+    config = dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, n_envs=8, n_steps=6,
+                             batch_size=16, epochs=2, eval_episodes=4, eval_every=0, env_steps=150)
+    result = dream.finetune(make_bc_policy("diffusion"), make_env, config, dream.DreamConfig(), run.model, data,
+                            tmp_path / "dppo", max_episode_steps=12, success_reward=1.0, progress=False)
+    assert len(result.history) >= 2 and all(row["first_ratio_error"] == 0.0 for row in result.history)
+    assert read_run(tmp_path / "dppo").algo == "dream_dppo"
+    with pytest.raises(WorldModelError, match="runs DPPO or flow PPO; got a DSRLConfig"):
+        dream.finetune(make_bc_policy("diffusion"), make_env, DSRLConfig(), dream.DreamConfig(), run.model, data,
+                       tmp_path / "dsrl", max_episode_steps=12)
 
 
 class CountedReach:
