@@ -196,6 +196,7 @@ def test_action_noise_executes_perturbed_actions_and_records_the_experts(tmp_pat
         action = expert.act(obs).astype(np.float32)
         np.testing.assert_array_equal(recorded, action)  # the label is the expert's own action
         executed = np.clip(action + scale * noise.standard_normal(2), 0.0, 512.0).astype(np.float32)
+        np.testing.assert_array_equal(episode["executed_action"][t], executed)  # what the env ran
         gaps.append(np.abs(executed - action).max())
         obs, *_ = env.step(executed)
     assert np.mean(gaps) > 5.0  # the executed actions really were perturbed (std 12.8 px)
@@ -206,6 +207,7 @@ def test_action_noise_per_dimension_and_bad_values(tmp_path):
     collect("pusht", episodes=1, out=out, action_noise=[0.0, 0.0], progress=False)  # zero: clean expert
     clean = collect("pusht", episodes=1, out=tmp_path / "clean.zarr", progress=False)
     np.testing.assert_array_equal(ReplayBuffer.open(out)["states"][:], ReplayBuffer.open(clean.path)["states"][:])
+    assert "executed_action" not in ReplayBuffer.open(clean.path).keys()  # no noise: the executed action is the action
     for bad in (-0.1, float("nan"), [0.1, 0.1, 0.1], [[0.1]]):
         with pytest.raises(CollectError, match="action_noise must be one finite number >= 0 or 2 of them"):
             collect("pusht", episodes=1, out=tmp_path / "bad.zarr", action_noise=bad, progress=False)

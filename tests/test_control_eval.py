@@ -3,7 +3,6 @@ simulated delay, `diffpolicy eval --controller/--delay` and its bad inputs, and 
 harness with real threads."""
 
 import dataclasses
-import functools
 import json
 
 import numpy as np
@@ -14,7 +13,7 @@ from diffpolicy.control.execution import ControlSpec
 from diffpolicy.control.modes import MODES, make_mode
 from diffpolicy.control.profile import load_profile
 from diffpolicy.evaluation.wall_clock import run_wall_clock
-from diffpolicy.envs.tasks import load_task, make_env
+from diffpolicy.envs.tasks import load_task
 from diffpolicy.evaluation.rollout import rollout
 
 from test_eval_rollout import _short_env, untrained_policy

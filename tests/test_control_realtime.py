@@ -254,7 +254,7 @@ def test_every_mode_runs_in_the_real_time_controller(mode):
         if done_at is not None and tick >= done_at:
             assert c.run_pending() == []
             done_at = None
-        out = c.tick(0.1 * tick)
+        c.tick(0.1 * tick)
         c.observe(obs, 0.1 * tick)
         if c.pending is not None and done_at is None:
             done_at = tick + 1

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from policy_helpers import IMAGE, TO, make_config, make_normalizer, make_obs
+from policy_helpers import IMAGE, make_config, make_normalizer, make_obs
 
 import diffpolicy.core.samplers as samplers
 from diffpolicy.core import ClassifierFreeGuidance, PrefixInpainting

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"policies", "core", "nn", "envs", "control"},
     "control": {"policies", "core", "nn", "envs"},
     "rl": {"policies", "core", "nn", "data", "envs", "evaluation", "control", "train"},
-    "worldmodel": {"rl", "policies", "core", "nn", "data", "envs", "evaluation", "control"},
+    "worldmodel": {"rl", "policies", "core", "nn", "data", "envs", "evaluation", "control", "train"},
     "deploy": {"control", "policies", "core", "nn", "envs"},
     "generative": {"core", "nn", "data", "envs"},
     "commands": {"core", "nn", "data", "envs", "policies", "collection", "train", "evaluation", "control", "rl",

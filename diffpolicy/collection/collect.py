@@ -6,6 +6,7 @@ episode is appended whole (data keys, all `(T, ...)` with T = number of actions)
 
     <obs key>   the observation the action was chosen from (every key of the Dict observation)
     action      the expert's action, in the action space's dtype
+    executed_action  with action noise only: the action the env executed (noise included, clipped)
     reward      (T,) float32, the reward returned for that action
     states      (T, S) float64, `env.unwrapped.get_state()` at that observation, where the env
                 offers `get_state` (PushT: agent xy, block xy, angle; MuJoCo: its flat state)
@@ -17,7 +18,8 @@ robosuite tasks.
 
 Action noise (DART, Laskey et al. 2017): with `action_noise` = sigma > 0 the env executes
 `clip(a + sigma * (high - low) / 2 * n)` with n ~ N(0, I) drawn from a generator seeded by the
-episode's seed, while the store records the expert's own action `a`. The expert, acting closed-loop,
+episode's seed, while the store records the expert's own action `a` (and the executed one under
+`executed_action`, what a world model of the env learns from). The expert, acting closed-loop,
 then corrects the perturbation, so the demonstrations show recoveries from states near its path
 that a clean expert never visits, the states an imitating policy drifts into. `sigma` is one
 fraction of the action half-range for every dimension or one per dimension (0 leaves a dimension,

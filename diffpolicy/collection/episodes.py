@@ -39,7 +39,7 @@ import numpy as np
 from diffpolicy.collection.errors import CollectError
 from diffpolicy.envs.tasks import TaskCard, make_env, make_expert
 
-RESERVED_KEYS = ("action", "reward", "states")
+RESERVED_KEYS = ("action", "executed_action", "reward", "states")
 NOISE_STREAM = 7  # generator of the executed action noise: default_rng([seed, NOISE_STREAM])
 START_METHOD = "spawn"
 IN_FLIGHT_PER_WORKER = 2
@@ -69,7 +69,8 @@ def run_episode(env, expert, seed: int, noise_scale: np.ndarray | None = None) -
     """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta).
 
     With `noise_scale (Da,)` (action units) the env executes the expert's action plus Gaussian
-    noise of that std, clipped to the action space; the data records the expert's action.
+    noise of that std, clipped to the action space; the data records the expert's action as
+    `action` and the one executed as `executed_action` (what a world model's dynamics saw).
     """
     noise = None if noise_scale is None else np.random.default_rng([int(seed), NOISE_STREAM])
     obs, info = env.reset(seed=int(seed))
@@ -80,6 +81,8 @@ def run_episode(env, expert, seed: int, noise_scale: np.ndarray | None = None) -
     columns: dict[str, list] = {key: [] for key in (*obs.keys(), *RESERVED_KEYS)}
     if not has_state:
         del columns["states"]
+    if noise is None:
+        del columns["executed_action"]
     action_dtype = env.action_space.dtype
     success = bool(info.get("is_success", False))
     while True:
@@ -92,6 +95,7 @@ def run_episode(env, expert, seed: int, noise_scale: np.ndarray | None = None) -
         if noise is not None:
             perturbed = action + noise_scale * noise.standard_normal(action.shape)
             executed = np.clip(perturbed, env.action_space.low, env.action_space.high).astype(action_dtype)
+            columns["executed_action"].append(executed)
         obs, reward, terminated, truncated, info = env.step(executed)
         columns["action"].append(action)
         columns["reward"].append(np.float32(reward))

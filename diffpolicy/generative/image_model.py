@@ -32,7 +32,7 @@ from diffpolicy.core import (
     sample,
 )
 from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
-from diffpolicy.generative.checkpoint import load_model, save_model
+from diffpolicy.nn.checkpoint import load_model, save_model
 from diffpolicy.generative.patches import check_patch_size, patchify, unpatchify
 from diffpolicy.nn import make_backbone
 
@@ -201,7 +201,7 @@ class ImageModel(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
-        """Write `model.safetensors` and `config.json` (`generative.checkpoint`)."""
+        """Write `model.safetensors` and `config.json` (`nn.checkpoint`)."""
         save_model(directory, self, self.config.to_dict(), KIND, metadata)
 
     @classmethod

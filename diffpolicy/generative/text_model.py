@@ -21,7 +21,7 @@ from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_
 from diffpolicy.core import MaskedDiffusion, PrefixInpainting, sample
 from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
 from diffpolicy.generative import corpus
-from diffpolicy.generative.checkpoint import load_model, save_model
+from diffpolicy.nn.checkpoint import load_model, save_model
 from diffpolicy.nn import make_backbone
 
 KIND = "text_model"
@@ -114,7 +114,7 @@ class TextModel(nn.Module):
         return [corpus.decode(ids) for ids in self.process.decode(x0)]
 
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
-        """Write `model.safetensors` and `config.json` (`generative.checkpoint`)."""
+        """Write `model.safetensors` and `config.json` (`nn.checkpoint`)."""
         save_model(directory, self, self.config.to_dict(), KIND, metadata)
 
     @classmethod

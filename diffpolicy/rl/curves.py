@@ -1,5 +1,6 @@
 """Learning curves of a fine-tuning run: `curves.csv` (rewritten atomically), `curves.png`
-(success and return vs environment steps) and TensorBoard scalars under `tensorboard/`."""
+(success and return vs environment steps, or vs imagined steps for a run in a world model) and
+TensorBoard scalars under `tensorboard/`."""
 
 from __future__ import annotations
 
@@ -14,15 +15,18 @@ from diffpolicy.fsutil import atomic_write_text
 
 COLUMNS = ("iteration", "env_steps", "cpu_s", "train_return", "train_success", "train_episodes",
            "eval_return", "eval_success", "policy_loss", "value_loss", "ratio", "clip_fraction", "approx_kl", "first_ratio_error",
-           "bc_loss")
+           "bc_loss", "dream_steps", "cut_fraction", "world_model_loss")
 
 
 class Curves:
     """Rows of `COLUMNS` (missing values empty), one per iteration; on resume the rows after the
-    restored iteration are dropped (they are recomputed bit-exactly)."""
+    restored iteration are dropped (they are recomputed bit-exactly). `x`: the column plotted along
+    the x axis and used as TensorBoard's step."""
 
-    def __init__(self, run_dir: str | Path, resume_iteration: int = 0) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: str | Path, resume_iteration: int = 0, x: str = "env_steps") -> None:
+        if x not in COLUMNS:
+            raise MissingKeyError(f"Curves: x axis {x!r} is not a column; expected one of {COLUMNS}")
+        self.run_dir, self.x = Path(run_dir), x
         self.csv_path, self.png_path = self.run_dir / "curves.csv", self.run_dir / "curves.png"
         self.rows: list[dict[str, Any]] = []
         if resume_iteration > 0 and self.csv_path.is_file():
@@ -38,8 +42,8 @@ class Curves:
             raise MissingKeyError(f"Curves.log: unknown columns {sorted(unknown)}; expected {COLUMNS}")
         self.rows.append({c: row.get(c, "") for c in COLUMNS})
         for name, value in row.items():
-            if name not in ("iteration", "env_steps") and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(name, value, global_step=int(row["env_steps"]))
+            if name not in ("iteration", self.x) and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(name, value, global_step=int(row[self.x]))
         self.writer.flush()
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS)
@@ -57,11 +61,11 @@ class Curves:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, metric in zip(axes, ("success", "return")):
             for source in ("train", "eval"):
-                points = [(float(r["env_steps"]), float(r[f"{source}_{metric}"])) for r in self.rows
+                points = [(float(r[self.x]), float(r[f"{source}_{metric}"])) for r in self.rows
                           if r[f"{source}_{metric}"] not in ("", None)]
                 if points:
                     ax.plot(*zip(*points), marker="o" if source == "eval" else None, label=source)
-            ax.set_xlabel("environment steps")
+            ax.set_xlabel("imagined steps" if self.x == "dream_steps" else "environment steps")
             ax.set_ylabel(metric)
             ax.legend()
         fig.tight_layout()

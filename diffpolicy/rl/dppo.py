@@ -73,8 +73,14 @@ def check_policy(policy: ChunkPolicy, config: DPPOConfig) -> None:
 
 
 def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOConfig, run_dir: str | Path,
-             resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Fine-tune `policy` (a base checkpoint, loaded with `from_pretrained`) with DPPO."""
+             resume: bool = False, progress: bool = True,
+             make_session: Callable[..., Session] = Session) -> FinetuneResult:
+    """Fine-tune `policy` (a base checkpoint, loaded with `from_pretrained`) with DPPO.
+
+    `make_session(run_dir, algo, config, policy, make_env, resume)` builds the run's `Session`
+    (where it trains, what it counts and saves); `worldmodel.dream` passes one that trains in a
+    learned world model's imagination.
+    """
     torch.manual_seed(config.seed)
     check_policy(policy, config)
     policy.set_sampling(eta=config.eval_eta)
@@ -84,7 +90,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
     generator = torch.Generator().manual_seed(config.seed)
     bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
-    session = Session(run_dir, "dppo", config, policy, make_env, resume)
+    session = make_session(run_dir, "dppo", config, policy, make_env, resume)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "critic": critic}
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
     if resume:
@@ -106,7 +112,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
             policy.eval()
             obs = session.reset()
             rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats)
-            session.env_steps += int(rollout.env_steps.sum())
+            session.count(rollout)
             # 2. Advantages over environment steps, old log-probs of the fine-tuned steps.
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda, tokens)
             advantages = normalize_advantages(batch.advantages)

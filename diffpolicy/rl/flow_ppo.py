@@ -93,8 +93,9 @@ def check_policy(policy: ChunkPolicy) -> None:
 
 
 def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowPPOConfig, run_dir: str | Path,
-             resume: bool = False, progress: bool = True) -> FinetuneResult:
-    """Fine-tune `policy` (a base flow checkpoint) with flow PPO."""
+             resume: bool = False, progress: bool = True,
+             make_session: Callable[..., Session] = Session) -> FinetuneResult:
+    """Fine-tune `policy` (a base flow checkpoint) with flow PPO (`make_session`: as in `dppo.finetune`)."""
     torch.manual_seed(config.seed)
     check_policy(policy)
     if config.inference_steps is not None:
@@ -111,7 +112,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
     generator = torch.Generator().manual_seed(config.seed)
     bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
-    session = Session(run_dir, "flowppo", config, policy, make_env, resume)
+    session = make_session(run_dir, "flowppo", config, policy, make_env, resume)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "noise_network": noise_net, "critic": critic}
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
     if resume:
@@ -127,7 +128,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
             policy.eval()
             obs = session.reset()
             rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats)
-            session.env_steps += int(rollout.env_steps.sum())
+            session.count(rollout)
             # 2. Advantages over environment steps; old log-probs of the chain (sum of transitions).
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda)
             advantages = normalize_advantages(batch.advantages)

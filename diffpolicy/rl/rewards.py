@@ -9,6 +9,7 @@ the time limit over succeeding early. Treating success as an absorbing state tha
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 
 
 class AbsorbingSuccess(gym.Wrapper):
@@ -28,10 +29,16 @@ class AbsorbingSuccess(gym.Wrapper):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self._t += 1
         if terminated and info.get("is_success", False):
-            reward = float(reward) + self.success_reward * max(self.max_episode_steps - self._t, 0)
+            reward = float(reward) + success_bonus(self._t, self.max_episode_steps, self.success_reward)
         return obs, reward, terminated, truncated, info
 
 
-def absorbing_success_env(make_env, max_episode_steps: int) -> gym.Env:
+def success_bonus(steps_taken, max_episode_steps: int, success_reward: float = 1.0):
+    """What an absorbing success adds to the reward of its step: `success_reward` for each step
+    left of the time limit after `steps_taken` steps (an int, or an array of them)."""
+    return success_reward * np.maximum(max_episode_steps - np.asarray(steps_taken), 0)
+
+
+def absorbing_success_env(make_env, max_episode_steps: int, success_reward: float = 1.0) -> gym.Env:
     """`make_env()` wrapped in `AbsorbingSuccess` (picklable with functools.partial)."""
-    return AbsorbingSuccess(make_env(), max_episode_steps)
+    return AbsorbingSuccess(make_env(), max_episode_steps, success_reward)

@@ -27,7 +27,7 @@ from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.errors import FinetuneError
 from diffpolicy.rl.evaluate import evaluate
-from diffpolicy.rl.rollout import EpisodeStats
+from diffpolicy.rl.rollout import EpisodeStats, Rollout
 from diffpolicy.rl.vec_env import make_chunk_vec_env
 from diffpolicy.train.checkpoints import (
     CheckpointManager,
@@ -140,7 +140,7 @@ class Session:
                                 "pass --resume to continue it or choose another --out")
         if resume and latest is None:
             raise FinetuneError(f"--resume: {self.run_dir} holds no fine-tuning checkpoint to continue")
-        self.envs = make_chunk_vec_env(make_env, policy.config, config.n_envs, config.asynchronous)
+        self.envs = self.make_envs(make_env, policy)
         self.stats = EpisodeStats(config.n_envs)
         self.chunk_env_steps = policy.config.action_horizon
         self.iteration, self.env_steps, self.cpu_s = 0, 0, 0.0
@@ -148,12 +148,21 @@ class Session:
         self.curves: Curves | None = None
 
     # ------------------------------------------------------------------ environments
+    def make_envs(self, make_env: Callable[[], gym.Env], policy: ChunkPolicy) -> gym.vector.VectorEnv:
+        """The environments the policy is trained in: `n_envs` chunk environments of `make_env`
+        (a subclass may train elsewhere, e.g. in a learned model's imagination)."""
+        return make_chunk_vec_env(make_env, policy.config, self.config.n_envs, self.config.asynchronous)
+
     def reset(self) -> dict[str, np.ndarray]:
         """Reset every environment for iteration `self.iteration` (seeds from the run seed)."""
         base = reset_seed(self.config.seed, self.iteration, self.config.n_envs)
         obs, _ = self.envs.reset(seed=[base + i for i in range(self.config.n_envs)])
         self.stats.start()
         return obs
+
+    def count(self, rollout: Rollout) -> None:
+        """Count a training rollout against the budget (its environment steps)."""
+        self.env_steps += int(rollout.env_steps.sum())
 
     def done(self) -> bool:
         return self.env_steps >= self.config.env_steps
@@ -165,10 +174,12 @@ class Session:
         return evaluate(policy.sample, policy.config, self.make_env, seeds, self.config.n_envs)
 
     # ------------------------------------------------------------------ curves
+    curve_x = "env_steps"  # the x axis of curves.png and the TensorBoard step
+
     def log(self, row: dict[str, Any], progress: bool) -> None:
         """Log one iteration: training episodes finished in it, plus `row` (losses, evaluation)."""
         if self.curves is None:
-            self.curves = Curves(self.run_dir, self.iteration - 1)
+            self.curves = Curves(self.run_dir, self.iteration - 1, x=self.curve_x)
         finished = self.stats.pop_finished()
         cpu = self.cpu_s + time.process_time() - self._cpu_start
         full = {"iteration": self.iteration, "env_steps": self.env_steps, "cpu_s": round(cpu, 2),
@@ -206,6 +217,8 @@ class Session:
             meta["optimizers"][name] = opt_meta
         rng_tensors, meta["rng"] = capture_rng_state(generators)
         groups["rng"] = rng_tensors
+        extra_groups, meta["extra"] = self.extra_state()
+        groups.update({f"extra.{name}": tensors for name, tensors in extra_groups.items()})
         metadata = {**policy.metadata, "finetune_algo": self.algo, "finetune_env_steps": self.env_steps}
         return self.checkpoints.save(self.iteration, export=lambda d: policy.save_pretrained(d, metadata=metadata),
                                      groups=groups, meta=meta, score=score)
@@ -228,8 +241,18 @@ class Session:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(unflatten_optimizer_state(groups[f"optimizer.{name}"], meta["optimizers"][name]))
         restore_rng_state(groups["rng"], meta["rng"], generators)
+        self.load_extra_state({name[len("extra."):]: tensors for name, tensors in groups.items()
+                               if name.startswith("extra.")}, meta.get("extra", {}), latest)
         self.iteration, self.env_steps, self.cpu_s = meta["iteration"], meta["env_steps"], meta["cpu_s"]
         self._cpu_start = time.process_time()
+
+    def extra_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Tensor groups and JSON meta a subclass keeps in every checkpoint besides the algorithm's
+        modules (here none)."""
+        return {}, {}
+
+    def load_extra_state(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any], path: Path) -> None:
+        """Restore what `extra_state` saved in checkpoint `path` (here nothing)."""
 
     def close(self) -> None:
         self.envs.close()

@@ -146,12 +146,14 @@ class CheckpointManager:
     """Writes checkpoints under `root` atomically and keeps the top-k by score plus the latest
     (or, with `keep_all`, every checkpoint: a learning curve evaluated after training)."""
 
-    def __init__(self, root: str | os.PathLike, keep_top_k: int = 3, keep_all: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, keep_top_k: int = 3, keep_all: bool = False,
+                 export_dir: str = POLICY_DIR) -> None:
         if keep_top_k < 0:
             raise InvalidValueError(f"keep_top_k must be >= 0, got {keep_top_k}")
         self.root = Path(root)
         self.keep_top_k = keep_top_k
         self.keep_all = keep_all
+        self.export_dir = export_dir  # the deployable model's folder in each checkpoint (a world model's: "model")
         for partial in self.root.glob(".tmp-*"):  # left by a run killed mid-write
             shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink()
 
@@ -174,7 +176,7 @@ class CheckpointManager:
 
         Args:
             export: writes the deployable policy into the directory it is given (the trainer
-                passes the EMA policy's `save_pretrained`).
+                passes the EMA policy's `save_pretrained`), `<checkpoint>/<export_dir>`.
             groups: `{group: {name: tensor}}`, one safetensors file per group.
             meta: JSON-able training state (step, data position, RNG, scheduler, ...).
             score: evaluation score (higher is better; a list is compared lexicographically, e.g.
@@ -187,7 +189,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        export(tmp / POLICY_DIR)
+        export(tmp / self.export_dir)
         (tmp / STATE_DIR).mkdir(parents=True)
         for group, tensors in groups.items():
             save_file(tensors, str(tmp / STATE_DIR / f"{group}.safetensors"))

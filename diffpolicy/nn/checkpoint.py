@@ -1,9 +1,10 @@
-"""Saving and loading generative models: a directory with `model.safetensors` and `config.json`.
+"""Saving and loading a module with a JSON config (the generative image and text models, the world
+model): a directory with `model.safetensors` and `config.json`.
 
 Safetensors never unpickles. The weights are written first (to a temporary file, then renamed),
 `config.json` last, atomically, holding the weights' sha256, the model's config and
-`metadata["kind"]` (which model class wrote it, so an image model is never loaded as a text model);
-loading checks both files, the kind and the hash.
+`metadata["kind"]` (which model class wrote it, so an image model is never loaded as a text model
+or a world model); loading checks both files, the kind and the hash.
 """
 
 from __future__ import annotations

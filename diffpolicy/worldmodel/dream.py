@@ -1,0 +1,191 @@
+"""Dream fine-tuning (DiWA-style): DPPO or flow PPO on rollouts imagined by a learned world model.
+
+The algorithms run unchanged (`rl.dppo.finetune`, `rl.flow_ppo.finetune`): the run's `Session`
+is a `DreamSession`, whose training environments are `imagine.DreamVecEnv`s in the world model
+(`n_envs` imagined environments, chunked actions, episodes cut where the ensemble disagrees).
+What changes is what a step is and what is counted:
+
+- the algorithm's budget `env_steps` counts *imagined* environment steps (`dream_steps` in the
+  curves, their x axis); `env_steps` in the curves and in the saved policy's metadata counts
+  *real* environment steps used for learning (0 in a pure dream);
+- held-out evaluation runs in the real environment every `eval_every` iterations and never feeds
+  a gradient (its episodes are not counted as learning steps, as in the model-free runs);
+- mixed mode (`real_steps` > 0): every `refresh_every` iterations, while fewer than `real_steps`
+  real steps were used, the current policy (its deployed sampler) plays `refresh_episodes` real
+  episodes; their steps are counted, kept with the run, added to the imagination's start states
+  and used for `refresh_updates` gradient steps of the world model (every second one on the real
+  steps alone, the rest on all data). Those episodes train the world model only, never the policy.
+
+Checkpoints hold the world model as refreshed and the real steps, so a run resumes exactly.
+
+    result = finetune(policy, make_env, DPPOConfig(env_steps=200_000), DreamConfig(), model, data,
+                      "runs/dream", max_episode_steps=300, success_reward=1.0)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_dict
+from diffpolicy.policies.chunk_policy import ChunkPolicy
+from diffpolicy.rl import dppo, flow_ppo
+from diffpolicy.rl.chunk_env import check_env_matches_policy
+from diffpolicy.rl.rewards import absorbing_success_env
+from diffpolicy.rl.rollout import Rollout
+from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
+from diffpolicy.train.checkpoints import state_dict_tensors
+from diffpolicy.worldmodel.data import Transitions
+from diffpolicy.worldmodel.errors import WorldModelError
+from diffpolicy.worldmodel.imagine import DreamVecEnv
+from diffpolicy.worldmodel.model import LatentWorldModel
+from diffpolicy.worldmodel.play import record_episodes
+from diffpolicy.worldmodel.training import TrainConfig, gradient_step, make_optimizer
+
+REFRESH_SEED_BASE = 1_000_000_000  # real refresh episodes use seeds from here: never the evaluation seeds
+
+
+@dataclass(frozen=True)
+class DreamConfig:
+    """cut_scale: an imagined action k steps into an episode is not taken where the ensemble
+    disagreement exceeds cut_scale x the model's held-out reference at horizon k; initial_only: imagined episodes start only from
+    the data's episode starts (else from any stored state); real_steps: real-environment budget of
+    mixed mode (0: pure dream); refresh_every: dream iterations between refreshes;
+    refresh_episodes, refresh_envs: real episodes per refresh and how many run together;
+    refresh_updates: world-model gradient steps per refresh."""
+
+    cut_scale: float = 2.0
+    initial_only: bool = False
+    real_steps: int = 0
+    refresh_every: int = 10
+    refresh_episodes: int = 8
+    refresh_envs: int = 8
+    refresh_updates: int = 200
+
+    def __post_init__(self) -> None:
+        check_float("dream.cut_scale", self.cut_scale, 0, strictly=True)
+        check_bool("dream.initial_only", self.initial_only)
+        check_int("dream.real_steps", self.real_steps, 0)
+        for name in ("refresh_every", "refresh_episodes", "refresh_envs"):
+            check_int(f"dream.{name}", getattr(self, name), 1)
+        check_int("dream.refresh_updates", self.refresh_updates, 0)
+
+
+class DreamSession(Session):
+    """A `Session` whose training environments are imagined (see the module docstring).
+
+    Extra keyword arguments: model (the world model, refreshed in place in mixed mode), data (the
+    transitions it was trained on: start states and refresh data), dream (`DreamConfig`),
+    max_episode_steps (the task's time limit), success_reward (None, or the absorbing-success
+    reward: `make_env` then builds the shaped environment the evaluation uses), raw_env (the
+    unshaped environment the refreshes record, whose rewards are the ones the model learns).
+    """
+
+    curve_x = "dream_steps"
+
+    def __init__(self, run_dir: str | Path, algo: str, config: OnPolicyConfig, policy: ChunkPolicy,
+                 make_env: Callable[[], gym.Env], resume: bool, *, model: LatentWorldModel, data: Transitions,
+                 dream: DreamConfig, max_episode_steps: int, success_reward: float | None = None,
+                 raw_env: Callable[[], gym.Env]) -> None:
+        if "train" not in model.metadata:
+            raise WorldModelError("the world model's metadata has no 'train' settings (refreshes train with them); "
+                                  "train it with `diffpolicy worldmodel train`")
+        self.model, self.data, self.dream = model, data, dream
+        self.real = Transitions.empty(data.keys, data.dims, data.action.shape[1])
+        self.max_episode_steps, self.success_reward, self.raw_env = int(max_episode_steps), success_reward, raw_env
+        self.train_config = from_dict(TrainConfig, model.metadata["train"], "train")
+        self.dream_steps = 0
+        probe = make_env()
+        try:
+            check_env_matches_policy(probe, policy.config, "dream evaluation")
+        finally:
+            probe.close()
+        super().__init__(run_dir, f"dream_{algo}", config, policy, make_env, resume)
+
+    def make_envs(self, make_env: Callable[[], gym.Env], policy: ChunkPolicy) -> DreamVecEnv:
+        return DreamVecEnv(self.model, self.data, policy.config, self.config.n_envs, self.max_episode_steps,
+                           self.model.cut_thresholds(self.dream.cut_scale), self.success_reward,
+                           self.dream.initial_only)
+
+    # ------------------------------------------------------------------ counting
+    def count(self, rollout: Rollout) -> None:
+        self.dream_steps += int(rollout.env_steps.sum())
+
+    def done(self) -> bool:
+        return self.dream_steps >= self.config.env_steps
+
+    def log(self, row: dict[str, Any], progress: bool) -> None:
+        super().log({**row, "dream_steps": self.dream_steps, **self.envs.pop_stats()}, progress)
+
+    # ------------------------------------------------------------------ mixed mode
+    def end_iteration(self, policy: ChunkPolicy, row: dict[str, Any], *args, **kwargs) -> None:
+        refresh = self.dream.real_steps > 0 and self.env_steps < self.dream.real_steps and not self.done() \
+            and (self.iteration + 1) % self.dream.refresh_every == 0
+        if refresh:
+            row["world_model_loss"] = self.refresh(policy, (self.iteration + 1) // self.dream.refresh_every)
+        super().end_iteration(policy, row, *args, **kwargs)
+
+    def refresh(self, policy: ChunkPolicy, index: int) -> float:
+        """Refresh `index`: real episodes with the deployed sampler, counted; world-model updates on
+        them. Returns the mean world-model loss of the updates."""
+        policy.eval()
+        first = REFRESH_SEED_BASE + self.config.seed * 1_000_003 + index * self.dream.refresh_episodes
+        episodes = record_episodes(policy.sample, policy.config, self.raw_env,
+                                   range(first, first + self.dream.refresh_episodes), self.dream.refresh_envs)
+        fresh = Transitions.from_episodes(episodes, self.data.keys)
+        self.env_steps += fresh.n_steps
+        self.real = Transitions.concat([self.real, fresh])
+        everything = Transitions.concat([self.data, self.real])
+        optimizer = make_optimizer(self.model, self.train_config)
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
+        losses = [sum(gradient_step(self.model, optimizer, self.real if u % 2 else everything, self.train_config,
+                                    generator).values()) for u in range(self.dream.refresh_updates)]
+        self.model.eval()
+        self.envs.starts_from(everything)
+        return float(np.mean(losses)) if losses else float("nan")
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        return ({"world_model": state_dict_tensors(self.model), "real": self.real.tensors()},
+                {"dream": to_dict(self.dream), "dream_steps": self.dream_steps})
+
+    def load_extra_state(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any], path: Path) -> None:
+        if "dream" not in meta:
+            raise WorldModelError(f"{path}: not a dream run's checkpoint (no dream settings saved)")
+        saved, now = meta["dream"], to_dict(self.dream)
+        changed = sorted(k for k in now if k != "real_steps" and saved.get(k) != now[k])
+        if changed:
+            raise WorldModelError(f"{path}: the dream was started with other settings ({changed}); resume with the "
+                                  "same ones (only dream.real_steps, the real budget, may change)")
+        self.model.load_state_dict(groups["world_model"], strict=True)
+        self.model.eval()
+        self.real = Transitions.from_tensors(groups["real"], self.data.keys, self.data.dims)
+        self.dream_steps = int(meta["dream_steps"])
+        if self.real.n_steps:
+            self.envs.starts_from(Transitions.concat([self.data, self.real]))
+
+
+def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: dppo.DPPOConfig | flow_ppo.FlowPPOConfig,
+             dream: DreamConfig, model: LatentWorldModel, data: Transitions, run_dir: str | Path,
+             max_episode_steps: int, success_reward: float | None = None, resume: bool = False,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune `policy` in `model`'s imagination: DPPO for a `DPPOConfig`, flow PPO for a
+    `FlowPPOConfig` (config.env_steps: the imagined budget). `make_env` builds the real,
+    unshaped environment (mixed-mode refreshes; wrapped in `rl.rewards.AbsorbingSuccess` with
+    `success_reward` for evaluation, the reward the imagination pays too)."""
+    algorithms = {dppo.DPPOConfig: dppo, flow_ppo.FlowPPOConfig: flow_ppo}
+    if type(config) not in algorithms:
+        raise WorldModelError(f"dream fine-tuning runs DPPO or flow PPO; got a {type(config).__name__}")
+    shaped = make_env if success_reward is None else functools.partial(absorbing_success_env, make_env,
+                                                                        max_episode_steps, success_reward)
+    make_session = functools.partial(DreamSession, model=model, data=data, dream=dream, raw_env=make_env,
+                                     max_episode_steps=max_episode_steps, success_reward=success_reward)
+    return algorithms[type(config)].finetune(policy, shaped, config, run_dir, resume=resume, progress=progress,
+                                             make_session=make_session)

@@ -1,0 +1,192 @@
+"""N imagined chunk environments in a learned world model, behind the interface the RL machinery
+steps (`rl.vec_env.make_chunk_vec_env`'s): so DPPO and flow PPO collect rollouts in a dream with
+`rl.rollout.collect_rollout`, unchanged.
+
+One step executes a chunk as `rl.chunk_env.ChunkEnv` does: the Ta actions from index To - 1,
+clipped to the action space, one latent transition each; the reward is the sum of the members'
+mean rewards. An imagined episode ends
+- *terminated* with success where the members' mean success probability exceeds 0.5 (with
+  `success_reward`, the real env's `AbsorbingSuccess` bonus is added: the same shaping);
+- *truncated* at the task's time limit, counted from the start state's time in its episode;
+- *truncated* where the model is unsure: the k-th action of an imagined episode whose ensemble
+  disagreement exceeds `cut_thresholds[k - 1]` (the last one beyond them) is not taken; the chunk
+  stops before it and the episode is cut there (its value is bootstrapped from the last trusted
+  state, `info["cut"]`).
+Finished environments restart in the same step (`final_obs` / `final_info`, as gymnasium's
+same-step autoreset). Episodes start from states of the data (`initial_only`: from episode
+starts only) with their real observation history; every draw comes from a per-environment numpy
+generator seeded by `reset(seed=...)`, and the model is deterministic, so imagined rollouts are
+reproducible under a seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from diffpolicy.policies.config import PolicyConfig
+from diffpolicy.rl.rewards import success_bonus
+from diffpolicy.worldmodel.data import Transitions
+from diffpolicy.worldmodel.errors import WorldModelError
+from diffpolicy.worldmodel.model import LatentWorldModel
+
+
+def check_model_matches_policy(model: LatentWorldModel, config: PolicyConfig) -> None:
+    """The policy must see only low-dim keys the model predicts, with the model's sizes and action size."""
+    if config.image_keys:
+        raise WorldModelError(f"a world model predicts low-dim observations; the policy has image keys "
+                              f"{list(config.image_keys)}")
+    dims = dict(zip(model.obs_keys, model.obs_dims))
+    for key in config.low_dim_keys:
+        if dims.get(key) != config.obs_shapes[key][0]:
+            raise WorldModelError(f"observation {key!r}: the policy needs ({config.obs_shapes[key][0]},), the world "
+                                  f"model predicts {(dims[key],) if key in dims else 'no such key'} (its keys: {dims})")
+    if model.action_dim != config.action_dim:
+        raise WorldModelError(f"the world model takes actions of size {model.action_dim}, the policy acts with "
+                              f"{config.action_dim}")
+
+
+class DreamVecEnv(gym.vector.VectorEnv):
+    """See the module docstring. Observations `{key: (N, To, d)}`, actions `(N, Tp, Da)` in data units.
+
+    Args:
+        model: the world model (used without gradients, in eval mode).
+        starts: transitions whose states imagined episodes start from.
+        config: the policy's config (horizons, observation keys).
+        n_envs: imagined environments stepped together.
+        max_episode_steps: the task's time limit.
+        cut_thresholds: `(R,)` ensemble disagreement (normalized units) above which the k-th action
+            of an imagined episode is not taken (`LatentWorldModel.cut_thresholds`).
+        success_reward: None, or the absorbing-success reward per step left (`rl.rewards`).
+        initial_only: start only from the first state of each episode.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(self, model: LatentWorldModel, starts: Transitions, config: PolicyConfig, n_envs: int,
+                 max_episode_steps: int, cut_thresholds: np.ndarray, success_reward: float | None = None,
+                 initial_only: bool = False) -> None:
+        check_model_matches_policy(model, config)
+        cut_thresholds = np.asarray(cut_thresholds, dtype=np.float64).reshape(-1)
+        if not len(cut_thresholds) or not (cut_thresholds > 0).all():
+            raise WorldModelError(f"DreamVecEnv: cut_thresholds must be numbers > 0, got {cut_thresholds!r}")
+        self.model, self.num_envs = model.eval(), int(n_envs)
+        self.obs_horizon, self.action_horizon = config.obs_horizon, config.action_horizon
+        self.history = max(config.obs_horizon, model.config.history)
+        self.max_episode_steps, self.cut_thresholds = int(max_episode_steps), cut_thresholds
+        self.success_reward, self.initial_only = success_reward, initial_only
+        self.starts_from(starts)
+        offsets = np.cumsum([0, *model.obs_dims])
+        self.slices = {key: slice(offsets[i], offsets[i + 1]) for i, key in enumerate(model.obs_keys)
+                       if key in config.obs_shapes}
+        self.single_observation_space = gym.spaces.Dict({
+            key: gym.spaces.Box(-np.inf, np.inf, (config.obs_horizon, config.obs_shapes[key][0]), np.float32)
+            for key in config.obs_shapes})
+        low, high = model.action_low.numpy(), model.action_high.numpy()
+        self.single_action_space = gym.spaces.Box(np.tile(low, (config.pred_horizon, 1)),
+                                                  np.tile(high, (config.pred_horizon, 1)), dtype=np.float32)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, self.num_envs)
+        n, members = self.num_envs, model.config.members
+        self.latent = torch.zeros(members, n, model.state_dim)
+        self.obs_history = torch.zeros(n, self.history, sum(model.obs_dims))
+        self.t = np.zeros(n, dtype=np.int64)  # time in the episode (the start state's own time included)
+        self.imagined = np.zeros(n, dtype=np.int64)  # steps imagined since the start state
+        self.rngs = [np.random.default_rng(i) for i in range(n)]
+        self.chunks, self.cuts = 0, 0
+
+    # ------------------------------------------------------------------ starts
+    def starts_from(self, starts: Transitions) -> None:
+        """Draw later episode starts from the states of `starts` (e.g. after new real data came in)."""
+        if starts.keys != self.model.obs_keys or starts.dims != self.model.obs_dims:
+            raise WorldModelError(f"start states have keys {starts.keys} {starts.dims}, the world model "
+                                  f"{self.model.obs_keys} {self.model.obs_dims}")
+        if starts.n_steps == 0:
+            raise WorldModelError("DreamVecEnv: no start states (the world model's data is empty)")
+        self.starts, self.time_index = starts, starts.time_index
+        self.candidates = starts.episode_starts if self.initial_only else np.arange(starts.n_steps)
+
+    def _start(self, envs: np.ndarray) -> None:
+        """Draw a start state for each of `envs` from its generator: history, latent, time."""
+        index = np.array([self.candidates[self.rngs[i].integers(len(self.candidates))] for i in envs], dtype=np.int64)
+        window = self.starts.windows(index, self.history, 1)["obs_history"]
+        history, rows = torch.as_tensor(window), torch.as_tensor(envs)
+        self.obs_history[rows] = history
+        with torch.no_grad():
+            self.latent[:, rows] = self.model.encode(history[:, -self.model.config.history:])
+        self.t[envs] = self.time_index[index]
+        self.imagined[envs] = 0
+
+    def _observation(self, envs: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        history = self.obs_history if envs is None else self.obs_history[torch.as_tensor(envs)]
+        recent = history[:, -self.obs_horizon:].numpy()
+        return {key: np.ascontiguousarray(recent[..., part]) for key, part in self.slices.items()}
+
+    def reset(self, *, seed: int | Sequence[int] | None = None, options: dict | None = None):
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise WorldModelError(f"DreamVecEnv.reset: {len(seeds)} seeds for {self.num_envs} environments")
+            self.rngs = [np.random.default_rng(s) for s in seeds]
+        self._start(np.arange(self.num_envs))
+        return self._observation(), {}
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, actions: np.ndarray):
+        chunk = np.asarray(actions, dtype=np.float32)
+        if chunk.shape != self.action_space.shape:
+            raise WorldModelError(f"DreamVecEnv.step: expected chunks of shape {self.action_space.shape}, got {chunk.shape}")
+        start = self.obs_horizon - 1
+        executed = torch.as_tensor(np.clip(chunk[:, start:start + self.action_horizon], self.single_action_space.low[0],
+                                           self.single_action_space.high[0]))
+        n = self.num_envs
+        reward, steps = torch.zeros(n, dtype=torch.float64), np.zeros(n, dtype=np.int64)
+        success, cut, limit = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        active = np.ones(n, bool)
+        for j in range(self.action_horizon):
+            pred = self.model.step(self.latent, executed[:, j])
+            threshold = self.cut_thresholds[np.minimum(self.imagined, len(self.cut_thresholds) - 1)]
+            unsure = active & (self.model.disagreement(pred.obs).numpy() > threshold)
+            cut |= unsure
+            active &= ~unsure
+            take = torch.as_tensor(active)
+            self.latent = torch.where(take[None, :, None], pred.latent, self.latent)
+            next_obs = self.model.unnormalize_obs(pred.obs.mean(0))
+            self.obs_history = torch.where(take[:, None, None], torch.cat([self.obs_history[:, 1:], next_obs[:, None]], 1),
+                                           self.obs_history)
+            self.t += active
+            self.imagined += active
+            steps += active
+            reward += torch.where(take, pred.reward.mean(0), 0.0).double()
+            done_here = active & (torch.sigmoid(pred.success_logit).mean(0) > 0.5).numpy()
+            success |= done_here
+            if self.success_reward is not None:
+                reward += torch.as_tensor(np.where(done_here, success_bonus(self.t, self.max_episode_steps,
+                                                                            self.success_reward), 0.0))
+            limit |= active & ~done_here & (self.t >= self.max_episode_steps)
+            active &= ~(done_here | limit)
+        terminated, truncated = success, cut | limit
+        self.chunks += n
+        self.cuts += int(cut.sum())
+        info = {"env_steps": steps, "is_success": success, "cut": cut}
+        done = terminated | truncated
+        if done.any():
+            envs = np.flatnonzero(done)
+            final = self._observation(envs)
+            info["final_obs"] = np.full(n, None, dtype=object)
+            for row, i in enumerate(envs):
+                info["final_obs"][i] = {key: value[row] for key, value in final.items()}
+            info["final_info"] = {"env_steps": steps.copy(), "is_success": success.copy(), "cut": cut.copy()}
+            self._start(envs)
+        return self._observation(), reward.numpy(), terminated, truncated, info
+
+    def pop_stats(self) -> dict[str, float]:
+        """Share of imagined chunk steps cut by the uncertainty since the last call."""
+        stats = {"cut_fraction": self.cuts / self.chunks if self.chunks else 0.0}
+        self.chunks, self.cuts = 0, 0
+        return stats

@@ -1,0 +1,93 @@
+"""A policy's own rollouts in the real environment, every executed step recorded: data for a world
+model (`diffpolicy worldmodel collect`, and the real steps of a mixed dream run).
+
+`record_episodes` plays one episode per seed in chunk environments (`rl.chunk_env.ChunkEnv`),
+`n_envs` at a time with one batched policy call per chunk; an environment whose episode ended is
+not stepped again, so the environment steps taken are exactly the steps recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.policies.config import PolicyConfig
+from diffpolicy.rl.chunk_env import ChunkEnv
+from diffpolicy.rl.vec_env import obs_to_tensors
+
+Act = Callable[..., torch.Tensor]
+"""act(obs {key: (B, To, d)}, generator=...) -> chunks `(B, Tp, Da)` in data units (e.g. `policy.sample`)."""
+
+
+class StepRecorder(gym.Wrapper):
+    """Records the episode begun by the last `reset`: each observation, the action the env
+    executed from it, the reward, and whether the task succeeded."""
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.steps: list[tuple[dict[str, np.ndarray], np.ndarray, float]] = []
+        self.current, self.success = obs, bool(info.get("is_success", False))
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.steps.append((self.current, np.asarray(action, np.float32), float(reward)))
+        self.current, self.success = obs, self.success or bool(info.get("is_success", False))
+        return obs, reward, terminated, truncated, info
+
+    def episode(self) -> dict[str, Any]:
+        """`{key: (T, ...), "action": (T, Da), "reward": (T,), "success": bool}`."""
+        keys = self.steps[0][0].keys()
+        return {**{k: np.stack([s[0][k] for s in self.steps]) for k in keys},
+                "action": np.stack([s[1] for s in self.steps]), "reward": np.array([s[2] for s in self.steps], np.float32),
+                "success": self.success}
+
+
+def record_episodes(act: Act, config: PolicyConfig, make_env: Callable[[], gym.Env], seeds: Sequence[int],
+                    n_envs: int = 8) -> list[dict[str, Any]]:
+    """One recorded episode per seed (in seed order; each also carries its "seed").
+
+    Batches of `n_envs` seeds; the batch's generator is seeded with its first seed (as
+    `rl.evaluate` does), so the same call records the same episodes.
+    """
+    seeds = [int(s) for s in seeds]
+    envs = [ChunkEnv(StepRecorder(make_env()), config) for _ in range(min(n_envs, len(seeds)))]
+    episodes: list[dict[str, Any]] = []
+    try:
+        for first in range(0, len(seeds), len(envs)):
+            batch = seeds[first:first + len(envs)]
+            generator = torch.Generator().manual_seed(batch[0])
+            obs = [env.reset(seed=seed)[0] for env, seed in zip(envs, batch)]
+            running = list(range(len(batch)))
+            while running:
+                stacked = {k: np.stack([obs[i][k] for i in running]) for k in obs[0]}
+                with torch.no_grad():
+                    chunks = act(obs_to_tensors(stacked), generator=generator).numpy()
+                for i, chunk in zip(list(running), chunks):
+                    obs[i], _, terminated, truncated, _ = envs[i].step(chunk)
+                    if terminated or truncated:
+                        running.remove(i)
+            for env, seed in zip(envs, batch):
+                episodes.append({**env.env.episode(), "seed": seed})
+    finally:
+        for env in envs:
+            env.close()
+    return episodes
+
+
+def save_episodes(episodes: Sequence[dict[str, Any]], out: str | os.PathLike, attrs: dict[str, Any]) -> ReplayBuffer:
+    """Append recorded episodes whole to the replay buffer at `out` (created with `attrs` if new):
+    data keys = observation keys, `action` (executed), `reward`; episode meta `seed`, `success`."""
+    out = Path(out)
+    buffer = ReplayBuffer.open(out, mode="a") if out.exists() else ReplayBuffer.create(out, attrs=attrs)
+    for episode in episodes:
+        data = {k: v for k, v in episode.items() if k not in ("success", "seed")}
+        buffer.add_episode(data, {"seed": int(episode["seed"]), "success": bool(episode["success"])})
+    return buffer

@@ -1,0 +1,335 @@
+"""World model and dream fine-tuning: training windows respect episodes, the model predicts a
+deterministic toy system it never saw to tolerance, training resumes exactly, imagined rollouts
+are reproducible under a seed, the uncertainty cut triggers on out-of-distribution actions and not
+on the data's, and DPPO / flow PPO in the dream raise the real reward where imitation is poor."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from rl_tasks import TASK, make_bc_policy, make_env, write_card
+from wm_tasks import mass_episodes, reach_play_episodes, train_reach_world_model
+
+from diffpolicy.cli import main
+from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.evaluation.rollout import rollout
+from diffpolicy.policies import ChunkPolicy, PolicyConfig, flow_process
+from diffpolicy.rl import dppo, flow_ppo
+from diffpolicy.rl.dsrl import DSRLConfig
+from diffpolicy.rl.runs import read_run
+from diffpolicy.worldmodel import dream
+from diffpolicy.worldmodel.data import Transitions
+from diffpolicy.worldmodel.errors import WorldModelError
+from diffpolicy.worldmodel.imagine import DreamVecEnv
+from diffpolicy.worldmodel.model import LatentWorldModel, ModelConfig
+from diffpolicy.worldmodel.play import save_episodes
+from diffpolicy.worldmodel.training import (
+    TrainConfig,
+    WorldModelConfig,
+    resolve_world_model_dir,
+    train_world_model,
+)
+
+BOUNDS = (np.full(2, -1.0), np.full(2, 1.0))
+MASS_CONFIG = WorldModelConfig(ModelConfig(members=3, latent_dim=16, hidden_dim=64, history=2),
+                               TrainConfig(steps=1000, batch_size=64, horizon=8, lr=3e-3, eval_every=1000,
+                                           eval_horizon=16))
+# A policy's view of the point mass: position history To = 2, chunks of Tp = 4 executing Ta = 2.
+MASS_POLICY = PolicyConfig(obs_shapes={"pos": (2,)}, action_dim=2, obs_horizon=2, pred_horizon=4, action_horizon=2,
+                           process=flow_process(), backbone={"type": "mlp", "hidden_dim": 32})
+DATA_ACTIONS = 0.2  # the point-mass data's actions are uniform in [-0.2, 0.2]^2 of the [-1, 1]^2 action space
+
+
+# ----------------------------------------------------------------------------- data
+def test_windows_pad_the_episode_start_and_mask_past_its_end():
+    episodes = [{"pos": np.arange(3)[:, None] * [1.0, 10.0], "action": np.arange(3)[:, None] * [1.0, 1.0],
+                 "reward": np.array([0.0, 1.0, 2.0]), "success": True},
+                {"pos": 100 + np.arange(2)[:, None] * [1.0, 10.0], "action": np.ones((2, 2)),
+                 "reward": np.array([5.0, 6.0]), "success": False}]
+    data = Transitions.from_episodes(episodes, ["pos"])
+    assert data.n_episodes == 2 and data.n_steps == 5 and data.success.tolist() == [False, False, True, False, False]
+    assert data.time_index.tolist() == [0, 1, 2, 0, 1]
+    w = data.windows(np.array([0, 1, 3]), history=2, horizon=3)
+    np.testing.assert_array_equal(w["obs_history"][0], [[0, 0], [0, 0]])      # the first observation repeated
+    np.testing.assert_array_equal(w["obs_history"][1], [[0, 0], [1, 10]])
+    np.testing.assert_array_equal(w["obs_history"][2], [[100, 100], [100, 100]])
+    assert w["step_mask"].tolist() == [[True, True, True], [True, True, False], [True, True, False]]
+    assert w["obs_mask"].tolist() == [[True, True, False], [True, False, False], [True, False, False]]
+    np.testing.assert_array_equal(w["next_obs"][0, :2], [[1, 10], [2, 20]])
+    assert w["reward"][1, :2].tolist() == [1.0, 2.0] and w["success"].tolist()[1] == [False, True, False]
+    train, val = data.split(0.5, seed=0)
+    assert {train.n_steps, val.n_steps} == {3, 2}
+
+
+def _store(path, data: dict, noise=0.0, meta=True):
+    buffer = ReplayBuffer.create(path, attrs={"collection": {"action_noise": noise}})
+    buffer.add_episode(data, {"seed": 0, "success": True} if meta else None)
+    return path
+
+
+def test_stores_give_executed_actions_and_bad_stores_are_named(tmp_path):
+    steps = {"pos": np.zeros((4, 2), np.float32), "action": np.zeros((4, 2), np.float32),
+             "reward": np.arange(4, dtype=np.float32)}
+    noisy = _store(tmp_path / "noisy.zarr", {**steps, "executed_action": np.ones((4, 2), np.float32)}, noise=0.1)
+    data = Transitions.load([noisy], ["pos"])
+    np.testing.assert_array_equal(data.action, np.ones((4, 2)))  # what the env executed, not the expert's label
+    assert data.success.tolist() == [False, False, False, True]
+    with pytest.raises(WorldModelError, match="collected with action noise 0.1 but holds only the expert's clean"):
+        Transitions.load([_store(tmp_path / "old.zarr", steps, noise=0.1)], ["pos"])
+    with pytest.raises(WorldModelError, match=r"data key\(s\) \['reward'\] missing"):
+        Transitions.load([_store(tmp_path / "no_reward.zarr", {k: v for k, v in steps.items() if k != "reward"})], ["pos"])
+    images = _store(tmp_path / "images.zarr", {**steps, "image": np.zeros((4, 8, 8, 3), np.uint8)})
+    with pytest.raises(WorldModelError, match="takes low-dim"):
+        Transitions.load([images], ["image"])
+    with pytest.raises(WorldModelError, match="at least 2 are needed"):
+        train_world_model(Transitions.load([noisy], ["pos"]), MASS_CONFIG, tmp_path / "wm", *BOUNDS)
+
+
+# ----------------------------------------------------------------------------- the model
+@pytest.fixture(scope="module")
+def mass_model(tmp_path_factory):
+    data = Transitions.from_episodes(mass_episodes(60, 40, seed=0, action_scale=DATA_ACTIONS), ["pos"])
+    run = train_world_model(data, MASS_CONFIG, tmp_path_factory.mktemp("mass") / "wm", *BOUNDS, progress=False)
+    return run, data
+
+
+def test_world_model_predicts_a_deterministic_toy_system(mass_model):
+    run, _ = mass_model
+    model = run.model
+    fresh = Transitions.from_episodes(mass_episodes(20, 40, seed=99, action_scale=DATA_ACTIONS), ["pos"])
+    index = np.arange(0, fresh.n_steps, 3)
+    w = fresh.windows(index, history=2, horizon=8)
+    ok = w["obs_mask"]
+    with torch.no_grad():
+        latent = model.encode(torch.as_tensor(w["obs_history"]))
+        for k in range(8):
+            pred = model.step(latent, torch.as_tensor(w["action"][:, k]))
+            latent = pred.latent
+            predicted = model.unnormalize_obs(pred.obs.mean(0)).numpy()
+            error = np.sqrt(np.mean((predicted - w["next_obs"][:, k])[ok[:, k]] ** 2))
+            standing_still = np.sqrt(np.mean((w["obs_history"][:, -1] - w["next_obs"][:, k])[ok[:, k]] ** 2))
+            # The hidden velocity is tracked: far better than assuming the mass stands still.
+            assert error < 0.1 * standing_still and error < 2e-3, (k, error, standing_still)
+    # The run's held-out report grows with the horizon and is what the checkpoint recorded.
+    assert run.report["horizon"] == list(range(1, 17)) and run.report["obs_rmse"][0] < run.report["obs_rmse"][-1]
+    loaded = LatentWorldModel.load(resolve_world_model_dir(run.checkpoint.parents[1]))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert loaded.metadata["train"]["steps"] == 1000 and np.isfinite(loaded.reference_uncertainty.numpy()).all()
+
+
+def test_training_resumes_bit_exactly(tmp_path):
+    data = Transitions.from_episodes(mass_episodes(10, 20, seed=1), ["pos"])
+    config = WorldModelConfig(ModelConfig(members=2, latent_dim=4, hidden_dim=16),
+                              TrainConfig(steps=20, batch_size=8, horizon=3, eval_every=10, eval_horizon=4))
+    straight = train_world_model(data, config, tmp_path / "straight", *BOUNDS, progress=False)
+    half = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=10))
+    train_world_model(data, half, tmp_path / "resumed", *BOUNDS, progress=False)
+    with pytest.raises(WorldModelError, match="already holds a world-model run"):
+        train_world_model(data, config, tmp_path / "resumed", *BOUNDS, progress=False)
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, hidden_dim=8))
+    with pytest.raises(WorldModelError, match=r"other settings \(\['model.hidden_dim'\]\)"):
+        train_world_model(data, other, tmp_path / "resumed", *BOUNDS, resume=True, progress=False)
+    resumed = train_world_model(data, config, tmp_path / "resumed", *BOUNDS, resume=True, progress=False)
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert (tmp_path / "straight" / "curves.csv").read_text() == (tmp_path / "resumed" / "curves.csv").read_text()
+    assert (tmp_path / "resumed" / "error_vs_horizon.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- imagination
+def imagine(model, data, seeds, chunks, cut_scale=2.0):
+    envs = DreamVecEnv(model, data, MASS_POLICY, len(seeds), 40, model.cut_thresholds(cut_scale))
+    obs, _ = envs.reset(seed=seeds)
+    trace = [obs["pos"]]
+    for chunk in chunks:
+        obs, reward, terminated, truncated, info = envs.step(chunk)
+        trace += [obs["pos"], reward, truncated, info["cut"], info["env_steps"]]
+    return trace, envs
+
+
+def test_imagined_rollouts_are_reproducible_under_a_seed(mass_model):
+    run, data = mass_model
+    rng = np.random.default_rng(0)
+    chunks = [rng.uniform(-DATA_ACTIONS, DATA_ACTIONS, (6, 4, 2)).astype(np.float32) for _ in range(10)]
+    first, _ = imagine(run.model, data, list(range(6)), chunks)
+    again, _ = imagine(run.model, data, list(range(6)), chunks)
+    other, _ = imagine(run.model, data, list(range(6, 12)), chunks)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0], other[0])  # another seed, other start states
+
+
+def test_uncertainty_cut_triggers_on_out_of_distribution_actions(mass_model):
+    run, data = mass_model
+    rng = np.random.default_rng(1)
+    seen = [rng.uniform(-DATA_ACTIONS, DATA_ACTIONS, (16, 4, 2)).astype(np.float32) for _ in range(8)]
+    _, envs = imagine(run.model, data, list(range(16)), seen)
+    assert envs.pop_stats()["cut_fraction"] < 0.05  # actions like the data's: trusted
+    unseen = [np.ones((16, 4, 2), np.float32)] * 2  # full thrust, 5x the data's largest action
+    trace, envs = imagine(run.model, data, list(range(16)), unseen)
+    truncated, cut, steps = trace[3], trace[4], trace[5]
+    assert envs.pop_stats()["cut_fraction"] > 0.9
+    assert cut.all() and truncated.all() and (steps < 2).all()  # the chunk stopped before the untrusted action
+
+
+# ----------------------------------------------------------------------------- dreams
+@pytest.fixture(scope="module")
+def reach_model(tmp_path_factory):
+    run, data = train_reach_world_model(tmp_path_factory.mktemp("reach") / "wm")
+    return run, data
+
+
+FLOW = flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3, n_envs=8, n_steps=6, batch_size=16,
+                              epochs=4, eval_episodes=16, eval_every=0)
+
+
+def held_out(policy, seeds=range(100000, 100016)):
+    episodes, _ = rollout(policy, make_env, list(seeds), n_envs=8)
+    return float(np.mean([e.episode_return for e in episodes])), float(np.mean([e.success for e in episodes]))
+
+
+def dream_run(reach_model, run_dir, config=FLOW, dream_config=dream.DreamConfig(), make=make_env, resume=False):
+    run, data = reach_model
+    return dream.finetune(make_bc_policy("flow", inference_steps=4), make, config, dream_config,
+                          LatentWorldModel.load(run.checkpoint / "model"), data, run_dir, max_episode_steps=12,
+                          resume=resume, progress=False)
+
+
+def test_dream_finetuning_improves_the_real_reward(reach_model, tmp_path):
+    bc_return, bc_success = held_out(make_bc_policy("flow", inference_steps=4))
+    assert bc_success == 0.0  # the demonstrations are biased: imitation never reaches the goal
+    result = dream_run(reach_model, tmp_path / "dream", dataclasses.replace(FLOW, env_steps=1500))
+    tuned = ChunkPolicy.from_pretrained(result.checkpoint / "policy")
+    tuned_return, tuned_success = held_out(tuned)
+    assert tuned_return > bc_return + 1.0 and tuned_success > 0.0, (bc_return, tuned_return, tuned_success)
+    run = read_run(tmp_path / "dream")
+    assert run.algo == "dream_flowppo" and run.rows[-1]["env_steps"] == 0  # not one real step was learned from
+    assert run.rows[-1]["dream_steps"] >= 1500 and tuned.metadata["finetune_env_steps"] == 0
+
+
+def test_real_evaluation_never_feeds_gradients(reach_model, tmp_path):
+    short = dataclasses.replace(FLOW, env_steps=150, eval_episodes=4)
+    silent = dream_run(reach_model, tmp_path / "silent", short)
+    evaluated = dream_run(reach_model, tmp_path / "evaluated", dataclasses.replace(short, eval_every=1))
+    assert "eval_success" in evaluated.history[0] and "eval_success" not in silent.history[0]
+    for name, tensor in silent.policy.state_dict().items():
+        assert torch.equal(tensor, evaluated.policy.state_dict()[name]), name
+
+
+def test_dppo_runs_unchanged_in_the_dream(reach_model, tmp_path):
+    run, data = reach_model
+    config = dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, n_envs=8, n_steps=6,
+                             batch_size=16, epochs=2, eval_episodes=4, eval_every=0, env_steps=150)
+    result = dream.finetune(make_bc_policy("diffusion"), make_env, config, dream.DreamConfig(), run.model, data,
+                            tmp_path / "dppo", max_episode_steps=12, success_reward=1.0, progress=False)
+    assert len(result.history) >= 2 and all(row["first_ratio_error"] == 0.0 for row in result.history)
+    assert read_run(tmp_path / "dppo").algo == "dream_dppo"
+    with pytest.raises(WorldModelError, match="runs DPPO or flow PPO; got a DSRLConfig"):
+        dream.finetune(make_bc_policy("diffusion"), make_env, DSRLConfig(), dream.DreamConfig(), run.model, data,
+                       tmp_path / "dsrl", max_episode_steps=12)
+
+
+class CountedReach:
+    """make_env counting every real step taken (class-level, across environments)."""
+
+    steps = 0
+
+    def __call__(self):
+        env = make_env()
+        step = env.step
+
+        def counted(action):
+            CountedReach.steps += 1
+            return step(action)
+
+        env.step = counted
+        return env
+
+
+def test_mixed_mode_counts_every_real_step_and_resumes_exactly(reach_model, tmp_path, monkeypatch):
+    config = dataclasses.replace(FLOW, env_steps=280, eval_episodes=2)  # a few iterations, evaluated at the end
+    # A refresh after every dream iteration while under 10 real steps: only the first one happens.
+    mixed = dream.DreamConfig(real_steps=10, refresh_every=1, refresh_episodes=3, refresh_envs=2, refresh_updates=6)
+    evaluation_steps = []
+    evaluate = dream.DreamSession.evaluate
+
+    def counting_evaluate(self, policy):
+        before = CountedReach.steps
+        row = evaluate(self, policy)
+        evaluation_steps.append(CountedReach.steps - before)
+        return row
+
+    monkeypatch.setattr(dream.DreamSession, "evaluate", counting_evaluate)
+    CountedReach.steps = 0
+    straight = dream_run(reach_model, tmp_path / "straight", config, mixed, make=CountedReach())
+    learned_from = CountedReach.steps - sum(evaluation_steps)
+    rows = read_run(tmp_path / "straight").rows
+    assert learned_from >= 10 and rows[-1]["env_steps"] == learned_from  # every real step counted, none twice
+    refreshed = [r["world_model_loss"] is not None for r in rows]
+    assert len(rows) >= 3 and refreshed[0] and not any(refreshed[1:])  # then the budget was spent
+
+    save = dream.DreamSession.save
+
+    def save_then_die(self, *args, **kwargs):
+        path = save(self, *args, **kwargs)
+        if self.iteration == 1:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(dream.DreamSession, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        dream_run(reach_model, tmp_path / "resumed", config, mixed, make=CountedReach())
+    monkeypatch.setattr(dream.DreamSession, "save", save)
+    resumed = dream_run(reach_model, tmp_path / "resumed", config, mixed, make=CountedReach(), resume=True)
+    assert resumed.history == straight.history[1:]
+    for name, tensor in straight.policy.state_dict().items():
+        assert torch.equal(tensor, resumed.policy.state_dict()[name]), name
+    with pytest.raises(WorldModelError, match=r"other settings \(\['refresh_updates'\]\)"):
+        dream_run(reach_model, tmp_path / "resumed", config, dataclasses.replace(mixed, refresh_updates=7),
+                  resume=True)
+
+
+# ----------------------------------------------------------------------------- command line
+def test_command_line_collects_trains_and_dreams(tmp_path, capsys):
+    card = write_card(tmp_path / "point.yaml")
+    bc = make_bc_policy("flow", inference_steps=4)
+    bc.save_pretrained(tmp_path / "bc", metadata={"task": TASK})
+    play = tmp_path / "play.zarr"
+    save_episodes([{**e, "seed": i} for i, e in enumerate(reach_play_episodes(40, seed=2))], play, {"task": TASK})
+    rollouts = tmp_path / "rollouts.zarr"
+    assert main(["worldmodel", "collect", "--task", card, "--checkpoint", str(tmp_path / "bc"), "--episodes", "6",
+                 "--out", str(rollouts), "--no-progress"]) == 0
+    with ReplayBuffer.open(rollouts) as buffer:
+        assert buffer.n_episodes == 6 and sorted(buffer.episode_meta("seed").tolist()) == list(range(6))
+    assert main(["worldmodel", "collect", "--task", card, "--checkpoint", str(tmp_path / "bc"), "--episodes", "8",
+                 "--out", str(rollouts), "--no-progress"]) == 0  # resumes: two more seeds only
+    with ReplayBuffer.open(rollouts) as buffer:
+        assert sorted(buffer.episode_meta("seed").tolist()) == list(range(8))
+    wm = tmp_path / "wm"
+    small = ["model.hidden_dim=32", "model.members=2", "model.history=1", "train.eval_every=20", "train.eval_horizon=4"]
+    assert main(["worldmodel", "train", "--task", card, "--data", str(play), str(rollouts), "--out", str(wm),
+                 "--no-progress", "train.steps=20", *small]) == 0
+    assert main(["worldmodel", "train", "--task", card, "--data", str(play), str(rollouts), "--out", str(wm),
+                 "--no-progress", "--resume", "train.steps=40", *small]) == 0
+    assert "held-out RMSE" in capsys.readouterr().out
+    assert {"curves.csv", "report.json", "error_vs_horizon.png", "checkpoints"} <= {p.name for p in wm.iterdir()}
+    assert LatentWorldModel.load(resolve_world_model_dir(wm)).metadata["data"]["steps"] > 0
+    dream_args = ["finetune", "--algo", "dream", "--world-model", str(wm), "--checkpoint", str(tmp_path / "bc"),
+                  "--task", card, "--env-steps", "60", "--no-progress", "eval_episodes=2", "dream.cut_scale=3"]
+    assert main([*dream_args, "--out", str(tmp_path / "dream")]) == 0
+    assert read_run(tmp_path / "dream").algo == "dream_flowppo"
+    # Bad input: named, exit code 2, nothing run.
+    assert main([*dream_args[:3], *dream_args[5:], "--out", str(tmp_path / "x")]) == 2
+    assert "--algo dream needs --world-model" in capsys.readouterr().err
+    assert main([*dream_args, "--out", str(tmp_path / "y"), "dream.nosuch=1"]) == 2
+    assert "unknown config key 'nosuch'" in capsys.readouterr().err
+    assert main(["finetune", "--algo", "flowppo", "--world-model", str(wm), *dream_args[5:], "--out", str(tmp_path / "z")]) == 2
+    assert "only for --algo dream" in capsys.readouterr().err
+    assert main(["worldmodel", "train", "--task", card, "--out", str(tmp_path / "w2")]) == 2
+    assert "--data needs at least one replay buffer" in capsys.readouterr().err
+    assert main(["worldmodel", "collect", "--task", "pusht", "--checkpoint", str(tmp_path / "bc"), "--episodes", "1",
+                 "--out", str(tmp_path / "r.zarr")]) == 2
+    assert "trained on task 'point_reach', not 'pusht'" in capsys.readouterr().err
+    with pytest.raises(WorldModelError, match="no world model at"):
+        resolve_world_model_dir(tmp_path)
