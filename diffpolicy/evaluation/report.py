@@ -19,17 +19,12 @@ def plot_learning_curve(rows: list[dict[str, Any]], png_path: str | os.PathLike)
 
     Returns the PNG path, or None when the log has no training rows.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval/success_rate"], r.get("eval/mean_coverage")) for r in rows
              if "eval/success_rate" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig, ax = _figure()
     ax.plot(*zip(*train), color="tab:blue", lw=1.0, label="training loss")
     ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -45,27 +40,17 @@ def plot_learning_curve(rows: list[dict[str, Any]], png_path: str | os.PathLike)
         ax2.legend(loc="center right", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+    return _save(fig, png_path)
 
 
 def plot_success_curve(points: Sequence[tuple[float, dict[str, Any]]], png_path: str | os.PathLike,
                        xlabel: str = "training CPU-minutes", target: float | None = None) -> Path:
     """Success rate with its 95 % Wilson interval against `x`: `points` are `(x, success_rate)` with
     `success_rate` as `summarize` gives it (`rate`, `ci95_low`, `ci95_high`); `target` draws a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = [x for x, _ in points]
     rates = [r["rate"] for _, r in points]
     errors = [[r["rate"] - r["ci95_low"] for _, r in points], [r["ci95_high"] - r["rate"] for _, r in points]]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig, ax = _figure()
     ax.errorbar(xs, rates, yerr=errors, fmt="o-", color="tab:green", capsize=3, label="success (95 % CI)")
     if target is not None:
         ax.axhline(target, color="tab:red", ls="--", lw=1.0, label=f"target {target:.2f}")
@@ -75,6 +60,23 @@ def plot_success_curve(points: Sequence[tuple[float, dict[str, Any]]], png_path:
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, png_path)
+
+
+def _figure(figsize: tuple[float, float] = (6.4, 3.6)):
+    """A new matplotlib figure and axes on the headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=figsize, dpi=100)
+
+
+def _save(fig, png_path: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG (parents created) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
