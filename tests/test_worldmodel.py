@@ -33,7 +33,7 @@ from diffpolicy.worldmodel.training import (
 
 BOUNDS = (np.full(2, -1.0), np.full(2, 1.0))
 MASS_CONFIG = WorldModelConfig(ModelConfig(members=3, latent_dim=16, hidden_dim=64, history=2),
-                               TrainConfig(steps=1000, batch_size=64, horizon=8, lr=3e-3, eval_every=1000,
+                               TrainConfig(steps=500, batch_size=64, horizon=8, lr=3e-3, eval_every=500,
                                            eval_horizon=16))
 # A policy's view of the point mass: position history To = 2, chunks of Tp = 4 executing Ta = 2.
 MASS_POLICY = PolicyConfig(obs_shapes={"pos": (2,)}, action_dim=2, obs_horizon=2, pred_horizon=4, action_horizon=2,
@@ -110,13 +110,13 @@ def test_world_model_predicts_a_deterministic_toy_system(mass_model):
             error = np.sqrt(np.mean((predicted - w["next_obs"][:, k])[ok[:, k]] ** 2))
             standing_still = np.sqrt(np.mean((w["obs_history"][:, -1] - w["next_obs"][:, k])[ok[:, k]] ** 2))
             # The hidden velocity is tracked: far better than assuming the mass stands still.
-            assert error < 0.1 * standing_still and error < 2e-3, (k, error, standing_still)
+            assert error < 0.05 * standing_still and error < 1e-3, (k, error, standing_still)
     # The run's held-out report grows with the horizon and is what the checkpoint recorded.
     assert run.report["horizon"] == list(range(1, 17)) and run.report["obs_rmse"][0] < run.report["obs_rmse"][-1]
     loaded = LatentWorldModel.load(resolve_world_model_dir(run.checkpoint.parents[1]))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
-    assert loaded.metadata["train"]["steps"] == 1000 and np.isfinite(loaded.reference_uncertainty.numpy()).all()
+    assert loaded.metadata["train"]["steps"] == 500 and np.isfinite(loaded.reference_uncertainty.numpy()).all()
 
 
 def test_training_resumes_bit_exactly(tmp_path):

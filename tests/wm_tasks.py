@@ -35,11 +35,6 @@ def mass_episodes(n: int, steps: int, seed: int, action_scale: float = 1.0) -> l
     return episodes
 
 
-def mass_step(x: np.ndarray, v: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    v = 0.8 * v + 0.2 * a
-    return x + 0.2 * v, v
-
-
 def reach_play_episodes(n: int, seed: int) -> list[dict]:
     """Episodes of PointReach from a controller heading for goal + U(-0.6, 0.6)^2 with N(0, 0.3) action noise."""
     rng = np.random.default_rng(seed)

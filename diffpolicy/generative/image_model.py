@@ -32,9 +32,9 @@ from diffpolicy.core import (
     sample,
 )
 from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
-from diffpolicy.nn.checkpoint import load_model, save_model
 from diffpolicy.generative.patches import check_patch_size, patchify, unpatchify
 from diffpolicy.nn import make_backbone
+from diffpolicy.nn.checkpoint import load_model, save_model
 
 KIND = "image_model"
 PROCESSES = ("diffusion", "flow")

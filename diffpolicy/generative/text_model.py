@@ -21,8 +21,8 @@ from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_
 from diffpolicy.core import MaskedDiffusion, PrefixInpainting, sample
 from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
 from diffpolicy.generative import corpus
-from diffpolicy.nn.checkpoint import load_model, save_model
 from diffpolicy.nn import make_backbone
+from diffpolicy.nn.checkpoint import load_model, save_model
 
 KIND = "text_model"
 MIN_LEVEL = 1e-3  # training levels are drawn from U(MIN_LEVEL, 1): the 1 / t weight stays bounded

@@ -199,8 +199,9 @@ def train_world_model(data: Transitions, config: WorldModelConfig, run_dir: str 
                              "val_success_precision": report["success_precision"],
                              "val_disagreement_quantile_1": report["disagreement_quantile"][0]})
                 _write_outputs(run_dir, rows, report)
+                error = report["obs_rmse"][k]
                 latest = _save(manager, step, model, optimizer, generator, config, summary, rows,
-                               score=-report["obs_rmse"][k])
+                               score=-error if np.isfinite(error) else None)
                 if progress:
                     bar.write(f"[worldmodel] step {step}: held-out RMSE h=1 {report['obs_rmse'][0]:.4f}, "
                               f"h={k + 1} {report['obs_rmse'][k]:.4f}, h={tc.eval_horizon} {report['obs_rmse'][-1]:.4f} "
