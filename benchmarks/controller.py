@@ -7,7 +7,9 @@ it: `sync`, `ensemble`, `rtc` on the `--shared` policy (loss.token_times shared,
 training); `prefix`, `streaming`, `warmstart` on the `--mix` policy (ladder:0.5,prefix:0.3,shared:0.2).
 Columns: success over the held-out seeds with its 95 % Wilson interval, the change against the same
 mode at d = 0, denoiser calls (NFE) per executed action and its ratio to the reference's, mean jerk,
-mean largest seam jump, queue underruns. The reference row is Diffusion Policy's default sampler on
+mean largest seam jump, queue underruns, commands the safety filter changed. Every row's commands
+pass through the `--profile` robot profile's safety filter on their way to the environment, as on
+a robot (`ControlSpec.profile`). The reference row is Diffusion Policy's default sampler on
 the shared policy: DDPM (eta = 1) with 100 steps, execute Ta = 8, sync at d = 0.
 
 Then the control tick: p50 / p99 of `RealTimeController.tick` (queue pop, watchdog, safety filter,
@@ -17,7 +19,10 @@ and a soak of `--soak-ticks` ticks with injected stalls (1 %), NaN chunks (2 %),
 (2 %) and stale observations (1 %) behind the PushT robot profile: every command is checked against
 the profile's limits (`safety.within_limits`).
 
-Every (mode, delay) result is cached in `--out` as JSON, so an interrupted run resumes.
+`--cross` adds every mode on the other policy too (labelled by its policy), to separate what the
+mode does from what the training does.
+
+Every (mode, policy, delay) result is cached in `--out` as JSON, so an interrupted run resumes.
 
     python benchmarks/controller.py --shared runs/pusht_shared/checkpoints/step_00005000 \
         --mix runs/pusht_mix/checkpoints/step_00005000 --episodes 100
@@ -147,7 +152,7 @@ def soak(config, ticks: int, seed: int = 0) -> dict:
 def table(rows: list[dict], reference: dict | None) -> str:
     ref_nfe = None if reference is None else reference["control"]["nfe_per_action"]
     lines = ["| mode (policy) | d | success [95 % CI] | vs d = 0 | NFE / action | NFE vs reference | mean jerk | "
-             "mean max seam jump | underruns |", "|---|---|---|---|---|---|---|---|---|"]
+             "mean max seam jump | underruns | limited |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         s, c = row["summary"]["success_rate"], row["summary"]["control"]
         base = row.get("base")
@@ -155,7 +160,7 @@ def table(rows: list[dict], reference: dict | None) -> str:
         lines.append(f"| {row['label']} | {row['delay']} | {s['successes']}/{row['summary']['episodes']} "
                      f"[{s['ci95_low']:.2f}, {s['ci95_high']:.2f}] | {delta} | {c['nfe_per_action']:.3f} | "
                      f"{'n/a' if ref_nfe is None else format(c['nfe_per_action'] / ref_nfe, '.3f')} | {c['mean_jerk']:.1f} | {c['mean_seam_jump']:.1f} | "
-                     f"{c['underruns']} |")
+                     f"{c['underruns']} | {c['limited_commands']} |")
     return "\n".join(lines)
 
 
@@ -168,6 +173,8 @@ def main() -> None:
     parser.add_argument("--n-envs", type=int, default=10)
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 3, 1, 2, 4])
     parser.add_argument("--modes", nargs="+", default=["sync", "rtc", "prefix", "streaming", "warmstart", "ensemble"])
+    parser.add_argument("--profile", default="pusht", help="robot profile whose safety filter every command passes")
+    parser.add_argument("--cross", action="store_true", help="also run every mode on the other policy")
     parser.add_argument("--tick-samples", type=int, default=20000)
     parser.add_argument("--soak-ticks", type=int, default=1_000_000)
     parser.add_argument("--out", default="runs/bench_controller")
@@ -184,15 +191,20 @@ def main() -> None:
     cache = Path(args.out)
     cache.mkdir(parents=True, exist_ok=True)
     policies = {"shared": load(args.shared), "mix": load(args.mix)}
+    profile = load_profile(args.profile)
 
     results = {}
 
+    pairs = [(mode, POLICY_OF_MODE[mode]) for mode in args.modes]
+    if args.cross:
+        pairs += [(mode, other) for mode in args.modes for other in policies if other != POLICY_OF_MODE[mode]]
+
     def run_delays(delays):
         for delay in delays:
-            for mode in args.modes:
-                spec = ControlSpec(make_mode(mode), delay)
-                results[mode, delay] = run_config(f"{mode}_d{delay}_n{args.episodes}",
-                                                  policies[POLICY_OF_MODE[mode]], spec, args, cache)
+            for mode, trained in pairs:
+                spec = ControlSpec(make_mode(mode), delay, profile=profile)
+                results[mode, trained, delay] = run_config(f"{mode}_{trained}_d{delay}_n{args.episodes}",
+                                                           policies[trained], spec, args, cache)
 
     if args.reference_only:
         args.delays = []
@@ -203,17 +215,17 @@ def main() -> None:
     reference_policy = load(args.shared)
     reference_policy.set_sampling(inference_steps=100, eta=1.0)
     reference = run_config(f"reference_ddpm100_sync_d0_n{args.episodes}", reference_policy,
-                           ControlSpec(make_mode("sync"), 0), args, cache)
+                           ControlSpec(make_mode("sync"), 0, profile=profile), args, cache)
     if args.reference_only:
         return
     run_delays(args.delays[2:])
     rows = []
-    for mode in args.modes:
+    for mode, trained in pairs:
         for delay in sorted(args.delays):
-            if results[mode, delay] is None:
+            if results[mode, trained, delay] is None:
                 continue
-            base = results.get((mode, 0))
-            rows.append({"label": f"{mode} ({POLICY_OF_MODE[mode]})", "delay": delay, "summary": results[mode, delay],
+            base = results.get((mode, trained, 0))
+            rows.append({"label": f"{mode} ({trained})", "delay": delay, "summary": results[mode, trained, delay],
                          "base": None if base is None or delay == 0 else base["success_rate"]["rate"]})
     if reference is not None:
         rows.append({"label": "reference: DDPM 100 steps, sync (shared)", "delay": 0, "summary": reference,

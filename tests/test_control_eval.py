@@ -7,16 +7,17 @@ import json
 
 import numpy as np
 import pytest
+from test_eval_rollout import _short_env, untrained_policy
 
 from diffpolicy.cli import main
+from diffpolicy.control.errors import ControlError
 from diffpolicy.control.execution import ControlSpec
 from diffpolicy.control.modes import MODES, make_mode
 from diffpolicy.control.profile import load_profile
-from diffpolicy.evaluation.wall_clock import run_wall_clock
+from diffpolicy.control.safety import within_limits
 from diffpolicy.envs.tasks import load_task
 from diffpolicy.evaluation.rollout import rollout
-
-from test_eval_rollout import _short_env, untrained_policy
+from diffpolicy.evaluation.wall_clock import run_wall_clock
 
 
 def tiny(process):
@@ -47,6 +48,43 @@ def test_delay_zero_sync_is_diffusion_policys_loop():
     assert dataclasses.replace(spec[0], control=None) == plain[0]
 
 
+class _RecordActions:
+    """An env wrapper that keeps every action it is given."""
+
+    def __init__(self, env, sink):
+        self.env, self.sink = env, sink
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        self.sink.append(np.array(action, dtype=np.float64))
+        return self.env.step(action)
+
+
+@pytest.mark.parametrize("name", ["sync", "rtc", "streaming"])
+def test_a_profile_puts_the_safety_filter_between_queue_and_env(tmp_path, name):
+    profile = load_profile("pusht")
+    slow = dataclasses.replace(profile, velocity=np.full(2, 40.0), acceleration=np.full(2, 100.0))
+    card = load_task("pusht")
+    sent: list[np.ndarray] = []
+    results, _ = rollout(tiny("ddpm"), lambda: _RecordActions(_short_env(card, 30), sent), [100000], n_envs=1,
+                         control=ControlSpec(make_mode(name), delay=2, profile=slow))
+    commands = np.stack(sent)
+    assert commands.shape == (30, 2) and within_limits(slow, commands).all()
+    assert results[0].control.limited > 0  # an untrained policy's targets jump far beyond 4 px per tick
+    free, _ = rollout(tiny("ddpm"), lambda: _short_env(card, 30), [100000], n_envs=1,
+                      control=ControlSpec(make_mode(name), delay=2))
+    assert free[0].control.limited == 0
+
+
+def test_a_profile_for_another_robot_is_refused():
+    lift = load_profile("lift")
+    with pytest.raises(ControlError, match="robot profile 'lift' has action_dim 7, the policy 2"):
+        rollout(tiny("ddim"), lambda: _short_env(load_task("pusht"), 5), [100000], n_envs=1,
+                control=ControlSpec(make_mode("sync"), profile=lift))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "pusht_diffusion"
@@ -65,15 +103,27 @@ def test_eval_command_with_a_controller(tmp_path, checkpoint, capsys):
     control = summary["control"]
     assert control["nfe_per_action"] == pytest.approx(3 / 8, rel=0.1) and control["underruns"] == 0
     assert "controller prefix at delay 3" in out and "queue underruns" in out
+    assert control["limited_commands"] == 0 and "safety filter" not in out
     episodes = json.loads((tmp_path / "e" / "episodes.json").read_text())
     assert episodes[0]["control"]["actions"] == episodes[0]["length"]
+
+
+def test_eval_command_with_a_robot_profile(tmp_path, checkpoint, capsys):
+    code = main(["eval", "--checkpoint", str(checkpoint), "--episodes", "1", "--controller", "rtc", "--delay", "2",
+                 "--profile", "pusht", "--out", str(tmp_path / "e"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    limited = json.loads((tmp_path / "e" / "summary.json").read_text())["control"]["limited_commands"]
+    assert f"{limited} commands limited by the safety filter" in out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--controller", "fast"], "unknown controller mode 'fast'"),
     (["--controller", "rtc", "--delay", "9"], "delay 9 is larger than the chunk allows"),
     (["--controller", "rtc", "--delay", "-1"], "expected delay >= 0"),
-    (["--delay", "2"], "--delay and --exec-horizon need --controller"),
+    (["--delay", "2"], "--delay, --exec-horizon and --profile need --controller"),
+    (["--profile", "pusht"], "--delay, --exec-horizon and --profile need --controller"),
+    (["--controller", "sync", "--profile", "nope"], "robot profile 'nope'"),
     (["--wall-clock"], "--wall-clock needs --controller"),
     (["--controller", "rtc", "--wall-clock", "--profile", "nope"], "robot profile 'nope'"),
     (["--cuda-graphs"], "CUDA graphs need the policy on a CUDA device"),

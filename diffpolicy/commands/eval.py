@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble-decay", type=float, default=0.01, help="ensemble: ACT's m in exp(-m i)")
     parser.add_argument("--wall-clock", action="store_true",
                         help="real threads and real inference time instead of a simulated delay")
-    parser.add_argument("--profile", default=None, help="robot profile for --wall-clock (default: the task's)")
+    parser.add_argument("--profile", default=None, help="robot profile (name or YAML): its safety filter limits every command of the "
+                        "simulated controller (default: none); --wall-clock always uses one (default: the task's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser call")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture the denoiser call in CUDA graphs (CUDA only)")
     parser.add_argument("--bf16", action="store_true", help="run the denoiser under bf16 autocast")
@@ -119,10 +120,11 @@ def mode_from_args(args: argparse.Namespace, card: TaskCard | None = None):
 def control_spec(args: argparse.Namespace, card: TaskCard) -> ControlSpec | None:
     """`--controller / --delay / --exec-horizon` as a `ControlSpec` (None: Diffusion Policy's loop)."""
     if args.controller is None:
-        if args.delay != 0 or args.exec_horizon is not None:
-            raise UsageError("--delay and --exec-horizon need --controller MODE")
+        if args.delay != 0 or args.exec_horizon is not None or args.profile is not None:
+            raise UsageError("--delay, --exec-horizon and --profile need --controller MODE")
         return None
-    return ControlSpec(mode_from_args(args, card), args.delay, args.exec_horizon)
+    profile = None if args.profile is None else load_profile(args.profile)
+    return ControlSpec(mode_from_args(args, card), args.delay, args.exec_horizon, profile)
 
 
 def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Namespace, episodes: int, seed: int,
@@ -190,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
         c = summary["control"]
         print(f"controller {args.controller}" + ("" if args.wall_clock else f" at delay {args.delay}") +
               f": {c['nfe_per_action']:.3f} denoiser calls per executed action, mean jerk {c['mean_jerk']:.2f}, "
-              f"largest seam jump {c['max_seam_jump']:.2f}, {c['underruns']} queue underruns")
+              f"largest seam jump {c['max_seam_jump']:.2f}, {c['underruns']} queue underruns"
+              + (f", {c['limited_commands']} commands limited by the safety filter" if args.profile else ""))
     return 0
 

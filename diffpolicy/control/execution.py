@@ -9,6 +9,10 @@ command for d ticks after tau, executes the s actions of `ChunkLayout.executed(0
 tau + d, and infers again when they are done. The first chunk of an episode is free (the robot
 waits for it before the episode starts). With d = 0 every mode infers at the same ticks as
 Diffusion Policy's loop (chunk[To-1 : To-1+Ta], then infer again).
+
+With a robot profile in the `ControlSpec`, every action passes through the profile's
+`SafetyFilter` on its way to the environment, as on a robot (the robot starts at rest at the first
+action); `ExecutionStats.limited` counts the commands the filter changed.
 """
 
 from __future__ import annotations
@@ -20,28 +24,34 @@ import torch
 
 from diffpolicy.control.chunking import ChunkLayout
 from diffpolicy.control.modes import ChunkMode, Generated, Previous, SyncMode
+from diffpolicy.control.profile import RobotProfile
 from diffpolicy.control.queue import ActionQueue
+from diffpolicy.control.safety import SafetyFilter
 
 
 @dataclass(frozen=True)
 class ControlSpec:
-    """How a rollout executes chunks: a mode, a delay d in ticks, an execution horizon s (None: Ta)."""
+    """How a rollout executes chunks: a mode, a delay d in ticks, an execution horizon s (None: Ta),
+    and a robot profile whose safety filter limits every command (None: actions go out unfiltered)."""
 
     mode: ChunkMode = field(default_factory=SyncMode)
     delay: int = 0
     horizon: int | None = None
+    profile: RobotProfile | None = None
 
 
 @dataclass
 class ExecutionStats:
     """Per-episode controller metrics: denoiser calls, executed actions (ticks), queue underruns,
     the mean jerk (norm of the third difference of executed actions, per tick^3) and the largest
-    action jump at a chunk seam (norm of a_k - a_{k-1} where a_k comes from a newer chunk); `delays`:
-    the actions consumed during each inference, where they were measured (wall clock)."""
+    action jump at a chunk seam (norm of a_k - a_{k-1} where a_k comes from a newer chunk); `limited`:
+    commands the safety filter changed (with a robot profile); `delays`: the actions consumed during
+    each inference, where they were measured (wall clock)."""
 
     nfe: int = 0
     actions: int = 0
     underruns: int = 0
+    limited: int = 0
     jerk: float = 0.0
     seam_jump: float = 0.0
     delays: list[int] | None = None  # measured delays per inference (wall-clock runs)
@@ -61,6 +71,7 @@ class EpisodeExecution:
         self.chunks = 0
         self.hold_until = 0
         self.stats = ExecutionStats()
+        self.safety = None if spec.profile is None else SafetyFilter(spec.profile)
         self._executed: list[np.ndarray] = []
         self._last_chunk: int | None = None
 
@@ -99,7 +110,7 @@ class EpisodeExecution:
 
     def pop(self, last_action: np.ndarray) -> np.ndarray:
         """The action of the current tick (the last one held while a blocking inference runs, or on
-        an underrun), then advance one tick."""
+        an underrun; through the safety filter with a profile), then advance one tick."""
         entry = self.queue.pop(self.tick)
         if entry is None:
             if self.tick >= self.hold_until:
@@ -111,10 +122,20 @@ class EpisodeExecution:
                 jump = float(np.linalg.norm(action - self._executed[-1]))
                 self.stats.seam_jump = max(self.stats.seam_jump, jump)
             self._last_chunk = entry.chunk_id
+        if self.safety is not None:
+            action = self._limit(action)
         self._executed.append(np.asarray(action, dtype=np.float64))
         self.stats.actions += 1
         self.tick += 1
         return action
+
+    def _limit(self, action: np.ndarray) -> np.ndarray:
+        if self.safety.position is None:
+            self.safety.reset(action)
+        command = self.safety(action)
+        if not np.allclose(command, action, rtol=0.0, atol=1e-9):
+            self.stats.limited += 1
+        return command
 
     def finish(self) -> ExecutionStats:
         """Close the episode: compute the mean jerk of the executed actions."""

@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from diffpolicy.control.chunking import ChunkLayout
+from diffpolicy.control.errors import ControlError
 from diffpolicy.control.execution import ControlSpec, EpisodeExecution, ExecutionStats, stack_previous
 from diffpolicy.errors import InvalidValueError
 from diffpolicy.evaluation.rollout_log import RolloutLogger, Tick
@@ -118,6 +119,9 @@ def rollout(
     control = ControlSpec() if control is None else control
     layout = ChunkLayout.of(policy)
     layout.check(control.delay, control.horizon)
+    if control.profile is not None and control.profile.action_dim != config.action_dim:
+        raise ControlError(f"robot profile {control.profile.name!r} has action_dim {control.profile.action_dim}, "
+                           f"the policy {config.action_dim}")
     n_envs = max(1, min(n_envs, len(seeds)))
     device = torch.device(device)
     sample_gen = torch.Generator(device=device).manual_seed(seeds[0])
@@ -276,6 +280,7 @@ def summarize(episodes: Sequence[EpisodeResult]) -> dict[str, Any]:
             "mean_seam_jump": float(np.mean([r.seam_jump for r in runs])),
             "max_seam_jump": float(max(r.seam_jump for r in runs)),
             "underruns": int(sum(r.underruns for r in runs)),
+            "limited_commands": int(sum(r.limited for r in runs)),
         }
     summary["seeds"] = f"{episodes[0].seed}..{episodes[-1].seed}" if episodes else ""
     return summary
