@@ -3,11 +3,10 @@
 
 import pytest
 import torch
+from policy_helpers import make_obs, make_policy
 
 from diffpolicy.control.acceleration import accelerate
 from diffpolicy.control.errors import ControlError
-
-from policy_helpers import make_obs, make_policy
 
 
 def _sample(policy):

@@ -78,6 +78,21 @@ def test_a_profile_puts_the_safety_filter_between_queue_and_env(tmp_path, name):
     assert free[0].control.limited == 0
 
 
+def test_a_blocking_hold_repeats_positions_and_stops_deltas():
+    """sync at d = 2 holds ticks 8 and 9 (chunks at 0 and 8): a position target is repeated, a delta
+    dimension (as robosuite's OSC deltas) is held at 0, never repeated."""
+    loose = dataclasses.replace(load_profile("pusht"), velocity=np.full(2, 1e9), acceleration=np.full(2, 1e12),
+                                position_low=np.full(2, -1e4), position_high=np.full(2, 1e4))
+    card = load_task("pusht")
+    for profile, held in ((loose, "repeat"), (dataclasses.replace(loose, delta_dims=(1,)), "delta 1")):
+        sent: list[np.ndarray] = []
+        rollout(tiny("ddim"), lambda: _RecordActions(_short_env(card, 12), sent), [100000], n_envs=1,
+                control=ControlSpec(make_mode("sync"), delay=2, profile=profile))
+        expected = sent[7] if held == "repeat" else np.array([sent[7][0], 0.0])
+        assert np.array_equal(sent[8], expected) and np.array_equal(sent[9], expected)
+        assert not np.array_equal(sent[10], expected)  # the next chunk executes
+
+
 def test_a_profile_for_another_robot_is_refused():
     lift = load_profile("lift")
     with pytest.raises(ControlError, match="robot profile 'lift' has action_dim 7, the policy 2"):

@@ -6,15 +6,13 @@ import math
 
 import pytest
 import torch
+from policy_helpers import DA, make_normalizer, make_obs
 from torch import nn
 
 from diffpolicy.control.chunking import ChunkLayout, align_previous
 from diffpolicy.control.errors import ControlError
 from diffpolicy.control.modes import MODES, Previous, StreamingMode, WarmStartMode, make_mode
-from diffpolicy.policies import PolicyConfig, diffusion_process, flow_process
-
-from policy_helpers import DA, make_normalizer, make_obs
-from diffpolicy.policies import ChunkPolicy
+from diffpolicy.policies import ChunkPolicy, PolicyConfig, diffusion_process, flow_process
 
 TP, TA = 12, 4
 PROCESSES = {"ddpm": dict(kind="diffusion", eta=1.0), "ddim": dict(kind="diffusion", eta=0.0), "flow": dict(kind="flow")}
@@ -168,8 +166,9 @@ def test_rtc_reproduces_a_consistent_previous_chunk_on_the_guided_part():
 
 
 def test_ensemble_averages_with_act_weights():
-    from diffpolicy.control.queue import ActionQueue
     import numpy as np
+
+    from diffpolicy.control.queue import ActionQueue
 
     queue = ActionQueue()
     queue.commit(np.array([[0.0], [0.0]]), 0, chunk_id=0, first_index=0, ensemble_decay=0.5)

@@ -23,7 +23,7 @@ TP, TA, DA = 16, 8, 2
 LOOSE = {"name": "sim", "action_dim": DA, "control_hz": 10.0, "robot_hz": 10.0,
          "limits": {"position": {"low": [-1e9] * DA, "high": [1e9] * DA}, "velocity": [1e12] * DA,
                     "acceleration": [1e15] * DA},
-         "seam_jump": 1e9, "binary_dims": [], "watchdog": {"max_observation_age_s": 1e9, "max_inference_s": 1e9}}
+         "seam_jump": 1e9, "binary_dims": [], "delta_dims": [], "watchdog": {"max_observation_age_s": 1e9, "max_inference_s": 1e9}}
 
 
 class StubPolicy:
@@ -141,6 +141,23 @@ def test_watchdog_holds_on_a_stalled_worker_and_on_stale_observations():
     assert out.flags == [] and out.source is not None
     out = c.tick(now + 0.7)
     assert "stale_observation" in out.flags and out.source is None and stalled_at < out.tick
+
+
+def test_a_stalled_worker_stops_delta_dimensions():
+    """Dimension 1 (the action's index k in its chunk, > 0 while moving) is a delta: the hold commands
+    0 there and repeats dimension 0 (the chunk id, a position)."""
+    profile = {**LOOSE, "delta_dims": [1], "watchdog": {"max_observation_age_s": 1e9, "max_inference_s": 0.45}}
+    c = controller("rtc", profile)
+    c.run_pending()
+    commands = []
+    for tick in range(40):  # the worker never finishes the second inference
+        out = c.tick(0.1 * tick)
+        c.observe(OBS, 0.1 * tick)
+        commands.append(out.command)
+        if "stalled_inference" in out.flags:
+            break
+    assert "stalled_inference" in out.flags and out.source is None
+    assert commands[-2][1] > 0 and np.array_equal(out.command, [commands[-2][0], 0.0])
 
 
 def test_bad_chunks_are_held_and_flagged_never_executed():

@@ -7,15 +7,14 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffpolicy.control.errors import ProfileError, ProfileMissingError
+from diffpolicy.control.errors import ControlError, ProfileError, ProfileMissingError
 from diffpolicy.control.profile import RobotProfile, load_profile
 from diffpolicy.control.safety import Interpolator, SafetyFilter, check_chunk, max_safe_step, within_limits
-from diffpolicy.control.errors import ControlError
 
 PROFILE = {"name": "arm", "action_dim": 2, "control_hz": 10.0, "robot_hz": 40.0,
            "limits": {"position": {"low": [-1.0, 0.0], "high": [1.0, 5.0]}, "velocity": [4.0, 20.0],
                       "acceleration": [20.0, 300.0]},
-           "seam_jump": 0.5, "binary_dims": [], "watchdog": {"max_observation_age_s": 0.2, "max_inference_s": 1.0}}
+           "seam_jump": 0.5, "binary_dims": [], "delta_dims": [], "watchdog": {"max_observation_age_s": 0.2, "max_inference_s": 1.0}}
 
 targets = st.lists(st.tuples(*[st.one_of(st.floats(allow_nan=True, allow_infinity=True),
                                         st.floats(-10, 10), st.sampled_from([-1.0, 1.0, 0.0, 5.0]))] * 2),
@@ -52,6 +51,18 @@ def test_filter_follows_a_feasible_target_and_holds_on_nan():
         safety.reset(np.array([np.inf, 0.0]))
 
 
+def test_a_hold_stops_delta_dimensions_instead_of_repeating_them():
+    profile = RobotProfile.from_dict({**PROFILE, "delta_dims": [0]})  # dim 0 a velocity-like delta
+    assert np.array_equal(profile.hold_target(np.array([0.3, 2.0])), [0.0, 2.0])
+    safety = SafetyFilter(profile)
+    safety.reset(np.array([0.0, 1.0]))
+    moving = [safety(np.array([0.35, 1.0])) for _ in range(3)]
+    assert moving[-1][0] == pytest.approx(0.35)
+    held = [safety(np.array([np.nan, np.nan])) for _ in range(4)] + [safety.hold() for _ in range(4)]
+    assert np.array_equal(held[-1], [0.0, 1.0])  # the delta comes back to 0, the absolute dimension stays
+    assert within_limits(profile, np.array(moving + held)).all()
+
+
 def test_interpolator_commands_at_the_robot_rate():
     interpolate = Interpolator(4)
     assert np.allclose(interpolate(np.array([0.0])), [[0.0]] * 4)
@@ -72,7 +83,8 @@ def test_shipped_profiles_load():
     for name in ("pusht", "lift"):
         profile = load_profile(name)
         assert profile.substeps >= 1 and (profile.position_low < profile.position_high).all()
-    assert load_profile("lift").binary_dims == (6,)
+    assert load_profile("lift").binary_dims == (6,) and load_profile("lift").delta_dims == (0, 1, 2, 3, 4, 5)
+    assert load_profile("pusht").delta_dims == ()
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -84,6 +96,12 @@ def test_shipped_profiles_load():
     (lambda p: p.update(extra=1), "unknown config key 'extra'"),
     (lambda p: p.update(robot_hz=25.0), "integer multiple"),
     (lambda p: p.update(binary_dims=[2]), "binary_dims"),
+    (lambda p: p.update(delta_dims=[2]), "'delta_dims': expected a list of distinct action dimensions in"),
+    (lambda p: p.update(delta_dims=[0, 0]), "'delta_dims': expected a list of distinct action dimensions in"),
+    (lambda p: (p["limits"]["position"].update(low=[-1.0, 1.0]), p.update(delta_dims=[1])),
+     r"whose position limits contain 0 .*dimension 1 has \[1.0, 5.0\]"),
+    (lambda p: p.update(binary_dims=[0], delta_dims=[0]), "not binary_dims"),
+    (lambda p: p.pop("delta_dims"), "missing config key 'delta_dims'"),
 ])
 def test_bad_profiles(tmp_path, edit, message):
     data = yaml.safe_load(yaml.safe_dump(PROFILE))

@@ -439,7 +439,7 @@ def test_the_controller_runs_a_remote_policy_exactly_as_the_local_one(server, po
         "name": "loose", "action_dim": DA, "control_hz": 10.0, "robot_hz": 10.0,
         "limits": {"position": {"low": [-1e6] * DA, "high": [1e6] * DA}, "velocity": [1e9] * DA,
                    "acceleration": [1e9] * DA},
-        "seam_jump": 1e9, "binary_dims": [], "watchdog": {"max_observation_age_s": 1e9, "max_inference_s": 1e9}})
+        "seam_jump": 1e9, "binary_dims": [], "delta_dims": [], "watchdog": {"max_observation_age_s": 1e9, "max_inference_s": 1e9}})
     remote = RemotePolicy.connect(server.address)
     try:
         runs = []

@@ -12,7 +12,8 @@ Diffusion Policy's loop (chunk[To-1 : To-1+Ta], then infer again).
 
 With a robot profile in the `ControlSpec`, every action passes through the profile's
 `SafetyFilter` on its way to the environment, as on a robot (the robot starts at rest at the first
-action); `ExecutionStats.limited` counts the commands the filter changed.
+action), and a hold commands the profile's hold target (0 on delta dimensions) instead of repeating
+the last action; `ExecutionStats.limited` counts the commands the filter changed.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class EpisodeExecution:
         if entry is None:
             if self.tick >= self.hold_until:
                 self.stats.underruns += 1
-            action = np.array(last_action, copy=True)
+            action = np.array(last_action, copy=True) if self.safety is None else self.spec.profile.hold_target(last_action)
         else:
             action = entry.action
             if self._last_chunk is not None and entry.chunk_id != self._last_chunk and self._executed:

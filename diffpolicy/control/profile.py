@@ -10,11 +10,18 @@
       acceleration: [30000, 30000]      # per second^2
     seam_jump: 250.0            # largest step from the last command to a new chunk's first action
     binary_dims: []             # gripper dimensions (binarised in warm-start guesses)
+    delta_dims: []              # dimensions commanded as a change per tick (held at 0, not repeated)
     watchdog: {max_observation_age_s: 0.3, max_inference_s: 2.0}
 
 Every key is required. The file is read by the package's one config reader (`diffpolicy.config`)
 into `ProfileFile`; a missing or unknown key, a value of the wrong type, a list of the wrong length,
 low >= high, a non-positive rate or limit raise `ProfileError` naming the file and the key.
+
+Holding. Whenever the controller holds (a blocking inference, an underrun, a stalled worker, a stale
+observation, a non-finite target) it commands `RobotProfile.hold_target(last command)`: the last
+command for absolute dimensions (a position target, a gripper), 0 for `delta_dims` (end-effector
+deltas, velocities), since repeating the last delta would keep the robot moving. A delta dimension's
+position range must contain 0 and it cannot be binary.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class ProfileFile:
     limits: Limits
     seam_jump: float
     binary_dims: tuple[int, ...]
+    delta_dims: tuple[int, ...]
     watchdog: WatchdogLimits
 
     def __post_init__(self) -> None:
@@ -94,6 +102,15 @@ class ProfileFile:
                                f"low[{i}] = {low[i]} >= high[{i}] = {high[i]}")
         if not all(0 <= b < dim for b in self.binary_dims):
             raise fail("binary_dims", f"a list of action dimensions in [0, {dim})", list(self.binary_dims))
+        if not all(0 <= d < dim for d in self.delta_dims) or len(set(self.delta_dims)) != len(self.delta_dims):
+            raise fail("delta_dims", f"a list of distinct action dimensions in [0, {dim})", list(self.delta_dims))
+        for d in self.delta_dims:
+            if d in self.binary_dims:
+                raise fail("delta_dims", "dimensions that are not binary_dims (a delta is not binary)",
+                           list(self.delta_dims))
+            if not low[d] <= 0.0 <= high[d]:
+                raise fail("delta_dims", f"dimensions whose position limits contain 0 (the held delta); "
+                           f"dimension {d} has [{low[d]}, {high[d]}]", list(self.delta_dims))
 
 
 @dataclass(frozen=True)
@@ -110,8 +127,15 @@ class RobotProfile:
     acceleration: np.ndarray
     seam_jump: float
     binary_dims: tuple[int, ...]
+    delta_dims: tuple[int, ...]
     max_observation_age_s: float
     max_inference_s: float
+
+    def hold_target(self, last_command: np.ndarray) -> np.ndarray:
+        """What holding commands `(Da,)`: `last_command (Da,)` with the delta dimensions at 0."""
+        target = np.array(last_command, dtype=np.float64, copy=True)
+        target[list(self.delta_dims)] = 0.0
+        return target
 
     @property
     def substeps(self) -> int:
@@ -131,7 +155,7 @@ class RobotProfile:
                    position_high=np.asarray(limits.position.high, dtype=np.float64),
                    velocity=np.asarray(limits.velocity, dtype=np.float64),
                    acceleration=np.asarray(limits.acceleration, dtype=np.float64),
-                   seam_jump=raw.seam_jump, binary_dims=raw.binary_dims,
+                   seam_jump=raw.seam_jump, binary_dims=raw.binary_dims, delta_dims=raw.delta_dims,
                    max_observation_age_s=raw.watchdog.max_observation_age_s,
                    max_inference_s=raw.watchdog.max_inference_s)
 

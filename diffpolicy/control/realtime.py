@@ -317,10 +317,11 @@ class RealTimeController:
                 raise ControlError("RealTimeController.tick: no position to hold yet: pass the robot's position to "
                                    "reset() or wait for the first chunk (wait_first_chunk)")
             self.safety.reset(entry.action)
-        target = entry.action if (entry is not None and not flags) else self.last_command
-        if target is not None and not np.isfinite(target).all():
+        hold = self.profile.hold_target(self.safety.position)
+        target = entry.action if (entry is not None and not flags) else hold
+        if not np.isfinite(target).all():
             flags.append("nonfinite_target")
-            target = self.last_command
+            target = hold
         command = self.safety(target)
         self.last_command = command
         for flag in flags:

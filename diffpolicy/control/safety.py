@@ -8,7 +8,8 @@ v with
 where the braking distance of a step v under deceleration A is sum_{k >= 1} max(|v| - k A, 0). The
 last condition keeps a stop inside the limits always possible, so all three limits hold at every
 tick, whatever the targets (by induction from a state at rest inside the limits). A non-finite
-target is replaced by the last command (a hold) and flagged.
+target is replaced by the hold target (`RobotProfile.hold_target`: the last command, 0 on delta
+dimensions) and flagged.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class SafetyFilter:
             raise ControlError(f"SafetyFilter: expected a target of shape {self.position.shape}, got {target.shape}")
         if not all(map(math.isfinite, target.tolist())):
             self.flags["nonfinite_target"] += 1
-            target = self.position
+            target = self.profile.hold_target(self.position)
         # Per dimension in plain floats: a few microseconds for a handful of dimensions, where
         # numpy's per-call overhead would dominate the control tick.
         command = []
@@ -90,8 +91,8 @@ class SafetyFilter:
         return new.copy()
 
     def hold(self) -> np.ndarray:
-        """The command that brings the robot to rest at its last command (within the limits)."""
-        return self(self.position)
+        """The command toward the hold target (`RobotProfile.hold_target`), within the limits."""
+        return self(self.profile.hold_target(self.position))
 
 
 def check_chunk(actions: np.ndarray, action_dim: int, where: str = "chunk") -> None:
