@@ -1,31 +1,33 @@
-"""The real-time controller on PushT: every mode at simulated delays, the Diffusion Policy reference,
-the control tick's latency and a safety soak. One table, one run.
+"""The real-time controller on a task (`--task`, PushT by default; Lift): every mode at simulated
+delays, the Diffusion Policy reference, the control tick's latency and a safety soak. One table, one run.
 
 Rows: each mode at each delay d (ticks of inference during which the committed actions execute,
 `diffpolicy eval --controller MODE --delay D`'s deterministic protocol), on the policy trained for
 it: `sync`, `ensemble`, `rtc` on the `--shared` policy (loss.token_times shared, Diffusion Policy's
-training); `prefix`, `streaming`, `warmstart` on the `--mix` policy (ladder:0.5,prefix:0.3,shared:0.2).
+training); `prefix`, `streaming`, `warmstart` on the `--mix` policy (a token-time mix with ladder and
+prefix shares, e.g. ladder:0.4,prefix:0.4,shared:0.2). `--cross` adds every mode on the other policy
+too (labelled by its policy), to separate what the mode does from what the training does.
 Columns: success over the held-out seeds with its 95 % Wilson interval, the change against the same
 mode at d = 0, denoiser calls (NFE) per executed action and its ratio to the reference's, mean jerk,
 mean largest seam jump, queue underruns, commands the safety filter changed. Every row's commands
-pass through the `--profile` robot profile's safety filter on their way to the environment, as on
-a robot (`ControlSpec.profile`). The reference row is Diffusion Policy's default sampler on
-the shared policy: DDPM (eta = 1) with 100 steps, execute Ta = 8, sync at d = 0.
+pass through the robot profile's safety filter (`--profile`, default: the task's) on their way to
+the environment, as on a robot (`ControlSpec.profile`); holds command the profile's hold target.
+The reference row is Diffusion Policy's default sampler on the shared policy: DDPM (eta = 1) with
+100 steps, execute Ta = 8, sync at d = 0.
 
 Then the control tick: p50 / p99 of `RealTimeController.tick` (queue pop, watchdog, safety filter,
 interpolation; inference excluded: a stub returns chunks, completed between ticks on a fake clock),
 in wall time and in the thread's CPU time (on a shared machine the wall p99 is preemption),
 and a soak of `--soak-ticks` ticks with injected stalls (1 %), NaN chunks (2 %), chunks that jump
 (2 %) and stale observations (1 %) behind the PushT robot profile: every command is checked against
-the profile's limits (`safety.within_limits`).
+the profile's limits (`safety.within_limits`); `--skip-timing` leaves both out (they do not depend on
+the task).
 
-`--cross` adds every mode on the other policy too (labelled by its policy), to separate what the
-mode does from what the training does.
+Every (mode, policy, delay) result is cached in `--out` as JSON, so an interrupted run resumes;
+`--only-configs` splits one run over processes sharing `--out`. docs/RESULTS.md has the commands
+that train the policies and run the tables.
 
-Every (mode, policy, delay) result is cached in `--out` as JSON, so an interrupted run resumes.
-
-    python benchmarks/controller.py --shared runs/pusht_shared/checkpoints/step_00005000 \
-        --mix runs/pusht_mix/checkpoints/step_00005000 --episodes 100
+    python benchmarks/controller.py --shared runs/ctl_shared --mix runs/ctl_mix --episodes 100 --cross
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def run_config(name: str, policy: ChunkPolicy, spec: ControlSpec, args, cache: P
     if args.table_only:
         return None
     started = time.perf_counter()
-    result = evaluate(policy, load_task("pusht"), episodes=args.episodes, seed_start=args.seed, n_envs=args.n_envs,
+    result = evaluate(policy, load_task(args.task), episodes=args.episodes, seed_start=args.seed, n_envs=args.n_envs,
                       control=spec)
     summary = {**result.summary, "seconds": time.perf_counter() - started}
     atomic_write_text(path, json.dumps(summary, indent=1))
@@ -173,7 +175,9 @@ def main() -> None:
     parser.add_argument("--n-envs", type=int, default=10)
     parser.add_argument("--delays", type=int, nargs="+", default=[0, 3, 1, 2, 4])
     parser.add_argument("--modes", nargs="+", default=["sync", "rtc", "prefix", "streaming", "warmstart", "ensemble"])
-    parser.add_argument("--profile", default="pusht", help="robot profile whose safety filter every command passes")
+    parser.add_argument("--task", default="pusht", help="task card the policies were trained on")
+    parser.add_argument("--profile", default=None,
+                        help="robot profile whose safety filter every command passes (default: the task's)")
     parser.add_argument("--cross", action="store_true", help="also run every mode on the other policy")
     parser.add_argument("--tick-samples", type=int, default=20000)
     parser.add_argument("--soak-ticks", type=int, default=1_000_000)
@@ -183,6 +187,8 @@ def main() -> None:
                         help="no evaluation: the table of the rows cached in --out, then the tick and soak")
     parser.add_argument("--no-timing", action="store_true", help="print the results of tick_latency.json and "
                         "soak.json in --out instead of measuring them again")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="no control-tick latency or soak (they do not depend on the task: run them once)")
     parser.add_argument("--only-configs", action="store_true",
                         help="run (and cache) the mode x delay rows only: no reference, table, tick or soak "
                              "(to split one run over several processes sharing --out)")
@@ -191,7 +197,7 @@ def main() -> None:
     cache = Path(args.out)
     cache.mkdir(parents=True, exist_ok=True)
     policies = {"shared": load(args.shared), "mix": load(args.mix)}
-    profile = load_profile(args.profile)
+    profile = load_profile(args.profile or args.task)
 
     results = {}
 
@@ -230,9 +236,11 @@ def main() -> None:
     if reference is not None:
         rows.append({"label": "reference: DDPM 100 steps, sync (shared)", "delay": 0, "summary": reference,
                      "base": None})
-    print(f"\nPushT (state), {args.episodes} held-out episodes from seed {args.seed}; {platform.processor() or 'cpu'}, "
+    print(f"\n{args.task}, {args.episodes} held-out episodes from seed {args.seed}; {platform.processor() or 'cpu'}, "
           f"torch {torch.__version__}, 1 thread")
     print(table(rows, reference))
+    if args.skip_timing:
+        return
     config = policies["shared"].config
     if args.no_timing:
         latency = json.loads((cache / "tick_latency.json").read_text())
