@@ -9,11 +9,20 @@ import signal
 
 import numpy as np
 import pytest
+from ros_helpers import (
+    CYCLONE_LOOPBACK,
+    ROOT,
+    Listener,
+    assert_image_round_trip,
+    free_port,
+    run_episode_scenario,
+    save_pusht_policy,
+    start,
+    stop,
+)
 
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.transport import JointState, make_transport
-from ros_helpers import (CYCLONE_LOOPBACK, ROOT, Listener, assert_image_round_trip, free_port, run_episode_scenario,
-                         save_pusht_policy, start, stop)
 
 
 def test_ros2_wire_types_and_round_trip():
