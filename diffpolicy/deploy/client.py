@@ -73,6 +73,9 @@ class PolicyClient:
             keys.apply(self._socket)
         self._monitor = self._socket.get_monitor_socket(AUTH_EVENTS)
         self._socket.connect(address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.last_timing: Timing | None = None
@@ -106,11 +109,8 @@ class PolicyClient:
         return reply["body"]
 
     def _wait(self, request_id: int, deadline: float) -> dict[str, Any]:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
         while (left := deadline - time.perf_counter()) > 0:
-            events = dict(poller.poll(max(1, int(left * 1e3))))
+            events = dict(self._poller.poll(max(1, int(left * 1e3))))
             if self._monitor in events:
                 event = recv_monitor_message(self._monitor)
                 raise AuthenticationError(f"policy server {self.address} refused this client's CURVE handshake "
