@@ -170,9 +170,9 @@ class PolicyServer:
         poller.register(wake, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                poller.poll(POLL_MS)
-                while wake.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # before reading EVENTS of the router
-                    wake.recv()
+                if wake in dict(poller.poll(POLL_MS)):  # drain before reading the router's EVENTS
+                    while wake.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        wake.recv()
                 while (frames := self._receive(router)) is not None:
                     reply = self._handle(frames)
                     if reply is not None:
