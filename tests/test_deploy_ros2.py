@@ -1,6 +1,8 @@
 """The ROS bridge over Cyclone DDS with ROS 2's wire types, on a loopback-only domain: the same
 end-to-end scenario as the ROS 1 test (robot and bridge as processes stopped by their PIDs), with
-the policy behind a policy server: observation message -> bridge -> server -> controller -> command."""
+the policy behind a policy server: observation message -> bridge -> server -> controller -> command.
+DDS has no master to restart: discovery is peer to peer, so the middleware restart of ROS 1's test
+is, here, a peer process that dies and a new one that is discovered (the scenario's robot restart)."""
 
 from __future__ import annotations
 
