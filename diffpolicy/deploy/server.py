@@ -156,18 +156,19 @@ class PolicyServer:
         return router
 
     def _serve(self) -> None:
+        wake = self._context.socket(zmq.PULL)
         try:
-            self._router = router = self._bind()
-            wake = self._context.socket(zmq.PULL)
             wake.bind(self._wake)
+            self._router = router = self._bind()
         except Exception as err:  # a taken port, a bad host: reported by start()
+            wake.close(0)
             self._error = err
             self._ready.set()
             return
-        self._ready.set()
         poller = zmq.Poller()
         poller.register(router.getsockopt(zmq.FD), zmq.POLLIN)  # a plain descriptor: waiting needs no lock
         poller.register(wake, zmq.POLLIN)
+        self._ready.set()  # the worker starts now: from here on every use of the router holds the lock
         try:
             while not self._stop.is_set():
                 if wake in dict(poller.poll(POLL_MS)):  # drain before reading the router's EVENTS

@@ -19,6 +19,7 @@ so connections to publishers that registered first are made.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import xmlrpc.client
@@ -29,7 +30,8 @@ from rospy.impl.registration import get_service_manager, get_topic_manager
 from diffpolicy.deploy.errors import BridgeError
 
 LOG = logging.getLogger(__name__)
-MASTER_ERRORS = (OSError, xmlrpc.client.Error, BridgeError)  # unreachable, broken reply, refused call
+# unreachable, a connection dropped mid-reply, a malformed reply, a refused call
+MASTER_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.Error, ValueError, TypeError, BridgeError)
 
 
 class TimeoutTransport(xmlrpc.client.Transport):
@@ -49,11 +51,11 @@ def proxy(uri: str, timeout: float) -> xmlrpc.client.ServerProxy:
     return xmlrpc.client.ServerProxy(uri, transport=TimeoutTransport(timeout))
 
 
-def checked(reply: list, call: str, master_uri: str):
+def checked(reply: list, call: str, where: str):
     """The value of a ROS XML-RPC reply `[code, status, value]`; `BridgeError` unless code is 1."""
     code, status, value = reply
     if code != 1:
-        raise BridgeError(f"ROS master at {master_uri} refused {call}: code {code}, {status!r}")
+        raise BridgeError(f"{where} refused {call}: code {code}, {status!r}")
     return value
 
 
@@ -62,18 +64,19 @@ def register_all(master_uri: str, timeout: float) -> int:
     `master_uri`; returns how many. Raises `MASTER_ERRORS` if the master fails meanwhile."""
     caller_id, node_uri = rospy.get_caller_id(), rospy.core.get_node_uri()
     master, node = proxy(master_uri, timeout), proxy(node_uri, timeout)
+    where = f"ROS master at {master_uri}"
     topics, services = get_topic_manager(), get_service_manager()
     with topics.lock:  # rospy adds topics under this lock; snapshot, then talk to the master outside it
         publications, subscriptions = topics.get_publications(), topics.get_subscriptions()
     for name, kind in publications:
-        checked(master.registerPublisher(caller_id, name, kind, node_uri), f"registerPublisher {name}", master_uri)
+        checked(master.registerPublisher(caller_id, name, kind, node_uri), f"registerPublisher {name}", where)
     for name, kind in subscriptions:
         publishers = checked(master.registerSubscriber(caller_id, name, kind, node_uri), f"registerSubscriber {name}",
-                             master_uri)
-        node.publisherUpdate("/master", name, publishers)
+                             where)
+        checked(node.publisherUpdate("/master", name, publishers), f"publisherUpdate {name}", f"this node ({node_uri})")
     services_now = services.get_services()
     for name, service_uri in services_now:
-        checked(master.registerService(caller_id, name, service_uri, node_uri), f"registerService {name}", master_uri)
+        checked(master.registerService(caller_id, name, service_uri, node_uri), f"registerService {name}", where)
     return len(publications) + len(subscriptions) + len(services_now)
 
 
@@ -83,7 +86,11 @@ class MasterWatch:
     def __init__(self, master_uri: str, poll_s: float = 0.5, timeout_s: float = 2.0):
         self.master_uri, self.poll_s, self.timeout_s = master_uri, poll_s, timeout_s
         self.master = proxy(master_uri, timeout_s)
-        self.pid = self._pid()  # rospy.init_node has registered with this master
+        try:
+            self.pid = self._pid()  # rospy.init_node has just registered with this master
+        except MASTER_ERRORS as err:
+            raise BridgeError(f"ROS master at {master_uri} did not answer getPid after registering this node: "
+                              f"{err}") from None
         self.connected = True
         self.reconnections = 0
         self._stop = threading.Event()
@@ -91,7 +98,7 @@ class MasterWatch:
         self._thread.start()
 
     def _pid(self) -> int:
-        return checked(self.master.getPid(rospy.get_caller_id()), "getPid", self.master_uri)
+        return checked(self.master.getPid(rospy.get_caller_id()), "getPid", f"ROS master at {self.master_uri}")
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
