@@ -7,9 +7,15 @@ Da = 2, MLP 256 wide, 10 steps), untrained: the numbers time the path, not the p
     server     round-trip latency p50 / p99 of `RemotePolicy.sample` (one request per client at a
                time) against `ChunkPolicy.sample` in this process, at 1, 8 and 32 concurrent
                clients; the server is `diffpolicy serve` in its own process (one torch thread).
-               Overhead = remote p50 - local p50 at 1 client (goal: <= 1 ms); the wire column is
-               each request's round trip less the server's inference and queue wait (codec,
-               sockets, thread hand-offs).
+               Overhead = remote p50 - local p50 at 1 client (goal: <= 1 ms). From each reply:
+               the server's `infer_ms` (the policy call) and `queue_ms` (from the request's
+               arrival in the socket thread to the worker's start: its decoding and the hand-off);
+               the wire column is each request's round trip less both (the client's checks and
+               codec, the sockets, the reply); round trip - infer_ms, per request, is all the
+               server path adds to the policy call, paired, so it does not depend on which process
+               the machine's load slows down (remote p50 - local p50 does). At 1 client also a `health` request, which the
+               socket thread answers itself: the transport without the worker or any array. On a
+               shared machine, pin it (`taskset -c N`): the server process inherits the affinity.
     codec      encode + decode of one observation request (msgpack, raw array bytes, schema
                checks) against pickle.dumps + pickle.loads of the same dict of arrays, in this
                process: a low-dim PushT observation and a 2 x 96 x 96 x 3 uint8 image one.
@@ -120,6 +126,8 @@ def bench_server(policy: ChunkPolicy, directory: Path, requests: int, clients_li
                 remote.sample(obs)
             times: list[list[float]] = [[] for _ in range(clients)]
             infer: list[list[float]] = [[] for _ in range(clients)]
+            queued: list[list[float]] = [[] for _ in range(clients)]
+            path: list[list[float]] = [[] for _ in range(clients)]
             wire: list[list[float]] = [[] for _ in range(clients)]
             per_client = max(10, requests // clients)
 
@@ -134,6 +142,8 @@ def bench_server(policy: ChunkPolicy, directory: Path, requests: int, clients_li
                     times[i].append((time.perf_counter() - t0) * 1e3)
                     timing = remotes[i].last_timing
                     infer[i].append(timing.infer_ms)
+                    queued[i].append(timing.queue_ms)
+                    path[i].append(timing.round_trip_ms - timing.infer_ms)
                     wire[i].append(timing.round_trip_ms - timing.infer_ms - timing.queue_ms)
 
             threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
@@ -141,25 +151,38 @@ def bench_server(policy: ChunkPolicy, directory: Path, requests: int, clients_li
                 thread.start()
             for thread in threads:
                 thread.join()
+            health: list[float] = []
+            if clients == 1:  # the transport alone: a request the socket thread answers (no worker, no arrays)
+                for _ in range(per_client):
+                    t0 = time.perf_counter()
+                    remotes[0].client.request("health")
+                    health.append((time.perf_counter() - t0) * 1e3)
             for remote in remotes:
                 remote.close()
             p50, p99 = percentiles(sum(times, []))
             if clients == 1:
                 local_p50, local_p99 = percentiles(local)
                 rows.append(f"| local `ChunkPolicy.sample` (this process, interleaved with the 1-client remote calls) | "
-                            f"1 | {local_p50:.2f} | {local_p99:.2f} | - | - | 1.00 |")
-            infer_p50, wire_p50 = float(np.median(sum(infer, []))), float(np.median(sum(wire, [])))
+                            f"1 | {local_p50:.2f} | {local_p99:.2f} | - | - | - | - | 1.00 |")
+            infer_p50, queue_p50, wire_p50 = (float(np.median(sum(x, []))) for x in (infer, queued, wire))
+            path_p50, path_p99 = percentiles(sum(path, []))
             rows.append(f"| `RemotePolicy.sample` over loopback | {clients} | {p50:.2f} | {p99:.2f} | "
-                        f"{infer_p50:.2f} | {wire_p50:.2f} | {p50 / local_p50:.2f} |")
+                        f"{infer_p50:.2f} | {queue_p50:.2f} | {wire_p50:.2f} | {path_p50:.2f} | {p50 / local_p50:.2f} |")
             if clients == 1:
-                rows.append(f"| **server overhead at 1 client** (remote p50 - local p50) | 1 | "
-                            f"{p50 - local_p50:.2f} | | | | |")
+                paired_p50 = float(np.median(np.array(times[0]) - np.array(local)))  # each remote call - its local one
+                rows.append(f"| **server overhead at 1 client**: remote p50 - local p50 (p50 of remote - local per "
+                            f"interleaved pair); per request, round trip - infer_ms, p50 / p99 | 1 | "
+                            f"{p50 - local_p50:.2f} ({paired_p50:.2f}) | | | | | {path_p50:.2f} / {path_p99:.2f} | |")
+                health_p50, health_p99 = percentiles(health)
+                rows.append(f"| `health` request (answered by the socket thread: the transport alone) | 1 | "
+                            f"{health_p50:.2f} | {health_p99:.2f} | | | | | |")
     finally:
         stop(server)
     if not local:
         raise SystemExit("--clients must include 1 (the local baseline is timed there)")
-    header = ["| call | clients | p50 ms | p99 ms | server infer_ms p50 | round trip - infer - queue, p50 ms | "
-              "p50 / local p50 |", "|---|---|---|---|---|---|---|"]
+    header = ["| call | clients | p50 ms | p99 ms | server infer_ms p50 | server queue_ms p50 | "
+              "round trip - infer - queue, p50 ms | round trip - infer, p50 ms | p50 / local p50 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     return header + rows
 
 

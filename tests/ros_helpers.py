@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import xmlrpc.client
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,60 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class RosCore:
+    """A roscore on a loopback port: roscore starts a rosmaster and a rosout node (each in its own
+    session). `kill` SIGKILLs the three by PID (a crash), `start` brings a new one up on the same port."""
+
+    def __init__(self, port: int, home: Path):
+        self.port, self.uri = port, f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, "ROS_MASTER_URI": self.uri, "ROS_HOSTNAME": "localhost", "ROS_HOME": str(home),
+                    "PYTHONPATH": str(ROOT)}
+        self.process: subprocess.Popen | None = None
+        self.pids: list[int] = []  # roscore, its rosmaster, its rosout
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.process = subprocess.Popen(["roscore", "-p", str(self.port)], env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        master = xmlrpc.client.ServerProxy(self.uri)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:  # up when its master answers and its rosout has registered
+                code, _, rosout = master.lookupNode("/test", "/rosout")
+                if code == 1:
+                    self.pids = [self.process.pid, master.getPid("/test")[2],
+                                 xmlrpc.client.ServerProxy(rosout).getPid("/test")[2]]
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"roscore did not start on port {self.port} within {timeout} s")
+
+    def system_state(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """The master's {topic: [node, ...]} of publishers and of subscribers."""
+        code, status, (publishers, subscribers, _) = xmlrpc.client.ServerProxy(self.uri).getSystemState("/test")
+        assert code == 1, status
+        return dict(publishers), dict(subscribers)
+
+    def kill(self) -> None:
+        """SIGKILL to roscore, its master and its rosout, by their PIDs (a crash: nothing unregisters)."""
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGINT to roscore (it stops its master and rosout); a kill after 20 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill()
 
 
 class Listener:

@@ -1,6 +1,8 @@
 """The ROS bridge over Cyclone DDS with ROS 2's wire types, on a loopback-only domain: the same
 end-to-end scenario as the ROS 1 test (robot and bridge as processes stopped by their PIDs), with
-the policy behind a policy server: observation message -> bridge -> server -> controller -> command."""
+the policy behind a policy server: observation message -> bridge -> server -> controller -> command.
+DDS has no master to restart: discovery is peer to peer, so the middleware restart of ROS 1's test
+is, here, a peer process that dies and a new one that is discovered (the scenario's robot restart)."""
 
 from __future__ import annotations
 
@@ -9,11 +11,20 @@ import signal
 
 import numpy as np
 import pytest
+from ros_helpers import (
+    CYCLONE_LOOPBACK,
+    ROOT,
+    Listener,
+    assert_image_round_trip,
+    free_port,
+    run_episode_scenario,
+    save_pusht_policy,
+    start,
+    stop,
+)
 
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.transport import JointState, make_transport
-from ros_helpers import (CYCLONE_LOOPBACK, ROOT, Listener, assert_image_round_trip, free_port, run_episode_scenario,
-                         save_pusht_policy, start, stop)
 
 
 def test_ros2_wire_types_and_round_trip():

@@ -25,10 +25,12 @@ from policy_helpers import DA, TP, make_obs, make_policy
 from diffpolicy.config import ConfigError
 from diffpolicy.core.guidance import GuidedInpainting, PrefixInpainting, rtc_prefix_weights
 from diffpolicy.deploy import PolicyClient, PolicyServer, RemotePolicy, ServerConfig
+from diffpolicy.deploy import server as server_module
 from diffpolicy.deploy.auth import ClientKeys, make_keys
 from diffpolicy.deploy.errors import AuthenticationError, RemoteError, WireError
 from diffpolicy.deploy.runner import run_sample
 from diffpolicy.deploy.wire import DTYPES, decode_array, encode_array, make_request, pack
+from diffpolicy.errors import InvalidStateError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,6 +302,15 @@ def test_hypothesis_requests_with_valid_framing(server):
     assert raw_exchange(server.address, [pack(make_request(9, "health"))])[0]["ok"] is True
 
 
+def test_a_port_in_use_is_an_error_not_a_hang(server, policy):
+    port = int(server.address.rsplit(":", 1)[1])
+    started = time.monotonic()
+    with pytest.raises(InvalidStateError, match=f"failed to start on 127.0.0.1:{port}: Address already in use"):
+        PolicyServer(policy, ServerConfig(port=port)).start()
+    assert time.monotonic() - started < 10
+    assert raw_exchange(server.address, [pack(make_request(1, "health"))])[0]["ok"] is True
+
+
 # ---------------------------------------------------------------------------- authentication
 def test_binding_beyond_loopback_needs_keys():
     with pytest.raises(ConfigError, match="beyond loopback, which requires CURVE"):
@@ -369,6 +380,41 @@ def _request_ok(address):
     with PolicyClient(address, timeout_s=30) as client:
         client.request("sample", {"obs": valid_sample()["body"]["obs"]})
         return client.last_timing.queue_ms > 0
+
+
+def test_replies_and_health_never_wait_for_the_poll_timeout(policy, monkeypatch):
+    """The socket thread waits on the ROUTER's edge-triggered descriptor and the worker sends replies
+    on the socket itself: with the poll timeout at a minute, a message the socket thread fails to
+    drain or a lost wake-up stalls a request past the clients' 5 s timeout. Many clients in a tight
+    loop of fast requests and health checks."""
+    monkeypatch.setattr(server_module, "POLL_MS", 60_000)
+    server = PolicyServer(policy, ServerConfig(port=0, max_pending=64), infer=echo).start()
+    errors: list[BaseException] = []
+
+    def client_loop(seed: int) -> None:
+        value = np.arange(6, dtype=np.float32).reshape(1, 2, 3) + seed
+        try:
+            with PolicyClient(server.address, timeout_s=5.0) as client:
+                for i in range(150):
+                    if i % 5 == 0:
+                        assert client.request("health")["status"] == "ok"
+                    reply = client.request("sample", {"obs": {"x": encode_array(value)}})
+                    assert np.array_equal(decode_array(reply["chunk"], "chunk"), value)
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=client_loop, args=(seed,)) for seed in range(6)]
+    started = time.monotonic()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors[0]
+        assert server.counts["served"] == 6 * 150
+    finally:
+        server.stop()
+    assert time.monotonic() - started < 120  # stop() wakes the socket thread at once
 
 
 def test_many_clients_at_once(server, policy):

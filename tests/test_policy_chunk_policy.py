@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from policy_helpers import DA, DS, TO, TP, B, make_batch, make_config, make_normalizer, make_obs, make_policy
 
 from diffpolicy.core.guidance import GuidedInpainting, PrefixInpainting
 from diffpolicy.core.losses import min_snr_weight
@@ -17,8 +18,6 @@ from diffpolicy.policies import (
     ObservationDtypeError,
     ObservationError,
 )
-
-from policy_helpers import B, DA, DS, TO, TP, make_batch, make_config, make_normalizer, make_obs, make_policy
 
 
 # ---------------------------------------------------------------------------- loss
@@ -242,6 +241,9 @@ def _with(obs, key, value):
     (lambda o: _with(o, "state", o["state"].index_put((torch.tensor([3]), torch.tensor([0]), torch.tensor([2])),
                                                       torch.tensor(float("-inf")))),
      ObservationError, r"obs\['state'\] has a non-finite value -inf at index \(3, 0, 2\)"),
+    (lambda o: _with(o, "state", o["state"].bfloat16().index_put(  # no numpy dtype: torch's check
+        (torch.tensor([1]), torch.tensor([1]), torch.tensor([2])), torch.tensor(float("inf"), dtype=torch.bfloat16))),
+     ObservationError, r"obs\['state'\] has a non-finite value inf at index \(1, 1, 2\)"),
     (lambda o: [o], ObservationError, r"observations must be a dict"),
 ])
 def test_bad_observations_are_named(change, error, message):

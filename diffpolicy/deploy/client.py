@@ -41,7 +41,10 @@ from diffpolicy.errors import InvalidTypeError
 from diffpolicy.policies import Normalizer, PolicyConfig, make_process
 from diffpolicy.policies.validation import check_observations
 
-AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+REFUSED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL  # the peer said why
+DROPPED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL  # the peer closed mid-handshake (it saw the mismatch first)
+AUTH_EVENTS = REFUSED | DROPPED
+DROPS_TO_REFUSE = 3  # handshakes dropped in a row before a request gives up (one may be a transient reset)
 
 
 @dataclass
@@ -73,6 +76,9 @@ class PolicyClient:
             keys.apply(self._socket)
         self._monitor = self._socket.get_monitor_socket(AUTH_EVENTS)
         self._socket.connect(address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.last_timing: Timing | None = None
@@ -106,16 +112,18 @@ class PolicyClient:
         return reply["body"]
 
     def _wait(self, request_id: int, deadline: float) -> dict[str, Any]:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        drops = 0
         while (left := deadline - time.perf_counter()) > 0:
-            events = dict(poller.poll(max(1, int(left * 1e3))))
+            events = dict(self._poller.poll(max(1, int(left * 1e3))))
             if self._monitor in events:
                 event = recv_monitor_message(self._monitor)
-                raise AuthenticationError(f"policy server {self.address} refused this client's CURVE handshake "
-                                          f"(event {event['event']}, value {event['value']}): wrong or unauthorized "
-                                          "key, or the server expects no authentication")
+                drops += event["event"] == DROPPED
+                if event["event"] != DROPPED or drops >= DROPS_TO_REFUSE:
+                    how = (f"it closed the connection mid-handshake {drops} times" if event["event"] == DROPPED
+                           else f"event {event['event']}, value {event['value']}")
+                    raise AuthenticationError(
+                        f"policy server {self.address} refused this client's CURVE handshake ({how}): wrong or "
+                        "unauthorized key, or the server expects CURVE keys and this client has none, or the reverse")
             if self._socket in events:
                 reply = check_reply(unpack(self._socket.recv(), self.max_reply_bytes))
                 if reply["id"] == request_id:

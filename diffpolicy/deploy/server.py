@@ -5,12 +5,21 @@
     server.address                  # "tcp://127.0.0.1:PORT"
     server.stop()
 
-The socket thread owns the ROUTER socket: it reads every message, checks it against the wire
-schema, answers health and metadata requests itself, and queues sample requests for the worker.
-The worker runs the policy and hands the reply back over an inproc socket, so a slow inference
-never blocks the socket: health requests are answered while it runs, and queued requests learn
-their queue wait (`queue_ms`) and inference time (`infer_ms`) in the reply. A request that cannot
-be used gets an error reply naming what was wrong; nothing a client sends stops the server.
+The socket thread reads every message, checks it against the wire schema, answers health and
+metadata requests itself, and queues sample requests for the worker. The worker runs the policy
+and sends the reply on the ROUTER socket itself, so a reply goes out without waking the socket
+thread; a slow inference never blocks the socket: health requests are answered while it runs,
+and queued requests learn their queue wait (`queue_ms`) and inference time (`infer_ms`) in the
+reply. A request that cannot be used gets an error reply naming what was wrong; nothing a client
+sends stops the server.
+
+Sharing the socket: a ZeroMQ socket may be used by one thread at a time, with a memory barrier
+between users, so every receive and send holds `_router_lock` (a send on a ROUTER never blocks:
+the lock is held for microseconds). The socket thread waits outside ZeroMQ, on the socket's file
+descriptor (`zmq.FD`), and after every wake-up reads `zmq.EVENTS` until no message is waiting.
+That descriptor only signals new socket activity, and a worker's send may consume the signal of a
+message that arrived meanwhile, so after sending the worker checks `zmq.EVENTS` too and, if a
+message is waiting, wakes the socket thread over an inproc socket.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from diffpolicy.deploy.runner import metadata_of, run_sample
 from diffpolicy.deploy.wire import VERSION, check_request, decode_sample, make_reply, pack, request_id_of, unpack
 from diffpolicy.errors import InvalidStateError
 
-RESULTS = "inproc://diffpolicy-results-{}"
+WAKE = "inproc://diffpolicy-wake-{}"
 POLL_MS = 50
 
 
@@ -71,7 +80,9 @@ class PolicyServer:
         self._ready = threading.Event()
         self._threads: list[threading.Thread] = []
         self._authenticator: zmq.auth.thread.ThreadAuthenticator | None = None
-        self._results = RESULTS.format(id(self))
+        self._wake = WAKE.format(id(self))
+        self._router: zmq.Socket | None = None
+        self._router_lock = threading.Lock()
         self.address: str | None = None
         self.started = time.monotonic()
         self.counts = {"served": 0, "errors": 0, "busy": 0}
@@ -98,6 +109,15 @@ class PolicyServer:
             self._jobs.put_nowait(None)
         except queue.Full:
             pass
+        if self._threads and self._threads[0].is_alive():  # wake the socket thread now, not at its poll timeout
+            poke = self._context.socket(zmq.PUSH)
+            poke.linger = 0
+            poke.connect(self._wake)
+            try:
+                poke.send(b"", zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            poke.close(0)
         for thread in self._threads:
             if thread.is_alive():
                 thread.join(timeout)
@@ -115,51 +135,66 @@ class PolicyServer:
             pass
 
     # ------------------------------------------------------------------ socket thread
-    def _bind(self) -> tuple[zmq.Socket, zmq.Socket]:
+    def _bind(self) -> zmq.Socket:
         router = self._context.socket(zmq.ROUTER)
-        router.linger = 0
-        router.maxmsgsize = 4 * self.config.max_message_bytes
-        router.router_mandatory = False
-        if self.keys is not None:
-            self._authenticator = zmq.auth.thread.ThreadAuthenticator(self._context)
-            self._authenticator.start()
-            self._authenticator.configure_curve(domain="*", location=str(self.keys.clients_dir))
-            router.curve_server = True
-            router.curve_publickey, router.curve_secretkey = self.keys.public, self.keys.secret
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        router.bind(f"tcp://{host}:{self.config.port or '*'}")
+        try:
+            router.linger = 0
+            router.maxmsgsize = 4 * self.config.max_message_bytes
+            router.router_mandatory = False
+            if self.keys is not None:
+                self._authenticator = zmq.auth.thread.ThreadAuthenticator(self._context)
+                self._authenticator.start()
+                self._authenticator.configure_curve(domain="*", location=str(self.keys.clients_dir))
+                router.curve_server = True
+                router.curve_publickey, router.curve_secretkey = self.keys.public, self.keys.secret
+            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+            router.bind(f"tcp://{host}:{self.config.port or '*'}")
+        except Exception:
+            router.close(0)  # an open socket would make stop()'s context.term() wait forever
+            raise
         self.address = router.last_endpoint.decode()
-        results = self._context.socket(zmq.PULL)
-        results.bind(self._results)
-        return router, results
+        return router
 
     def _serve(self) -> None:
+        wake = self._context.socket(zmq.PULL)
         try:
-            router, results = self._bind()
+            wake.bind(self._wake)
+            self._router = router = self._bind()
         except Exception as err:  # a taken port, a bad host: reported by start()
+            wake.close(0)
             self._error = err
             self._ready.set()
             return
-        self._ready.set()
         poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(results, zmq.POLLIN)
+        poller.register(router.getsockopt(zmq.FD), zmq.POLLIN)  # a plain descriptor: waiting needs no lock
+        poller.register(wake, zmq.POLLIN)
+        self._ready.set()  # the worker starts now: from here on every use of the router holds the lock
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(POLL_MS))
-                if results in events:
-                    while results.poll(0):
-                        identity, reply = results.recv_multipart()
-                        router.send_multipart([identity, reply])
-                if router in events:
-                    while router.poll(0):
-                        self._handle(router, router.recv_multipart())
+                if wake in dict(poller.poll(POLL_MS)):  # drain before reading the router's EVENTS
+                    while wake.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        wake.recv()
+                while (frames := self._receive(router)) is not None:
+                    reply = self._handle(frames)
+                    if reply is not None:
+                        with self._router_lock:
+                            router.send_multipart([frames[0], reply])
         finally:
-            router.close(0)
-            results.close(0)
+            with self._router_lock:
+                self._router = None
+                router.close(0)
+            wake.close(0)
 
-    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
-        """One incoming message: reply now (health, metadata, errors) or queue it for the worker."""
+    def _receive(self, router: zmq.Socket) -> list[bytes] | None:
+        """The next waiting message's frames, or None when none is waiting."""
+        with self._router_lock:
+            if router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return router.recv_multipart()
+        return None
+
+    def _handle(self, frames: list[bytes]) -> bytes | None:
+        """One incoming message: the reply to send now (health, metadata, errors), or None when it
+        went to the worker."""
         received = time.perf_counter()
         identity, payload = frames[0], frames[-1]
         message: Any = None
@@ -180,11 +215,11 @@ class PolicyServer:
                     self._count("busy")
                     raise ServerBusyError(f"inference queue full ({self.config.max_pending} requests waiting); "
                                           "retry later") from None
-                return
+                return None
         except Exception as err:  # every bad message gets an error reply; the loop goes on
             self._count("errors")
             reply = make_reply(request_id_of(message), error=err)
-        router.send_multipart([identity, pack(reply)])
+        return pack(reply)
 
     def _count(self, name: str) -> None:
         with self._counts_lock:
@@ -198,9 +233,9 @@ class PolicyServer:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
-        sender = self._context.socket(zmq.PUSH)
-        sender.linger = 0
-        sender.connect(self._results)
+        wake = self._context.socket(zmq.PUSH)
+        wake.linger = 0
+        wake.connect(self._wake)
         try:
             while not self._stop.is_set():
                 job = self._jobs.get()
@@ -215,8 +250,23 @@ class PolicyServer:
                     body, error = None, err
                     self._count("errors")
                 end = time.perf_counter()
-                reply = make_reply(job.request_id, body, error, queue_ms=(start - job.received) * 1e3,
-                                   infer_ms=(end - start) * 1e3)
-                sender.send_multipart([job.identity, pack(reply)])
+                reply = pack(make_reply(job.request_id, body, error, queue_ms=(start - job.received) * 1e3,
+                                        infer_ms=(end - start) * 1e3))
+                self._send_reply(job.identity, reply, wake)
         finally:
-            sender.close(0)
+            wake.close(0)
+
+    def _send_reply(self, identity: bytes, reply: bytes, wake: zmq.Socket) -> None:
+        """Send on the ROUTER (module docstring: sharing the socket); wake the socket thread if a
+        message is waiting, since this send may have taken its signal."""
+        with self._router_lock:
+            router = self._router
+            if router is None:  # stopping: the socket thread has closed it
+                return
+            router.send_multipart([identity, reply])
+            waiting = router.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        if waiting:
+            try:
+                wake.send(b"", zmq.NOBLOCK)
+            except zmq.Again:  # wake-ups already queued: the socket thread will look anyway
+                pass

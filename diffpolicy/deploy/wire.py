@@ -36,6 +36,9 @@ OPS = ("health", "metadata", "sample")
 DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 MAX_DIMS = 8
 MAX_ID = 2 ** 63 - 1
+WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in DTYPES}  # name -> little-endian dtype
+NATIVE_DTYPES = {name: np.dtype(name) for name in DTYPES}
+NAMES = {dtype: name for name, dtype in NATIVE_DTYPES.items()}  # dtype -> name (dtype.name is a slow property)
 GUIDANCE_FIELDS = {"prefix": {"kind", "prefix"}, "guided": {"kind", "target", "weights", "max_weight"}}
 SAMPLE_FIELDS = {"obs", "steps", "x_init", "t_start", "normalized", "rng_state", "guidance"}
 
@@ -44,29 +47,31 @@ SAMPLE_FIELDS = {"obs", "steps", "x_init", "t_start", "normalized", "rng_state",
 def encode_array(value: Any) -> dict[str, Any]:
     """A numpy array (or anything `np.asarray` takes) -> {"dtype", "shape", "data"}."""
     array = np.asarray(value)
-    if array.dtype.name not in DTYPES:
+    name = NAMES.get(array.dtype) or NAMES.get(array.dtype.newbyteorder("="))
+    if name is None:
         raise WireError(f"array dtype {array.dtype} cannot go on the wire; expected one of {list(DTYPES)}")
     if array.ndim > MAX_DIMS:
         raise WireError(f"array with {array.ndim} dimensions cannot go on the wire; at most {MAX_DIMS}")
-    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": little.tobytes()}
+    if array.dtype != WIRE_DTYPES[name]:  # big-endian (or native on a big-endian host): little-endian bytes
+        array = array.astype(WIRE_DTYPES[name])
+    return {"dtype": name, "shape": list(array.shape), "data": array.tobytes()}  # tobytes: C order, a copy
 
 
 def decode_array(value: Any, where: str) -> np.ndarray:
     """{"dtype", "shape", "data"} -> a writable numpy array in native byte order."""
     fields = _fields(value, where, {"dtype", "shape", "data"})
     dtype, shape, data = fields["dtype"], fields["shape"], fields["data"]
-    if type(dtype) is not str or dtype not in DTYPES:
+    if type(dtype) is not str or dtype not in WIRE_DTYPES:
         raise WireError(f"{where}.dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     if type(shape) is not list or len(shape) > MAX_DIMS or not all(type(n) is int and 0 <= n < 2 ** 31 for n in shape):
         raise WireError(f"{where}.shape: expected a list of at most {MAX_DIMS} integers in [0, 2^31), got {_brief(shape)}")
     if type(data) is not bytes:
         raise WireError(f"{where}.data: expected bytes, got {type(data).__name__}")
-    wire_dtype = np.dtype(dtype).newbyteorder("<")
+    wire_dtype = WIRE_DTYPES[dtype]
     expected = math.prod(shape) * wire_dtype.itemsize
     if len(data) != expected:
         raise WireError(f"{where}.data: shape {shape} of {dtype} needs {expected} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype=wire_dtype).reshape(shape).astype(np.dtype(dtype), copy=True)
+    return np.frombuffer(data, dtype=wire_dtype).reshape(shape).astype(NATIVE_DTYPES[dtype], copy=True)  # writable
 
 
 # ---------------------------------------------------------------------------- messages

@@ -7,19 +7,21 @@ Every 1 / control_hz seconds the bridge takes the newest message of each observa
 all are fresher than `max_observation_age_s` it feeds them to the controller if every topic has
 delivered since the last feed (so the controller's history never holds one frame twice nor a frame
 torn between two publications; a new controller, reset at the measured position, after a start or
-a dropout), ticks it and publishes the command
-(the controller's safety-filtered action). When any is missing or stale (a publisher died, the
-middleware dropped) it holds: it publishes the last command again, drops the controller (its
-queued chunks were planned from old observations) and waits for fresh messages. Each tick it
-publishes a heartbeat (std_msgs/String, JSON): state ("waiting", "running", "holding",
-"stopping", "stopped"), queue depth, delay estimate, watchdog flags, the latency from the
-newest observation's arrival to the command's publication (`latency_ms`; it includes the wait for
-the tick, up to one period) and the tick's own time from its start to the publication (`tick_ms`). On stop it holds for `stop_hold_s`,
-publishes "stopped" and stops the controller's worker.
+a dropout), ticks it and publishes the command (the controller's safety-filtered action).
+
+It holds when any observation is missing or stale (a publisher died) and while the transport
+reports its middleware lost (`Transport.connected()`: ROS 1's master is gone; flag
+"middleware_lost"): it publishes the last command again, drops the controller (its queued chunks
+were planned from old observations) and waits for fresh messages and the middleware; then it
+starts a new controller. Each tick it publishes a heartbeat (std_msgs/String, JSON): state
+("waiting", "running", "holding", "stopping", "stopped"), queue depth, delay estimate, watchdog
+and flags, the latency from the newest observation's arrival to the command's publication
+(`latency_ms`; it includes the wait for the tick, up to one period), the tick's own time from its
+start to the publication (`tick_ms`) and the middleware's reconnections. On stop it holds for
+`stop_hold_s`, publishes "stopped" and stops the controller's worker.
 
 Messages that cannot be used (wrong length, missing joint names, non-finite values, images of the
-wrong size or encoding) are counted
-in the heartbeat's `bad_messages` and dropped; they never reach the controller.
+wrong size or encoding) are counted in the heartbeat's `bad_messages` and dropped; they never reach the controller.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.config import BridgeConfig, ObservationTopic
 from diffpolicy.deploy.ros.transport import Image, JointState, Transport
 
-WATCHDOG_FLAGS = ("stale_observation", "stalled_inference")
+WATCHDOG_FLAGS = ("stale_observation", "stalled_inference", "middleware_lost")
 
 
 @dataclass
@@ -176,12 +178,12 @@ class Bridge:
             self.state = "stopping"
             hold_until = self.clock() + self.config.stop_hold_s
             while self.clock() < hold_until:
-                self._hold({}, float("nan"), [])
+                self._hold(float("nan"), [])
                 next_tick = self._sleep_until(next_tick + self.period)
         finally:
             self._drop_controller()
             self.state = "stopped"
-            self._heartbeat({}, float("nan"), [], None)
+            self._heartbeat(float("nan"), [], None)
         return self.stats
 
     def tick(self) -> None:
@@ -189,11 +191,12 @@ class Bridge:
         now = self.clock()
         obs, newest, age = self.buffer.snapshot(now)
         self.stats.ticks += 1
-        if obs is None:
+        lost = [] if self.transport.connected() else ["middleware_lost"]
+        if obs is None or lost:
             if self.controller is not None:
                 self._drop_controller()
             self.state = "holding" if self.last_command is not None else "waiting"
-            self._hold(obs or {}, age, [])
+            self._hold(age, lost)
             return
         if self.controller is None:
             self.buffer.take_new()
@@ -209,7 +212,7 @@ class Bridge:
         published = self.clock()
         latency = (published - newest.arrival) * 1e3
         self.stats.latencies_ms.append(latency)
-        self._heartbeat(obs, age, list(out.flags), latency, newest, tick_ms=(published - now) * 1e3)
+        self._heartbeat(age, list(out.flags), latency, newest, tick_ms=(published - now) * 1e3)
 
     # ------------------------------------------------------------------ helpers
     def _publish(self, command: np.ndarray) -> None:
@@ -217,18 +220,18 @@ class Bridge:
         self.publish_command(JointState(stamp=time.time(), position=self.last_command))
         self.stats.commands += 1
 
-    def _hold(self, obs: dict, age: float, flags: list[str]) -> None:
+    def _hold(self, age: float, flags: list[str]) -> None:
         if self.last_command is not None:
             self._publish(self.last_command)
             self.stats.holds += 1
-        self._heartbeat(obs, age, flags, None)
+        self._heartbeat(age, flags, None)
 
     def _drop_controller(self) -> None:
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
 
-    def _heartbeat(self, obs: dict, age: float, flags: list[str], latency_ms: float | None,
+    def _heartbeat(self, age: float, flags: list[str], latency_ms: float | None,
                    newest: Any = None, tick_ms: float | None = None) -> None:
         controller = self.controller
         scheduler = getattr(controller, "scheduler", None)
@@ -242,6 +245,7 @@ class Bridge:
             "stamp_to_command_ms": None if newest is None else (time.time() - newest.stamp) * 1e3,
             "observation_age_s": age if np.isfinite(age) else None,
             "bad_messages": self.buffer.bad_messages, "last_error": self.buffer.last_error,
+            "middleware_reconnections": self.transport.reconnections,
         }
         self.publish_heartbeat(json.dumps(beat))
 

@@ -13,6 +13,7 @@ from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.transport import Image, JointState, Transport
 
 try:
+    import rosgraph
     import rospy
     from sensor_msgs.msg import Image as RosImage
     from sensor_msgs.msg import JointState as RosJointState
@@ -23,6 +24,8 @@ except ImportError as err:  # the optional extra is missing
                       "to the venv") from None
 
 import numpy as np
+
+from diffpolicy.deploy.ros.ros1_master import MasterWatch
 
 QUEUE = 1  # the newest message only: a controller never wants a stale backlog
 
@@ -60,6 +63,14 @@ class Ros1Transport(Transport):
     def __init__(self, node: str):
         rospy.init_node(node, anonymous=True, disable_signals=True)
         self._handles: list = []
+        self.watch = MasterWatch(rosgraph.get_master_uri())
+
+    def connected(self) -> bool:
+        return self.watch.connected
+
+    @property
+    def reconnections(self) -> int:
+        return self.watch.reconnections
 
     def joint_state_publisher(self, topic: str) -> Callable[[JointState], None]:
         publisher = rospy.Publisher(topic, RosJointState, queue_size=QUEUE, tcp_nodelay=True)
@@ -88,6 +99,7 @@ class Ros1Transport(Transport):
         self._handles.append(rospy.Subscriber(topic, RosString, lambda ros: callback(ros.data), queue_size=10))
 
     def close(self) -> None:
+        self.watch.close()
         for handle in self._handles:
             handle.unregister()
         rospy.signal_shutdown("diffpolicy transport closed")

@@ -68,6 +68,12 @@ class Transport:
     """The middleware interface (module docstring)."""
 
     name = ""
+    reconnections = 0  # times the middleware came back after a loss (ROS 1: a restarted master)
+
+    def connected(self) -> bool:
+        """Whether the middleware can make connections now. ROS 1: its master answers. DDS has no
+        master (discovery is peer to peer, a restarted peer is found again), so by default always."""
+        return True
 
     def joint_state_publisher(self, topic: str) -> Callable[[JointState], None]:
         raise NotImplementedError
