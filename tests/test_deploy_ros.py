@@ -189,6 +189,37 @@ def test_bridge_holds_while_the_middleware_is_lost_and_restarts_the_controller_a
     assert controllers[1].calls == ["reset", "start"] and commands[-1] == [1.0, 0.0]  # a fresh controller
 
 
+def test_bridge_holds_a_delta_robot_at_zero_within_its_profile():
+    """With a robot profile whose dimension 0 is a delta, holding commands 0 there (a repeated delta
+    would keep the robot moving) and every published command stays within the profile's limits."""
+    from diffpolicy.control.profile import RobotProfile
+    from diffpolicy.control.safety import within_limits
+
+    profile = RobotProfile.from_dict({
+        "name": "delta", "action_dim": 2, "control_hz": 10.0, "robot_hz": 10.0,
+        "limits": {"position": {"low": [-10.0, -10.0], "high": [10.0, 10.0]}, "velocity": [10.0, 10.0],
+                   "acceleration": [100.0, 100.0]},
+        "seam_jump": 1e9, "binary_dims": [], "delta_dims": [0],
+        "watchdog": {"max_observation_age_s": 1e9, "max_inference_s": 1e9}})
+    config, transport, now = load_bridge_config("pusht"), InProcessTransport(), [0.0]
+    bridge = Bridge(transport, config, CountingController, PUSHT_SHAPES, control_hz=10.0, clock=lambda: now[0],
+                    profile=profile)
+    commands = []
+    transport.subscribe_joint_state(config.command_topic, lambda message: commands.append(message.position.copy()))
+    agent, keypoints = (transport.joint_state_publisher(topic.topic) for topic in config.observations)
+    for _ in range(3):
+        agent(JointState(now[0], position=np.array([1.0, 2.0])))
+        keypoints(JointState(now[0], position=np.arange(18.0)))
+        now[0] += 0.1
+        bridge.tick()
+    transport.up = False
+    for _ in range(4):
+        now[0] += 0.1
+        bridge.tick()
+    assert [c[0] for c in commands] == [1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0]  # stop, then back to 0 at 1 per tick
+    assert within_limits(profile, np.stack(commands)).all()
+
+
 def test_ros1_message_conversion_round_trips():
     ros1 = pytest.importorskip("diffpolicy.deploy.ros.ros1", exc_type=BridgeError)
     message = JointState(stamp=1700000000.123456789, names=("a", "b"), position=np.array([1.0, -2.5]),

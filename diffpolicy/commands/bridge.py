@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     make_controller()  # fail now (action_dim mismatch, ...) rather than at the first observation
     transport = make_transport(args.transport, node="diffpolicy_bridge", domain_id=args.domain_id)
-    bridge = Bridge(transport, config, make_controller, dict(policy.config.obs_shapes), profile.control_hz)
+    bridge = Bridge(transport, config, make_controller, dict(policy.config.obs_shapes), profile.control_hz,
+                    profile=profile)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -11,7 +11,9 @@ a dropout), ticks it and publishes the command (the controller's safety-filtered
 
 It holds when any observation is missing or stale (a publisher died) and while the transport
 reports its middleware lost (`Transport.connected()`: ROS 1's master is gone; flag
-"middleware_lost"): it publishes the last command again, drops the controller (its queued chunks
+"middleware_lost"): it publishes the hold command (with a robot profile: the profile's hold target,
+0 on delta dimensions, through a safety filter that follows every published command, so holds and
+restarts stay within the limits too; without one: the last command again), drops the controller (its queued chunks
 were planned from old observations) and waits for fresh messages and the middleware; then it
 starts a new controller. Each tick it publishes a heartbeat (std_msgs/String, JSON): state
 ("waiting", "running", "holding", "stopping", "stopped"), queue depth, delay estimate, watchdog
@@ -35,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from diffpolicy.control.profile import RobotProfile
+from diffpolicy.control.safety import SafetyFilter
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.config import BridgeConfig, ObservationTopic
 from diffpolicy.deploy.ros.transport import Image, JointState, Transport
@@ -149,10 +153,13 @@ class Bridge:
         make_controller: builds a fresh `RealTimeController` (after a start or a dropout).
         obs_shapes: the policy's `config.obs_shapes` (checked against the topics).
         control_hz: ticks per second (the robot profile's control_hz).
+        profile: the robot profile (holds command its hold target; every command passes its safety
+            filter); None: holds repeat the last command.
     """
 
     def __init__(self, transport: Transport, config: BridgeConfig, make_controller: Callable[[], Any],
-                 obs_shapes: dict[str, tuple[int, ...]], control_hz: float, clock: Callable[[], float] = time.monotonic):
+                 obs_shapes: dict[str, tuple[int, ...]], control_hz: float, clock: Callable[[], float] = time.monotonic,
+                 profile: RobotProfile | None = None):
         config.check_policy(obs_shapes)
         self.transport, self.config, self.make_controller = transport, config, make_controller
         self.period, self.clock = 1.0 / control_hz, clock
@@ -164,6 +171,8 @@ class Bridge:
         self.publish_heartbeat = transport.text_publisher(config.heartbeat_topic)
         self.controller: Any = None
         self.last_command: np.ndarray | None = None
+        self.profile = profile
+        self.safety = None if profile is None else SafetyFilter(profile)
         self.state = "waiting"
         self.stats = BridgeStats()
 
@@ -216,13 +225,19 @@ class Bridge:
 
     # ------------------------------------------------------------------ helpers
     def _publish(self, command: np.ndarray) -> None:
-        self.last_command = np.asarray(command, dtype=np.float64).copy()
+        command = np.asarray(command, dtype=np.float64)
+        if self.safety is not None:
+            if self.safety.position is None:
+                self.safety.reset(command)
+            command = self.safety(command)
+        self.last_command = command.copy()
         self.publish_command(JointState(stamp=time.time(), position=self.last_command))
         self.stats.commands += 1
 
     def _hold(self, age: float, flags: list[str]) -> None:
         if self.last_command is not None:
-            self._publish(self.last_command)
+            held = self.last_command if self.profile is None else self.profile.hold_target(self.last_command)
+            self._publish(held)
             self.stats.holds += 1
         self._heartbeat(age, flags, None)
 
