@@ -131,9 +131,7 @@ class EpisodeExecution:
         return action
 
     def _limit(self, action: np.ndarray) -> np.ndarray:
-        if self.safety.position is None:
-            self.safety.reset(action)
-        command = self.safety(action)
+        command = self.safety.follow(action)
         if not np.allclose(command, action, rtol=0.0, atol=1e-9):
             self.stats.limited += 1
         return command

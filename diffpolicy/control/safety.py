@@ -90,6 +90,13 @@ class SafetyFilter:
         self.position = new
         return new.copy()
 
+    def follow(self, target: np.ndarray) -> np.ndarray:
+        """`self(target)`, starting at rest at the first target when not `reset` yet (a robot whose
+        position is unknown and that waited for its first command)."""
+        if self.position is None:
+            self.reset(target)
+        return self(target)
+
     def hold(self) -> np.ndarray:
         """The command toward the hold target (`RobotProfile.hold_target`), within the limits."""
         return self(self.profile.hold_target(self.position))

@@ -227,9 +227,7 @@ class Bridge:
     def _publish(self, command: np.ndarray) -> None:
         command = np.asarray(command, dtype=np.float64)
         if self.safety is not None:
-            if self.safety.position is None:
-                self.safety.reset(command)
-            command = self.safety(command)
+            command = self.safety.follow(command)
         self.last_command = command.copy()
         self.publish_command(JointState(stamp=time.time(), position=self.last_command))
         self.stats.commands += 1
