@@ -77,8 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble-decay", type=float, default=0.01, help="ensemble: ACT's m in exp(-m i)")
     parser.add_argument("--wall-clock", action="store_true",
                         help="real threads and real inference time instead of a simulated delay")
-    parser.add_argument("--profile", default=None, help="robot profile (name or YAML): its safety filter limits every command of the "
-                        "simulated controller (default: none); --wall-clock always uses one (default: the task's)")
+    parser.add_argument("--profile", default=None,
+                        help="robot profile (name or YAML): its safety filter limits every command of the simulated "
+                             "controller (default: none); --wall-clock always uses one (default: the task's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser call")
     parser.add_argument("--cuda-graphs", action="store_true", help="capture the denoiser call in CUDA graphs (CUDA only)")
     parser.add_argument("--bf16", action="store_true", help="run the denoiser under bf16 autocast")

@@ -116,7 +116,8 @@ class EpisodeExecution:
         if entry is None:
             if self.tick >= self.hold_until:
                 self.stats.underruns += 1
-            action = np.array(last_action, copy=True) if self.safety is None else self.spec.profile.hold_target(last_action)
+            profile = self.spec.profile
+            action = np.array(last_action, copy=True) if profile is None else profile.hold_target(last_action)
         else:
             action = entry.action
             if self._last_chunk is not None and entry.chunk_id != self._last_chunk and self._executed:
