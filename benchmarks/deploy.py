@@ -59,6 +59,7 @@ import torch
 from diffpolicy.deploy import RemotePolicy
 from diffpolicy.deploy.wire import check_request, decode_sample, encode_array, make_request, pack, unpack
 from diffpolicy.policies import ChunkPolicy, Normalizer, PolicyConfig, flow_process
+from diffpolicy.policies.locate import resolve_policy_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"agent_pos": (2,), "keypoints": (18,)}
@@ -358,7 +359,7 @@ def main() -> None:
             if args.checkpoint is None:
                 raise SystemExit("--part success needs --checkpoint DIR (a trained PushT policy)")
             print("\n".join(["", "Success through ROS vs direct evaluation"] +
-                             bench_success(args.checkpoint, args.episodes, args.seed, directory, args.modes,
+                             bench_success(resolve_policy_dir(args.checkpoint), args.episodes, args.seed, directory, args.modes,
                                            not args.no_direct)), flush=True)
     os._exit(0)  # rospy's threads do not end on their own
 
