@@ -14,6 +14,7 @@ from diffpolicy.cli import main
 from diffpolicy.evaluation.rollout import rollout
 from diffpolicy.policies import ChunkPolicy
 from diffpolicy.rl import chain_ppo, dppo, flow_ppo
+from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.errors import ActionSpaceMismatchError, UnsupportedProcessError
 from diffpolicy.rl.evaluate import evaluate
 from diffpolicy.rl.ppo import clipped_surrogate, log_ratio
@@ -176,3 +177,45 @@ def test_resume_refuses_other_settings_but_takes_a_new_budget(tmp_path):
     longer = module.finetune(policy_for("flowppo"), make_env, dataclasses.replace(config, env_steps=120),
                              tmp_path / "run", resume=True, progress=False)
     assert len(longer.history) == 1
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_critic_warmup_leaves_the_actor_untouched_then_hands_over(algo, tmp_path, monkeypatch):
+    module, _, config = ALGOS[algo]
+    config = dataclasses.replace(config, env_steps=150, eval_every=0, critic_warmup=1)  # two iterations
+    live, states = {}, []
+
+    def copy_of(net):
+        return {k: v.clone() for k, v in net.state_dict().items()}
+
+    def nets():  # the actor (the fine-tuned copy; flow PPO's noise network) and the critic
+        actor = [live["policy"].finetuned_backbone] + ([live["noise"].std_fn] if live["noise"].std_fn else [])
+        return [copy_of(net) for net in actor], copy_of(live["critic"])
+
+    def recording_actor(policy, noise, generator):
+        live.update(policy=policy, noise=noise)
+        act = chain_ppo.chain_actor(policy, noise, generator)
+        return lambda obs: (states.append(nets()), act(obs))[1]
+
+    def recording_critic(policy):
+        live["critic"] = Critic(policy)
+        return live["critic"]
+
+    monkeypatch.setattr(module, "chain_actor", recording_actor)
+    monkeypatch.setattr(module, "Critic", recording_critic)
+    module.finetune(policy_for(algo), make_env, config, tmp_path / "run", progress=False)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert len(states) == 12  # 6 chunks per iteration
+    (start_actor, start_critic), (warm_actor, warm_critic) = states[0], states[6]
+    end_actor, _ = nets()
+    assert all(same(a, b) for a, b in zip(start_actor, warm_actor))  # iteration 1 left the actor alone
+    assert not same(start_critic, warm_critic)  # while the critic learned
+    assert all(not same(a, b) for a, b in zip(warm_actor, end_actor))  # iteration 2 updated every actor part
+
+
+def test_critic_warmup_is_a_count_of_iterations():
+    with pytest.raises(dppo.FinetuneError, match=r"'critic_warmup': expected an integer >= 0, got -1"):
+        dppo.DPPOConfig(critic_warmup=-1)

@@ -31,7 +31,7 @@ from diffpolicy.rl.bc import BCRegularizer
 from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
-from diffpolicy.rl.ppo import clipped_surrogate, joint_step, minibatches, normalize_advantages, ratio_error
+from diffpolicy.rl.ppo import actor_critic_step, clipped_surrogate, minibatches, normalize_advantages, ratio_error
 from diffpolicy.rl.rollout import collect_rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 
@@ -119,6 +119,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
             # 3. PPO epochs over minibatches of (environment step x fine-tuned denoising steps).
             stats: dict[str, float] = {}
             first_ratio_error = None  # max |ratio - 1| before this iteration's first update: exactly 0
+            critic_only = session.iteration < config.critic_warmup
             for _ in range(config.epochs):
                 for index in minibatches(len(batch), config.batch_size, generator):
                     log_prob = policy.chain_log_prob(batch.cond[index], batch.chain.index(index), noise, tokens=tokens)
@@ -127,12 +128,12 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
                     if first_ratio_error is None:
                         first_ratio_error = ratio_error(log_prob, batch.old_log_prob[index])
                     value_loss = (critic({k: v[index] for k, v in batch.obs.items()}) - batch.returns[index]).pow(2).mean()
-                    loss = policy_loss + value_loss
+                    actor_loss = policy_loss
                     if bc is not None:  # the copy's imitation loss on demonstration windows
                         bc_loss = bc.loss(generator)
-                        loss = loss + config.bc_coef * bc_loss
-                    joint_step(loss, [actor_optimizer, critic_optimizer], [actor_params, critic.parameters()],
-                               config.max_grad_norm)
+                        actor_loss = actor_loss + config.bc_coef * bc_loss
+                    actor_critic_step(actor_loss, value_loss, actor_optimizer, critic_optimizer, actor_params,
+                                      critic.parameters(), config.max_grad_norm, critic_only)
             # 4. Log, evaluate with the saved sampler, checkpoint.
             row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
                    "first_ratio_error": first_ratio_error}

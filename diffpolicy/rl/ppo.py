@@ -94,3 +94,15 @@ def joint_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     for optimizer in optimizers:
         optimizer.step()
+
+
+def actor_critic_step(actor_loss: torch.Tensor, value_loss: torch.Tensor, actor_optimizer: torch.optim.Optimizer,
+                      critic_optimizer: torch.optim.Optimizer, actor_params: Iterable[torch.nn.Parameter],
+                      critic_params: Iterable[torch.nn.Parameter], max_grad_norm: float, critic_only: bool) -> None:
+    """One update of an actor-critic minibatch: both losses through `joint_step`, or, while the
+    critic warms up (`critic_only`), the value loss alone and the actor left untouched."""
+    if critic_only:
+        joint_step(value_loss, [critic_optimizer], [critic_params], max_grad_norm)
+    else:
+        joint_step(actor_loss + value_loss, [actor_optimizer, critic_optimizer], [actor_params, critic_params],
+                   max_grad_norm)

@@ -48,7 +48,9 @@ class OnPolicyConfig:
     asynchronous: subprocess environments (`AsyncVectorEnv`). seed: the run's seed.
     gamma, gae_lambda: GAE over environment-level (chunk) steps. epochs, batch_size: PPO updates
     per iteration and minibatch size (in chunk samples). lr, critic_lr: Adam learning rates.
-    max_grad_norm: gradient clipping. eval_every: iterations between held-out evaluations (0: only
+    max_grad_norm: gradient clipping. critic_warmup: iterations at the start in which only the critic
+    learns (the actor's first update then uses a fitted value function, not a random one's
+    advantages: a strong imitation start is not pushed around by noise). eval_every: iterations between held-out evaluations (0: only
     at the end); eval_episodes, eval_seed_start: held-out seeds. bc_coef: weight of the optional
     behaviour-cloning regulariser (0: off; `rl.bc`); bc_data: its demonstration store (None: the
     store the base policy was trained on).
@@ -66,6 +68,7 @@ class OnPolicyConfig:
     lr: float = 1e-5
     critic_lr: float = 1e-3
     max_grad_norm: float = 1.0
+    critic_warmup: int = 0
     eval_every: int = 10
     eval_episodes: int = 20
     eval_seed_start: int = 100_000
@@ -78,7 +81,7 @@ class OnPolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FinetuneError(f"config key {name!r}: expected an integer >= 1, got {value!r}")
-        for name in ("eval_every", "seed", "eval_seed_start"):
+        for name in ("critic_warmup", "eval_every", "seed", "eval_seed_start"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise FinetuneError(f"config key {name!r}: expected an integer >= 0, got {value!r}")
