@@ -147,6 +147,9 @@ def test_bad_input_fails_before_any_environment_step(tmp_path, capsys):
     with pytest.raises(ActionSpaceMismatchError):
         dppo.finetune(policy_for("dppo"), lambda: WideActionReach(), ALGOS["dppo"][2], tmp_path / "e")
     assert WideActionReach.steps_taken == 0
+    assert main(["finetune", "--algo", "dppo", "--checkpoint", str(tmp_path / "other"), "--task", card,
+                 "--threads", "0"]) == 2
+    assert "--threads: expected an integer >= 1, got 0" in capsys.readouterr().err
     # Bad overrides and an existing run without --resume.
     assert main(["finetune", "--algo", "dppo", "--checkpoint", str(tmp_path / "other"), "--task", card,
                  "nosuch=1"]) == 2

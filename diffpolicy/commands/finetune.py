@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from diffpolicy.config import apply_overrides
 from diffpolicy.envs.tasks import TaskCard, load_task, make_env
 from diffpolicy.errors import UsageError
@@ -63,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dream: a `diffpolicy worldmodel train` run (its best checkpoint) or model directory")
     parser.add_argument("--world-model-data", nargs="+", default=None, metavar="ZARR",
                         help="dream: replay buffers imagined episodes start from (default: the world model's data)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of the learner and the batched policy calls (default 1: a "
+                             "second thread spins more than it helps at these sizes on a shared machine)")
     parser.add_argument("--no-progress", action="store_true", help="no per-iteration progress lines")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="algorithm config overrides")
 
@@ -82,6 +87,9 @@ def build_config(config_cls: type, args: argparse.Namespace, overrides: list[str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        raise UsageError(f"--threads: expected an integer >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     card = load_task(args.task)
     if args.algo != DREAM and (args.world_model or args.world_model_data):
         raise UsageError(f"--world-model / --world-model-data: only for --algo {DREAM}, not {args.algo}")
