@@ -6,6 +6,7 @@ flow PPO inside a learned world model).
     diffpolicy finetune --algo dsrl --checkpoint runs/pusht_diffusion --task pusht algorithm=sac
     diffpolicy finetune --algo dppo --checkpoint runs/pusht_diffusion --task pusht bc_coef=0.1   # + BC on its demos
     diffpolicy finetune --algo dppo --checkpoint runs/pusht_diffusion --task pusht --resume   # continue
+    torchrun --standalone --nproc_per_node 2 -m diffpolicy.cli finetune --algo dppo --checkpoint ... --task pusht
     diffpolicy finetune --algo dream --world-model runs/wm_pusht --checkpoint runs/pusht_diffusion --task pusht \
         --env-steps 500000 dream.real_steps=20000      # imagined steps; a counted real budget (mixed mode)
 
@@ -13,6 +14,10 @@ flow PPO inside a learned world model).
 a flow one on rollouts imagined by the world model of `diffpolicy worldmodel train`; `--env-steps`
 is then the imagined budget, `dream.*` overrides set the `DreamConfig`, the others the algorithm's;
 its imagined episodes start from the world model's data (`--world-model-data` to choose others).
+
+Under `torchrun` (dppo and flowppo) every process steps its own `--n-envs` environments and the
+gradients are averaged (`diffpolicy.rl.distributed`); rank 0 evaluates, logs and checkpoints, and
+`--resume` needs the same number of processes.
 
 Writes into `--out` (default runs/finetune_<task>_<algo>): `curves.csv` and `curves.png` (success
 and return vs environment steps), `tensorboard/`, and the fine-tuned policy: for dppo / flowppo
@@ -41,6 +46,7 @@ from diffpolicy.policies.locate import resolve_policy_dir
 from diffpolicy.rl import dppo, dsrl, flow_ppo
 from diffpolicy.rl.chunk_env import check_task
 from diffpolicy.rl.rewards import absorbing_success_env
+from diffpolicy.train.distributed import setup_distributed, teardown_distributed
 
 ALGORITHMS = {"dppo": (dppo, dppo.DPPOConfig), "flowppo": (flow_ppo, flow_ppo.FlowPPOConfig),
               "dsrl": (dsrl, dsrl.DSRLConfig)}
@@ -104,17 +110,25 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(config_cls, args, [o for o in args.overrides if not o.startswith("dream.")])
     run_dir = Path(args.out or f"runs/finetune_{card.name}_{args.algo}")
     env_fn = functools.partial(make_env, card)
+    ctx = setup_distributed("cpu")
     try:
+        if ctx.enabled and args.algo in (DREAM, "dsrl"):
+            raise UsageError(f"--algo {args.algo} runs in one process; torchrun is for dppo and flowppo")
         if args.algo == DREAM:  # it shapes the reward itself: its imagination and model need the raw one too
             result = dream_finetune(policy, env_fn, config, card, args, run_dir)
         else:
             if args.absorbing_success:
                 env_fn = functools.partial(absorbing_success_env, env_fn, card.max_episode_steps)
+            distributed = {"ctx": ctx} if ctx.enabled else {}
             result = module.finetune(policy, env_fn, config, run_dir, resume=args.resume,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, **distributed)
     except KeyboardInterrupt:
         print("diffpolicy finetune: interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
+    finally:
+        teardown_distributed()
+    if not ctx.is_main:
+        return 0
     print(f"{run_dir}: {args.algo} fine-tuned policy at {result.checkpoint}; curves in {run_dir / 'curves.csv'}")
     return 0
 

@@ -30,10 +30,12 @@ from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.bc import BCRegularizer
 from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
 from diffpolicy.rl.critic import Critic
+from diffpolicy.rl.distributed import SINGLE, normalize_advantages, rank_seed
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
-from diffpolicy.rl.ppo import actor_critic_step, clipped_surrogate, minibatches, normalize_advantages, ratio_error
+from diffpolicy.rl.ppo import actor_critic_step, clipped_surrogate, minibatches, ratio_error
 from diffpolicy.rl.rollout import collect_rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
+from diffpolicy.train.distributed import DistContext
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,13 @@ def check_policy(policy: ChunkPolicy, config: DPPOConfig) -> None:
 
 def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOConfig, run_dir: str | Path,
              resume: bool = False, progress: bool = True,
-             make_session: Callable[..., Session] = Session) -> FinetuneResult:
+             make_session: Callable[..., Session] = Session, ctx: DistContext = SINGLE) -> FinetuneResult:
     """Fine-tune `policy` (a base checkpoint, loaded with `from_pretrained`) with DPPO.
 
-    `make_session(run_dir, algo, config, policy, make_env, resume)` builds the run's `Session`
+    `make_session(run_dir, algo, config, policy, make_env, resume, ctx)` builds the run's `Session`
     (where it trains, what it counts and saves); `worldmodel.dream` passes one that trains in a
-    learned world model's imagination.
+    learned world model's imagination. `ctx`: this process's place in a `torchrun` job
+    (`rl.distributed`; default: a single process).
     """
     torch.manual_seed(config.seed)
     check_policy(policy, config)
@@ -87,10 +90,11 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
     actor_params = policy.start_finetuning(config.finetune_steps)
     critic = Critic(policy)
     actor_optimizer = torch.optim.Adam(actor_params, lr=config.lr)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    critic_params = list(critic.parameters())
+    critic_optimizer = torch.optim.Adam(critic_params, lr=config.critic_lr)
+    generator = torch.Generator().manual_seed(rank_seed(config.seed, ctx))
     bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
-    session = make_session(run_dir, "dppo", config, policy, make_env, resume)
+    session = make_session(run_dir, "dppo", config, policy, make_env, resume, ctx)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "critic": critic}
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
     if resume:
@@ -115,7 +119,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
             session.count(rollout)
             # 2. Advantages over environment steps, old log-probs of the fine-tuned steps.
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda, tokens)
-            advantages = normalize_advantages(batch.advantages)
+            advantages = normalize_advantages(batch.advantages, ctx)
             # 3. PPO epochs over minibatches of (environment step x fine-tuned denoising steps).
             stats: dict[str, float] = {}
             first_ratio_error = None  # max |ratio - 1| before this iteration's first update: exactly 0
@@ -133,7 +137,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
                         bc_loss = bc.loss(generator)
                         actor_loss = actor_loss + config.bc_coef * bc_loss
                     actor_critic_step(actor_loss, value_loss, actor_optimizer, critic_optimizer, actor_params,
-                                      critic.parameters(), config.max_grad_norm, critic_only)
+                                      critic_params, config.max_grad_norm, critic_only, ctx)
             # 4. Log, evaluate with the saved sampler, checkpoint.
             row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
                    "first_ratio_error": first_ratio_error}

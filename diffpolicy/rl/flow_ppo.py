@@ -28,10 +28,12 @@ from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.bc import BCRegularizer
 from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
 from diffpolicy.rl.critic import Critic
+from diffpolicy.rl.distributed import SINGLE, normalize_advantages, rank_seed
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
-from diffpolicy.rl.ppo import actor_critic_step, clipped_surrogate, minibatches, normalize_advantages, ratio_error
+from diffpolicy.rl.ppo import actor_critic_step, clipped_surrogate, minibatches, ratio_error
 from diffpolicy.rl.rollout import collect_rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
+from diffpolicy.train.distributed import DistContext
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def check_policy(policy: ChunkPolicy) -> None:
 
 def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowPPOConfig, run_dir: str | Path,
              resume: bool = False, progress: bool = True,
-             make_session: Callable[..., Session] = Session) -> FinetuneResult:
+             make_session: Callable[..., Session] = Session, ctx: DistContext = SINGLE) -> FinetuneResult:
     """Fine-tune `policy` (a base flow checkpoint) with flow PPO (`make_session`: as in `dppo.finetune`)."""
     torch.manual_seed(config.seed)
     check_policy(policy)
@@ -109,10 +111,11 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
     critic = Critic(policy)
     actor_params = velocity_params + list(noise_net.parameters())
     actor_optimizer = torch.optim.Adam(actor_params, lr=config.lr)
-    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=config.critic_lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    critic_params = list(critic.parameters())
+    critic_optimizer = torch.optim.Adam(critic_params, lr=config.critic_lr)
+    generator = torch.Generator().manual_seed(rank_seed(config.seed, ctx))
     bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
-    session = make_session(run_dir, "flowppo", config, policy, make_env, resume)
+    session = make_session(run_dir, "flowppo", config, policy, make_env, resume, ctx)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "noise_network": noise_net, "critic": critic}
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
     if resume:
@@ -131,7 +134,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
             session.count(rollout)
             # 2. Advantages over environment steps; old log-probs of the chain (sum of transitions).
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda)
-            advantages = normalize_advantages(batch.advantages)
+            advantages = normalize_advantages(batch.advantages, ctx)
             old_log_prob = batch.old_log_prob.sum(1)
             # 3. PPO epochs: the chain's log-probability is one action's, entropy from log sigma.
             stats: dict[str, float] = {}
@@ -154,7 +157,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
                         bc_loss = bc.loss(generator)
                         actor_loss = actor_loss + config.bc_coef * bc_loss
                     actor_critic_step(actor_loss, value_loss, actor_optimizer, critic_optimizer, actor_params,
-                                      critic.parameters(), config.max_grad_norm, critic_only)
+                                      critic_params, config.max_grad_norm, critic_only, ctx)
             # 4. Log, evaluate the deterministic fine-tuned sampler, checkpoint.
             row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
                    "first_ratio_error": first_ratio_error}

@@ -1,5 +1,6 @@
 """The pieces of PPO every on-policy algorithm here shares: the clipped surrogate, minibatches,
-advantage normalization, and one gradient step of actor and critic together.
+and one gradient step of actor and critic together (advantage normalization, which spans the
+ranks of a data-parallel job, is `rl.distributed.normalize_advantages`).
 
 The ratio is exp of the log-probability difference clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO]:
 a transition the update has moved far (a near-zero std, an extreme outlier) gives a large but
@@ -10,11 +11,13 @@ network) raise `NonFiniteLogProbError` instead of turning into a NaN loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from diffpolicy.rl.distributed import SINGLE, average_gradients
 from diffpolicy.rl.errors import NonFiniteLogProbError
+from diffpolicy.train.distributed import DistContext
 
 MAX_LOG_RATIO = 20.0
 """|log ratio| bound: exp(20) ~ 4.9e8, far past any PPO clip, far below float32's overflow (exp(88))."""
@@ -78,31 +81,30 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[tor
     return batches
 
 
-def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
-    """(A - mean) / (std + 1e-8) over all entries."""
-    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-
 def joint_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
-               parameter_groups: Sequence[Iterable[torch.nn.Parameter]], max_grad_norm: float) -> None:
-    """Backpropagate `loss` once and step every optimizer, each group's gradient norm clipped to
-    `max_grad_norm` (the actor and the critic of an actor-critic loss)."""
+               parameter_groups: Sequence[Sequence[torch.nn.Parameter]], max_grad_norm: float,
+               ctx: DistContext = SINGLE) -> None:
+    """Backpropagate `loss` once and step every optimizer, each group's gradient averaged over the
+    job's ranks, then its norm clipped to `max_grad_norm` (the actor and the critic of an
+    actor-critic loss)."""
     for optimizer in optimizers:
         optimizer.zero_grad()
     loss.backward()
     for parameters in parameter_groups:
+        average_gradients(parameters, ctx)
         torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     for optimizer in optimizers:
         optimizer.step()
 
 
 def actor_critic_step(actor_loss: torch.Tensor, value_loss: torch.Tensor, actor_optimizer: torch.optim.Optimizer,
-                      critic_optimizer: torch.optim.Optimizer, actor_params: Iterable[torch.nn.Parameter],
-                      critic_params: Iterable[torch.nn.Parameter], max_grad_norm: float, critic_only: bool) -> None:
+                      critic_optimizer: torch.optim.Optimizer, actor_params: Sequence[torch.nn.Parameter],
+                      critic_params: Sequence[torch.nn.Parameter], max_grad_norm: float, critic_only: bool,
+                      ctx: DistContext = SINGLE) -> None:
     """One update of an actor-critic minibatch: both losses through `joint_step`, or, while the
     critic warms up (`critic_only`), the value loss alone and the actor left untouched."""
     if critic_only:
-        joint_step(value_loss, [critic_optimizer], [critic_params], max_grad_norm)
+        joint_step(value_loss, [critic_optimizer], [critic_params], max_grad_norm, ctx)
     else:
         joint_step(actor_loss + value_loss, [actor_optimizer, critic_optimizer], [actor_params, critic_params],
-                   max_grad_norm)
+                   max_grad_norm, ctx)

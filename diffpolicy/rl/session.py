@@ -25,6 +25,7 @@ from torch import nn
 
 from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.curves import Curves
+from diffpolicy.rl.distributed import SINGLE, gather_rows, sum_over_ranks
 from diffpolicy.rl.errors import FinetuneError
 from diffpolicy.rl.evaluate import evaluate
 from diffpolicy.rl.rollout import EpisodeStats, Rollout
@@ -37,6 +38,7 @@ from diffpolicy.train.checkpoints import (
     state_dict_tensors,
     unflatten_optimizer_state,
 )
+from diffpolicy.train.distributed import DistContext
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,22 @@ def config_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def rank_name(name: str, rank: int) -> str:
+    """The checkpoint's name of rank `rank`'s generator `name` (rank 0 keeps the plain name)."""
+    return name if rank == 0 else f"{name}@rank{rank}"
+
+
+def gather_generators(generators: dict[str, torch.Generator], ctx: DistContext) -> dict[str, torch.Generator]:
+    """Copies of the other ranks' generators, by `rank_name` (on rank 0; empty in one process)."""
+    copies: dict[str, torch.Generator] = {}
+    for name, generator in generators.items():
+        states = gather_rows(generator.get_state()[None].long(), ctx)  # gloo gathers no uint8
+        for rank in range(1, ctx.world_size):
+            copies[rank_name(name, rank)] = torch.Generator()
+            copies[rank_name(name, rank)].set_state(states[rank].to(torch.uint8))
+    return copies
+
+
 class Session:
     """The run directory, environments, statistics and checkpoints of one fine-tuning run.
 
@@ -130,12 +148,14 @@ class Session:
         policy: the policy being fine-tuned (its `config` shapes the environments).
         make_env: builds one task environment (Dict observations, Box actions).
         resume: continue the latest checkpoint of run_dir (else run_dir must hold none).
+        ctx: this process's place in a data-parallel job (`rl.distributed`): each rank steps its
+            own `n_envs` environments; rank 0 alone evaluates, writes curves and checkpoints.
     """
 
     def __init__(self, run_dir: str | Path, algo: str, config: OnPolicyConfig, policy: ChunkPolicy,
-                 make_env: Callable[[], gym.Env], resume: bool) -> None:
+                 make_env: Callable[[], gym.Env], resume: bool, ctx: DistContext = SINGLE) -> None:
         self.run_dir = Path(run_dir)
-        self.algo, self.config, self.make_env = algo, config, make_env
+        self.algo, self.config, self.make_env, self.ctx = algo, config, make_env, ctx
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_top_k=1)
         latest = self.checkpoints.latest()
         if latest is not None and not resume:
@@ -157,15 +177,17 @@ class Session:
         return make_chunk_vec_env(make_env, policy.config, self.config.n_envs, self.config.asynchronous)
 
     def reset(self) -> dict[str, np.ndarray]:
-        """Reset every environment for iteration `self.iteration` (seeds from the run seed)."""
-        base = reset_seed(self.config.seed, self.iteration, self.config.n_envs)
-        obs, _ = self.envs.reset(seed=[base + i for i in range(self.config.n_envs)])
+        """Reset every environment for iteration `self.iteration` (seeds from the run seed; rank r
+        of a job takes the r-th block of `n_envs` seeds)."""
+        n = self.config.n_envs
+        base = reset_seed(self.config.seed, self.iteration, n * self.ctx.world_size) + n * self.ctx.rank
+        obs, _ = self.envs.reset(seed=[base + i for i in range(n)])
         self.stats.start()
         return obs
 
     def count(self, rollout: Rollout) -> None:
-        """Count a training rollout against the budget (its environment steps)."""
-        self.env_steps += int(rollout.env_steps.sum())
+        """Count a training rollout against the budget (its environment steps, every rank's)."""
+        self.env_steps += int(sum_over_ranks(float(rollout.env_steps.sum()), self.ctx))
 
     def done(self) -> bool:
         return self.env_steps >= self.config.env_steps
@@ -180,16 +202,20 @@ class Session:
     curve_x = "env_steps"  # the x axis of curves.png and the TensorBoard step
 
     def log(self, row: dict[str, Any], progress: bool) -> None:
-        """Log one iteration: training episodes finished in it, plus `row` (losses, evaluation)."""
+        """Log one iteration (rank 0): training episodes finished in it on every rank, plus `row`
+        (losses, evaluation); `cpu_s` is the CPU time of every rank."""
+        finished = gather_rows(torch.tensor([[e["return"], e["success"]] for e in self.stats.pop_finished()],
+                                            dtype=torch.float64).reshape(-1, 2), self.ctx)
+        cpu = sum_over_ranks(self.cpu_time(), self.ctx)
+        if not self.ctx.is_main:
+            return
         if self.curves is None:
             self.curves = Curves(self.run_dir, self.iteration - 1, x=self.curve_x)
-        finished = self.stats.pop_finished()
-        cpu = self.cpu_s + time.process_time() - self._cpu_start
         full = {"iteration": self.iteration, "env_steps": self.env_steps, "cpu_s": round(cpu, 2),
                 "train_episodes": len(finished), **row}
-        if finished:
-            full["train_return"] = float(np.mean([e["return"] for e in finished]))
-            full["train_success"] = float(np.mean([e["success"] for e in finished]))
+        if len(finished):
+            full["train_return"] = float(np.mean(finished[:, 0].numpy()))
+            full["train_success"] = float(np.mean(finished[:, 1].numpy()))
         self.curves.log(full)
         if progress:
             shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in full.items()}
@@ -201,19 +227,31 @@ class Session:
         """Close one on-policy iteration: count it, evaluate when due (every `eval_every` iterations
         and at the end; `row` gains the evaluation), log `row` and checkpoint the run."""
         self.iteration += 1
-        if self.done() or (self.config.eval_every and self.iteration % self.config.eval_every == 0):
+        due = self.done() or (self.config.eval_every and self.iteration % self.config.eval_every == 0)
+        if due and self.ctx.is_main:
             row.update(self.evaluate(policy))
         self.log(row, progress)
         self.save(policy, modules, optimizers, generators, row.get("eval_success"))
 
     # ------------------------------------------------------------------ checkpoints
+    def cpu_time(self) -> float:
+        """This process's CPU seconds in the run (earlier sessions of a resumed run included)."""
+        return self.cpu_s + time.process_time() - self._cpu_start
+
     def save(self, policy: ChunkPolicy, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-             generators: dict[str, torch.Generator], score: float | None = None) -> Path:
-        """Checkpoint the run: `policy/` (the fine-tuned policy, `save_pretrained`) and the state."""
+             generators: dict[str, torch.Generator], score: float | None = None) -> Path | None:
+        """Checkpoint the run (rank 0 writes it; every rank's generators are kept): `policy/` (the
+        fine-tuned policy, `save_pretrained`) and the state. Returns the checkpoint (None on other ranks)."""
+        generators = {**generators, **gather_generators(generators, self.ctx)}
+        rank_cpu_s = gather_rows(torch.tensor([[self.cpu_time()]], dtype=torch.float64), self.ctx)[:, 0].tolist()
+        if not self.ctx.is_main:
+            return None
         groups = {f"module.{name}": state_dict_tensors(module) for name, module in modules.items()}
         meta: dict[str, Any] = {"algo": self.algo, "config": config_dict(self.config), "iteration": self.iteration,
-                                "env_steps": self.env_steps,
-                                "cpu_s": self.cpu_s + time.process_time() - self._cpu_start, "optimizers": {}}
+                                "env_steps": self.env_steps, "world_size": self.ctx.world_size,
+                                "cpu_s": rank_cpu_s[0], "optimizers": {}}
+        if self.ctx.enabled:
+            meta["rank_cpu_s"] = rank_cpu_s
         for name, optimizer in optimizers.items():
             tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
             groups[f"optimizer.{name}"] = tensors
@@ -233,6 +271,9 @@ class Session:
         groups, meta = CheckpointManager.load_state(latest)
         if meta["algo"] != self.algo:
             raise FinetuneError(f"{latest}: a {meta['algo']} run, cannot resume it with --algo {self.algo}")
+        if meta.get("world_size", 1) != self.ctx.world_size:
+            raise FinetuneError(f"{latest}: the run had {meta.get('world_size', 1)} process(es); resume it with as many "
+                                f"(torchrun --nproc_per_node), not {self.ctx.world_size}")
         now, defaults = config_dict(self.config), config_dict(type(self.config)())
         saved = {**defaults, **meta["config"]}  # a key added since the run started had its default
         changed = sorted(k for k in set(saved) | set(now) if k != "env_steps" and saved.get(k) != now.get(k))
@@ -243,10 +284,12 @@ class Session:
             module.load_state_dict(groups[f"module.{name}"], strict=True)
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(unflatten_optimizer_state(groups[f"optimizer.{name}"], meta["optimizers"][name]))
-        restore_rng_state(groups["rng"], meta["rng"], generators)
+        restore_rng_state(groups["rng"], meta["rng"], {rank_name(name, self.ctx.rank): generator
+                                                        for name, generator in generators.items()})
         self.load_extra_state({name[len("extra."):]: tensors for name, tensors in groups.items()
                                if name.startswith("extra.")}, meta.get("extra", {}), latest)
-        self.iteration, self.env_steps, self.cpu_s = meta["iteration"], meta["env_steps"], meta["cpu_s"]
+        self.iteration, self.env_steps = meta["iteration"], meta["env_steps"]
+        self.cpu_s = meta.get("rank_cpu_s", [meta["cpu_s"]])[self.ctx.rank]
         self._cpu_start = time.process_time()
 
     def extra_state(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:

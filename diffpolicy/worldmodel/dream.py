@@ -38,10 +38,12 @@ from diffpolicy.config import check_bool, check_float, check_int, from_dict, to_
 from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl import dppo, flow_ppo
 from diffpolicy.rl.chunk_env import check_env_matches_policy
+from diffpolicy.rl.distributed import SINGLE
 from diffpolicy.rl.rewards import absorbing_success_env
 from diffpolicy.rl.rollout import Rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 from diffpolicy.train.checkpoints import state_dict_tensors
+from diffpolicy.train.distributed import DistContext
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.imagine import DreamVecEnv
@@ -91,9 +93,12 @@ class DreamSession(Session):
     curve_x = "dream_steps"
 
     def __init__(self, run_dir: str | Path, algo: str, config: OnPolicyConfig, policy: ChunkPolicy,
-                 make_env: Callable[[], gym.Env], resume: bool, *, model: LatentWorldModel, data: Transitions,
-                 dream: DreamConfig, max_episode_steps: int, success_reward: float | None = None,
-                 raw_env: Callable[[], gym.Env]) -> None:
+                 make_env: Callable[[], gym.Env], resume: bool, ctx: DistContext = SINGLE, *,
+                 model: LatentWorldModel, data: Transitions, dream: DreamConfig, max_episode_steps: int,
+                 success_reward: float | None = None, raw_env: Callable[[], gym.Env]) -> None:
+        if ctx.enabled:
+            raise WorldModelError(f"a dream runs in one process (its world model and refreshes are not shared "
+                                  f"between ranks); run it without torchrun, not with {ctx.world_size} processes")
         if "train" not in model.metadata:
             raise WorldModelError("the world model's metadata has no 'train' settings (refreshes train with them); "
                                   "train it with `diffpolicy worldmodel train`")
