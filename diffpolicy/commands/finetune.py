@@ -45,7 +45,7 @@ from diffpolicy.policies import ChunkPolicy
 from diffpolicy.policies.locate import resolve_policy_dir
 from diffpolicy.rl import dppo, dsrl, flow_ppo
 from diffpolicy.rl.chunk_env import check_task
-from diffpolicy.rl.rewards import absorbing_success_env
+from diffpolicy.rl.rewards import absorbing_success_env, sparse_success_env
 from diffpolicy.train.distributed import setup_distributed, teardown_distributed
 
 ALGORITHMS = {"dppo": (dppo, dppo.DPPOConfig), "flowppo": (flow_ppo, flow_ppo.FlowPPOConfig),
@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--absorbing-success", action="store_true",
                         help="treat success as absorbing: it pays reward 1 for every step left (PushT's "
                              "dense reward otherwise favours hovering below the threshold)")
+    parser.add_argument("--sparse-success", action="store_true",
+                        help="reward 1 on the step that succeeds and 0 otherwise (DPPO's robomimic reward; "
+                             "for a policy that already succeeds often, where a dense reward barely tells "
+                             "success from hovering near it)")
     parser.add_argument("--world-model", default=None,
                         help="dream: a `diffpolicy worldmodel train` run (its best checkpoint) or model directory")
     parser.add_argument("--world-model-data", nargs="+", default=None, metavar="ZARR",
@@ -97,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads: expected an integer >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     card = load_task(args.task)
+    if args.absorbing_success and args.sparse_success:
+        raise UsageError("--absorbing-success and --sparse-success: choose one reward")
+    if args.sparse_success and args.algo == DREAM:
+        raise UsageError(f"--sparse-success: --algo {DREAM} learns the task's own reward (use --absorbing-success)")
     if args.algo != DREAM and (args.world_model or args.world_model_data):
         raise UsageError(f"--world-model / --world-model-data: only for --algo {DREAM}, not {args.algo}")
     if args.algo != DREAM:  # settings are checked before anything is loaded
@@ -119,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             if args.absorbing_success:
                 env_fn = functools.partial(absorbing_success_env, env_fn, card.max_episode_steps)
+            if args.sparse_success:
+                env_fn = functools.partial(sparse_success_env, env_fn)
             distributed = {"ctx": ctx} if ctx.enabled else {}
             result = module.finetune(policy, env_fn, config, run_dir, resume=args.resume,
                                      progress=not args.no_progress, **distributed)
