@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
 from diffpolicy.nn.device import resolve_device
+
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ def setup_distributed(device: str = "auto") -> DistContext:
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         if resolved.type == "cuda":
             torch.cuda.set_device(resolved)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # Rank 0 evaluates (rollouts of minutes to an hour on a robosuite task) while the other ranks
+        # wait at their next collective: far longer than the default 30-minute timeout allows.
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
 
 
