@@ -50,10 +50,10 @@ class OnPolicyConfig:
     asynchronous: subprocess environments (`AsyncVectorEnv`). seed: the run's seed.
     gamma, gae_lambda: GAE over environment-level (chunk) steps. epochs, batch_size: PPO updates
     per iteration and minibatch size (in chunk samples). lr, critic_lr: Adam learning rates.
-    max_grad_norm: gradient clipping. critic_warmup: iterations at the start in which only the critic
-    learns (the actor's first update then uses a fitted value function, not a random one's
-    advantages: a strong imitation start is not pushed around by noise). eval_every: iterations between held-out evaluations (0: only
-    at the end); eval_episodes, eval_seed_start: held-out seeds. bc_coef: weight of the optional
+    max_grad_norm: gradient clipping. critic_warmup: iterations at the start in which only the
+    critic learns (the actor's first update then uses a fitted value function, not a random one's
+    advantages: a strong imitation start is not pushed around by noise). eval_every: iterations
+    between held-out evaluations (0: only at the end); eval_episodes, eval_seed_start: held-out seeds. bc_coef: weight of the optional
     behaviour-cloning regulariser (0: off; `rl.bc`); bc_data: its demonstration store (None: the
     store the base policy was trained on).
     """
