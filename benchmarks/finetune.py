@@ -1,23 +1,28 @@
 """RL fine-tuning benchmark: an imitation checkpoint fine-tuned by `diffpolicy finetune` against
-stable-baselines3 Gaussian PPO trained from scratch with the same budget of environment steps.
+stable-baselines3 Gaussian PPO and SAC trained from scratch with the same budget of environment steps.
 
 Stages (each resumes or is skipped when its result is cached under `--out`):
   1. `bc`: the imitation checkpoint on `--eval-episodes` held-out seeds from `--eval-seed`
      (with `--eval-eta`, DDIM eta = 0 by default: DPPO's evaluation sampler);
   2. `<algo>` for each of `--algos`: `diffpolicy finetune --algo <algo>` in-process into
      `<out>/<algo>` (resumed if there), then its final (latest, not best) policy on the same seeds;
-  3. `sb3_ppo`: SB3 PPO ("MlpPolicy", Gaussian) from scratch on the task with observations scaled
-     by the observation bounds and actions rescaled to [-1, 1], `--env-steps` steps, checkpointed
-     every 50k steps (held-out success and return on the first 20 seeds logged to `<out>/sb3_ppo/curves.csv`,
-     the fine-tuning runs' format: `notebooks/finetuning_curves.ipynb` overlays it); its deterministic
-     policy on the same seeds.
-Every run uses the AbsorbingSuccess reward (success pays 1 per remaining step; PushT's raw dense
-reward would favour hovering below the threshold). Writes `<out>/finetune_<task>.{json,md}` (one
-table: stage, environment steps, held-out success and mean return, process CPU time) and
-`<out>/finetune_<task>.png` (held-out evaluation success vs environment steps of every run).
+  3. `sb3_ppo`, `sb3_sac` (`--baselines`): SB3 PPO / SAC ("MlpPolicy", Gaussian) from scratch on the
+     task with observations scaled by their bounds where finite and actions rescaled to [-1, 1],
+     `--env-steps` steps, checkpointed every 50k steps (SAC with its replay buffer); held-out success
+     and return on the first 20 seeds logged to `<out>/<baseline>/curves.csv`, the fine-tuning runs'
+     format (`notebooks/finetuning_curves.ipynb` overlays it); its deterministic policy on the same seeds.
+Every run uses the same reward (`--reward`): `absorbing` (default: success pays 1 per remaining
+step; PushT's raw dense reward would favour hovering below the threshold), `sparse` (1 on the
+succeeding step only) or `task` (the task's own reward: locomotion, where there is no success).
+Writes `<out>/finetune_<task>.{json,md}` (one table: stage, environment steps, held-out success and
+mean return, process CPU time) and `<out>/finetune_<task>.png` (held-out evaluation success, or
+return for a task judged by its return, vs environment steps of every run). Each stage caches its
+row, so stages can run as separate processes side by side (`--algos` with `--baselines`, or none).
 
     python benchmarks/finetune.py --task pusht --checkpoint runs/ft_bench/bc_diffusion --out runs/ft_bench \
         --algos dppo dsrl --env-steps 400000 --set dppo:n_steps=40 --set dppo:lr=3e-5 --set dsrl:eval_every=50000
+    python benchmarks/finetune.py --task hopper --checkpoint runs/hopper_bc --out runs/ft_hopper --reward task \
+        --algos --baselines sb3_sac --env-steps 1000000
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.policies import ChunkPolicy
 from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.dsrl import DSRLPolicy
-from diffpolicy.rl.rewards import absorbing_success_env
+from diffpolicy.rl.rewards import absorbing_success_env, sparse_success_env
 from diffpolicy.train.checkpoints import CheckpointManager, resolve_policy_dir
+
+REWARDS = {"absorbing": ["--absorbing-success"], "sparse": ["--sparse-success"], "task": []}  # finetune flags
 
 
 def cpu_seconds() -> float:
@@ -65,14 +72,17 @@ def evaluate_chunk_policy(policy, env_fn, seeds) -> dict:
 
 
 class ScaledTask(gym.Wrapper):
-    """Flat observation scaled to [-1, 1] by its bounds; actions in [-1, 1] (SB3 baseline)."""
+    """Flat observation, each entry with finite bounds scaled to [-1, 1] (the others as they are);
+    actions in [-1, 1] (SB3 baselines)."""
 
     def __init__(self, env: gym.Env) -> None:
         super().__init__(env)
         spaces = env.observation_space.spaces
         self.keys = sorted(spaces)
-        self.low = np.concatenate([spaces[k].low.ravel() for k in self.keys])
-        self.high = np.concatenate([spaces[k].high.ravel() for k in self.keys])
+        low = np.concatenate([spaces[k].low.ravel() for k in self.keys]).astype(np.float64)
+        high = np.concatenate([spaces[k].high.ravel() for k in self.keys]).astype(np.float64)
+        bounded = np.isfinite(low) & np.isfinite(high)
+        self.low, self.high = np.where(bounded, low, -1.0), np.where(bounded, high, 1.0)  # unbounded: x -> x
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, self.low.shape, np.float32)
         self.act_low, self.act_high = env.action_space.low, env.action_space.high
         self.action_space = gym.spaces.Box(-1.0, 1.0, env.action_space.shape, np.float32)
@@ -91,17 +101,26 @@ class ScaledTask(gym.Wrapper):
         return self._obs(obs), reward, terminated, truncated, info
 
 
-def sb3_ppo(card, env_fn, out: Path, env_steps: int, seeds, n_envs: int) -> dict:
-    """Train (resumably) and evaluate SB3 PPO from scratch; returns its result row."""
-    from stable_baselines3 import PPO
+def sb3_from_scratch(name: str, env_fn, out: Path, env_steps: int, seeds, n_envs: int, metric: str) -> dict:
+    """Train (resumably) and evaluate one SB3 baseline from scratch (`name`: sb3_ppo | sb3_sac); returns
+    its result row. PPO steps `n_envs` environments; SAC one, as its reference setting does."""
+    from stable_baselines3 import PPO, SAC
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     out.mkdir(parents=True, exist_ok=True)
-    model_path, state_path = out / "model.zip", out / "state.json"
+    model_path, buffer_path, state_path = out / "model.zip", out / "replay_buffer.pkl", out / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"env_steps": 0, "cpu_s": 0.0, "curve": []}
-    venv = DummyVecEnv([lambda: ScaledTask(env_fn()) for _ in range(n_envs)])
-    model = (PPO.load(model_path, env=venv, device="cpu") if model_path.exists()
-             else PPO("MlpPolicy", venv, n_steps=512, batch_size=256, seed=0, device="cpu", verbose=0))
+    is_sac = name == "sb3_sac"
+    venv = DummyVecEnv([lambda: ScaledTask(env_fn()) for _ in range(1 if is_sac else n_envs)])
+    cls = SAC if is_sac else PPO
+    if model_path.exists():
+        model = cls.load(model_path, env=venv, device="cpu")
+        if is_sac:
+            model.load_replay_buffer(buffer_path)
+    elif is_sac:
+        model = SAC("MlpPolicy", venv, seed=0, device="cpu", verbose=0)
+    else:
+        model = PPO("MlpPolicy", venv, n_steps=512, batch_size=256, seed=0, device="cpu", verbose=0)
     curves = Curves(out, resume_iteration=len(state["curve"]))  # curves.csv as the fine-tuning runs write it
     chunk = 50_000
     while state["env_steps"] < env_steps:
@@ -110,13 +129,16 @@ def sb3_ppo(card, env_fn, out: Path, env_steps: int, seeds, n_envs: int) -> dict
         model.learn(total_timesteps=steps, reset_num_timesteps=False)
         state["env_steps"] = int(model.num_timesteps)
         held_out = evaluate_sb3(model, env_fn, seeds[:20])
-        state["curve"].append([state["env_steps"], held_out["success"] / held_out["episodes"]])
+        row = {"eval_success": held_out["success"] / held_out["episodes"], "eval_return": held_out["mean_return"]}
+        state["curve"].append([state["env_steps"], row[metric]])
         state["cpu_s"] += cpu_seconds() - start
-        curves.log({"iteration": len(state["curve"]), "env_steps": state["env_steps"], "cpu_s": round(state["cpu_s"], 2),
-                    "eval_success": held_out["success"] / held_out["episodes"], "eval_return": held_out["mean_return"]})
+        curves.log({"iteration": len(state["curve"]), "env_steps": state["env_steps"],
+                    "cpu_s": round(state["cpu_s"], 2), **row})
         model.save(model_path)
+        if is_sac:
+            model.save_replay_buffer(buffer_path)
         state_path.write_text(json.dumps(state))
-        print(f"[sb3_ppo] env_steps={state['env_steps']} cpu_s={state['cpu_s']:.0f} curve={state['curve'][-1]}",
+        print(f"[{name}] env_steps={state['env_steps']} cpu_s={state['cpu_s']:.0f} curve={state['curve'][-1]}",
               flush=True)
     curves.close()
     result = evaluate_sb3(model, env_fn, seeds)
@@ -147,7 +169,9 @@ def main() -> int:
     parser.add_argument("--checkpoint", required=True, help="the imitation run / policy directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--algos", nargs="*", default=["dppo"], choices=["dppo", "flowppo", "dsrl"])
-    parser.add_argument("--baselines", nargs="*", default=["sb3_ppo"], choices=["sb3_ppo"])
+    parser.add_argument("--baselines", nargs="*", default=["sb3_ppo"], choices=["sb3_ppo", "sb3_sac"])
+    parser.add_argument("--reward", default="absorbing", choices=list(REWARDS),
+                        help="the reward of every run: absorbing success (default), sparse success, or the task's own")
     parser.add_argument("--env-steps", type=int, default=400_000)
     parser.add_argument("--n-envs", type=int, default=8)
     parser.add_argument("--eval-episodes", type=int, default=100)
@@ -160,7 +184,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     card = load_task(args.task)
-    env_fn = functools.partial(absorbing_success_env, functools.partial(make_env, card), card.max_episode_steps)
+    task_env = functools.partial(make_env, card)
+    env_fn = {"absorbing": functools.partial(absorbing_success_env, task_env, card.max_episode_steps),
+              "sparse": functools.partial(sparse_success_env, task_env), "task": task_env}[args.reward]
+    metric = "eval_return" if card.success["metric"] == "episode_return" else "eval_success"
     seeds = list(range(args.eval_seed, args.eval_seed + args.eval_episodes))
     results_path = out / f"finetune_{card.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -185,7 +212,7 @@ def main() -> int:
         run_dir = out / algo
         start = cpu_seconds()
         command = ["finetune", "--algo", algo, "--checkpoint", args.checkpoint, "--task", args.task, "--out",
-                   str(run_dir), "--env-steps", str(args.env_steps), "--absorbing-success",
+                   str(run_dir), "--env-steps", str(args.env_steps), *REWARDS[args.reward],
                    *(["--n-envs", str(args.n_envs)] if algo != "dsrl" else []), *[item.split(":", 1)[1] for item in args.set if item.startswith(f"{algo}:")]]
         if (run_dir / "checkpoints").exists() or (run_dir / "sb3").exists():
             command.append("--resume")
@@ -198,7 +225,7 @@ def main() -> int:
             env_steps = policy.metadata.get("finetune_env_steps")
         with open(run_dir / "curves.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        curve = [[int(r["env_steps"]), float(r["eval_success"])] for r in rows if r["eval_success"]]
+        curve = [[int(r["env_steps"]), float(r[metric])] for r in rows if r[metric]]
         run_cpu = float(rows[-1]["cpu_s"]) if rows and rows[-1].get("cpu_s") else cpu_seconds() - start
         results[algo] = {**evaluate_chunk_policy(policy, env_fn, seeds),
                          "env_steps": env_steps if env_steps is not None else int(rows[-1]["env_steps"]),
@@ -206,13 +233,14 @@ def main() -> int:
         save()
     for baseline in args.baselines:
         if baseline not in results:
-            results[baseline] = sb3_ppo(card, env_fn, out / baseline, args.env_steps, seeds, args.n_envs)
+            results[baseline] = sb3_from_scratch(baseline, env_fn, out / baseline, args.env_steps, seeds,
+                                                 args.n_envs, metric)
             save()
-    write_table(json.loads(results_path.read_text()), card.name, out, args)
+    write_table(json.loads(results_path.read_text()), card.name, out, args, metric)
     return 0
 
 
-def write_table(results: dict, task: str, out: Path, args) -> None:
+def write_table(results: dict, task: str, out: Path, args, metric: str) -> None:
     header = (f"| {task} | env steps | held-out success ({args.eval_episodes} seeds from {args.eval_seed}) "
               "| mean return | process CPU s |")
     lines = [header, "|---|---|---|---|---|"]
@@ -230,12 +258,13 @@ def write_table(results: dict, task: str, out: Path, args) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     bc = results.get("bc")
     if bc:
-        ax.axhline(bc["success"] / bc["episodes"], color="gray", linestyle="--", label="bc (start)")
+        start = bc["mean_return"] if metric == "eval_return" else bc["success"] / bc["episodes"]
+        ax.axhline(start, color="gray", linestyle="--", label="bc (start)")
     for name, r in results.items():
         if r.get("curve"):
             ax.plot(*zip(*r["curve"]), marker="o", label=name)
     ax.set_xlabel("environment steps")
-    ax.set_ylabel("held-out success (evaluation during the run)")
+    ax.set_ylabel(f"held-out {metric.removeprefix('eval_')} (evaluation during the run)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / f"finetune_{task}.png", dpi=80)

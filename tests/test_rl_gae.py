@@ -82,3 +82,33 @@ def test_rollouts_keep_terminated_apart_from_truncated_and_bootstrap_from_the_fi
     terminated, truncated = rollout.terminated, rollout.truncated
     torch.testing.assert_close(returns[terminated], rollout.rewards[terminated])
     torch.testing.assert_close(returns[truncated], rollout.rewards[truncated] + G * (1.0 + x[truncated]))
+
+
+def test_reward_scale_scales_the_learners_rewards_and_not_the_logged_returns():
+    # The same seeded rollout twice, once with reward_scale = 0.01: the learner's rewards are exactly
+    # the environment's times the scale, the finished episodes' logged returns are the environment's.
+    config = make_bc_policy().config
+
+    def run(scale):
+        envs = make_chunk_vec_env(make_failing_env, config, n_envs=3)
+        obs, _ = envs.reset(seed=[10, 11, 12])
+        stats = EpisodeStats(3)
+        drift = lambda obs_t: (np.full((3, config.pred_horizon, config.action_dim), 0.1, np.float32), {})  # noqa: E731
+        rollout, _ = collect_rollout(envs, obs, drift, 14, stats, reward_scale=scale)
+        envs.close()
+        return rollout, stats.pop_finished()
+
+    plain, plain_episodes = run(1.0)
+    scaled, scaled_episodes = run(0.01)
+    assert plain.rewards.abs().sum() > 0
+    torch.testing.assert_close(scaled.rewards, plain.rewards * 0.01)
+    assert scaled_episodes == plain_episodes and len(plain_episodes) > 0
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("inf"), float("nan")])
+def test_reward_scale_must_be_a_finite_positive_number(scale):
+    from diffpolicy.rl.errors import FinetuneError
+    from diffpolicy.rl.session import OnPolicyConfig
+
+    with pytest.raises(FinetuneError, match=r"config key 'reward_scale': expected a finite number > 0"):
+        OnPolicyConfig(reward_scale=scale)

@@ -115,7 +115,8 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
             # 1. Roll out the stochastic chain in every environment (one batched call per step).
             policy.eval()
             obs = session.reset()
-            rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats)
+            rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats,
+                                         config.reward_scale)
             session.count(rollout)
             # 2. Advantages over environment steps, old log-probs of the fine-tuned steps.
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda, tokens)

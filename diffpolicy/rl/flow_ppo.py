@@ -130,7 +130,8 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
             # 1. Roll out the noisy flow chain in every environment (one batched call per step).
             policy.eval()
             obs = session.reset()
-            rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats)
+            rollout, _ = collect_rollout(session.envs, obs, actor, config.n_steps, session.stats,
+                                         config.reward_scale)
             session.count(rollout)
             # 2. Advantages over environment steps; old log-probs of the chain (sum of transitions).
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda)

@@ -56,7 +56,8 @@ class EpisodeStats:
 @dataclass
 class Rollout:
     """T steps of N environments. obs / next_obs: `{key: (T, N, To, ...)}` (next_obs: the state each
-    step led to, the final observation at an episode end); rewards `(T, N)`; terminated, truncated
+    step led to, the final observation at an episode end); rewards `(T, N)` as the learner sees them
+    (the environment's, times the run's reward scale); terminated, truncated
     `(T, N)` bool; env_steps `(T, N)` environment steps each chunk took; records: `{name: (T, N, ...)}`
     as the actor returned them."""
 
@@ -70,8 +71,9 @@ class Rollout:
 
 
 def collect_rollout(envs: gym.vector.VectorEnv, obs: dict[str, np.ndarray], actor: Actor, n_steps: int,
-                    stats: EpisodeStats) -> tuple[Rollout, dict[str, np.ndarray]]:
-    """Step `envs` `n_steps` times from `obs`; returns the rollout and the observation to go on from."""
+                    stats: EpisodeStats, reward_scale: float = 1.0) -> tuple[Rollout, dict[str, np.ndarray]]:
+    """Step `envs` `n_steps` times from `obs`; returns the rollout (its rewards times `reward_scale`;
+    `stats` count the environment's own) and the observation to go on from."""
     steps: list[dict] = []
     for _ in range(n_steps):
         obs_t = obs_to_tensors(obs)
@@ -81,7 +83,8 @@ def collect_rollout(envs: gym.vector.VectorEnv, obs: dict[str, np.ndarray], acto
         env_steps, success = step_info(info, "env_steps", done), step_info(info, "is_success", done)
         stats.update(reward, env_steps, success, done)
         steps.append({"obs": obs_t, "next_obs": obs_to_tensors(final_observations(next_obs, info, done)),
-                      "reward": torch.as_tensor(reward, dtype=torch.float32), "terminated": torch.as_tensor(terminated),
+                      "reward": torch.as_tensor(reward * reward_scale, dtype=torch.float32),
+                      "terminated": torch.as_tensor(terminated),
                       "truncated": torch.as_tensor(truncated),
                       "env_steps": torch.as_tensor(env_steps.astype(np.int64)), "records": records})
         obs = next_obs

@@ -55,7 +55,9 @@ class OnPolicyConfig:
     advantages: a strong imitation start is not pushed around by noise). eval_every: iterations
     between held-out evaluations (0: only at the end); eval_episodes, eval_seed_start: held-out seeds. bc_coef: weight of the optional
     behaviour-cloning regulariser (0: off; `rl.bc`); bc_data: its demonstration store (None: the
-    store the base policy was trained on).
+    store the base policy was trained on). reward_scale: the learner's rewards are the environment's
+    times this (the critic regresses scaled returns; locomotion's returns run into the thousands, so
+    0.01-0.1 keeps its targets near 1; the logged returns stay the environment's).
     """
 
     env_steps: int = 100_000
@@ -76,6 +78,7 @@ class OnPolicyConfig:
     eval_seed_start: int = 100_000
     bc_coef: float = 0.0
     bc_data: str | None = None
+    reward_scale: float = 1.0
 
     def __post_init__(self) -> None:
         positive = ("env_steps", "n_envs", "n_steps", "epochs", "batch_size", "eval_episodes")
@@ -90,9 +93,9 @@ class OnPolicyConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise FinetuneError(f"config key {name!r}: expected a number in [0, 1], got {getattr(self, name)!r}")
-        for name in ("lr", "critic_lr", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise FinetuneError(f"config key {name!r}: expected a number > 0, got {getattr(self, name)!r}")
+        for name in ("lr", "critic_lr", "max_grad_norm", "reward_scale"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise FinetuneError(f"config key {name!r}: expected a finite number > 0, got {getattr(self, name)!r}")
         if not (isinstance(self.bc_coef, (int, float)) and not isinstance(self.bc_coef, bool)
                 and math.isfinite(self.bc_coef) and self.bc_coef >= 0):
             raise FinetuneError(f"config key 'bc_coef': expected a finite number >= 0 (0: no BC regulariser), "
