@@ -99,7 +99,9 @@ class LoopConfig:
         of its own samples, so with loss_shards a multiple of the world size the result does not
         depend on the number of processes. 0: one shard per process.
     device: "auto" (GPU when present), "cpu", "cuda", "cuda:1", ...
-    bf16: bf16 autocast for the forward pass (GPU only; ignored on CPU).
+    bf16: bf16 autocast for the forward pass on a GPU (ignored on CPU).
+    cpu_bf16: bf16 autocast for the forward pass on the CPU (off by default; refused on a CPU without
+        native bf16 matrix multiplies, `train.precision`, where it would run slower than float32).
     ema_power, ema_max_decay: EMA warm-up (DP: 0.75, 0.9999).
     log_every: steps between loss logs (and one at every checkpoint). checkpoint_every: steps between
         checkpoints (each one evaluated when eval.episodes > 0). keep_top_k: best checkpoints kept
@@ -114,6 +116,7 @@ class LoopConfig:
     loss_shards: int = 0
     device: str = "auto"
     bf16: bool = True
+    cpu_bf16: bool = False
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
     log_every: int = 50

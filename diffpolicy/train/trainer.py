@@ -10,7 +10,8 @@ Run directory:
     checkpoints/       see `train.checkpoints` (EMA policy via `save_pretrained` + training state)
 
 The recipe is Diffusion Policy's: AdamW, linear warm-up into a cosine decay, gradient clipping,
-an EMA of the weights (evaluated and exported), bf16 autocast on GPUs only. The normalizer is
+an EMA of the weights (evaluated and exported), bf16 autocast on GPUs (`train.bf16`, default) and
+on CPUs with native bf16 matrix multiplies when asked (`train.cpu_bf16`). The normalizer is
 fitted on the training split. Every `checkpoint_every` steps the EMA policy is scored in the
 environment (`eval.episodes` > 0) by the `scorer` the caller passes (the commands pass rollouts of
 `diffpolicy.evaluation`; training itself does not depend on evaluation) and a checkpoint is written;
@@ -59,6 +60,7 @@ from diffpolicy.train.checkpoints import (
     unflatten_optimizer_state,
 )
 from diffpolicy.train.config import EvalConfig, TrainConfig
+from diffpolicy.train.precision import NATIVE_BF16_FLAGS, native_cpu_bf16
 from diffpolicy.train.distributed import (
     DistContext,
     ResumableDistributedSampler,
@@ -306,7 +308,11 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
     if ctx.enabled:
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    use_bf16 = tc.bf16 and ctx.device.type == "cuda"
+    use_bf16 = tc.bf16 if ctx.device.type == "cuda" else tc.cpu_bf16 and ctx.device.type == "cpu"
+    if use_bf16 and ctx.device.type == "cpu" and not native_cpu_bf16():
+        raise ConfigError("train.cpu_bf16=true: this CPU has no native bf16 matrix multiply (neither of "
+                          f"{', '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), so bf16 would be emulated and "
+                          "run slower than float32; drop train.cpu_bf16")
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if latest is not None:
