@@ -11,12 +11,14 @@ and report the speed-up against that first row:
     + fused AdamW `optim.fused=true`
     + SiLU        `policy.backbone.activation=silu`
     + 2 threads   `train.num_threads=2`
+    + bf16        bf16 autocast of the forward pass (`train.cpu_bf16=true`), 1 and 2 threads; only on a
+                  CPU with native bf16 matrix multiplies (`diffpolicy.train.precision`)
     + compile     `torch.compile` of the denoiser (`--compile`; the compile time is reported apart)
     DP UNet       Diffusion Policy's default ConditionalUnet1D (down dims 256, 512, 1024), 1 and 2 threads
 
 FLOPs of a step are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
 convolutions, forward and backward); the peak is the best of `torch.mm` at the network's own layer
-shapes (`(B, in) @ (in, out)`, each Linear of the MLP) at the row's thread count. A second table
+shapes (`(B, in) @ (in, out)`, each Linear of the MLP) at the row's thread count and precision. A second table
 splits the fastest configuration's step into its parts, a third gives its steps / s and windows / s
 at each batch size of `--batches` on one and two threads. Usage:
 
@@ -40,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffpolicy.nn.ema import EMA
 from diffpolicy.policies import ChunkPolicy, Normalizer
 from diffpolicy.train.config import build_config
+from diffpolicy.train.precision import native_cpu_bf16
 
 DP_UNET = ["policy.backbone={\"type\": \"unet\", \"down_dims\": [256, 512, 1024], \"time_embed_dim\": 256}"]
 MAIN_JOB_NETWORK = ["policy.backbone.hidden_dim=512"]
@@ -54,6 +57,7 @@ class Variant:
     overrides: tuple[str, ...]
     threads: int
     compile: bool = False
+    bf16: bool = False
     steps: int | None = None  # timed steps (None: --steps)
 
 
@@ -122,13 +126,13 @@ def step_flops(policy: ChunkPolicy, batch: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_peak(policy: ChunkPolicy, batch: int, threads: int) -> float:
-    """Best FLOP/s of `torch.mm` at the shapes of the policy's Linear layers, `(batch, in) @ (in, out)`."""
+def matmul_peak(policy: ChunkPolicy, batch: int, threads: int, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of `torch.mm` in `dtype` at the shapes of the policy's Linear layers, `(batch, in) @ (in, out)`."""
     torch.set_num_threads(threads)
     shapes = {(m.in_features, m.out_features) for m in policy.backbone.modules() if isinstance(m, nn.Linear)}
     best = 0.0
     for fan_in, fan_out in sorted(shapes):
-        a, w = torch.randn(batch, fan_in), torch.randn(fan_in, fan_out)
+        a, w = torch.randn(batch, fan_in, dtype=dtype), torch.randn(fan_in, fan_out, dtype=dtype)
         repeats = max(20, int(2e9 / (2 * batch * fan_in * fan_out)))
         for _ in range(5):
             torch.mm(a, w)
@@ -145,6 +149,11 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     silu = FAST
     rows = [Variant("baseline (Mish, AdamW, 1 thread)", before, 1), Variant("+ fused AdamW", fused, 1),
             Variant("+ SiLU", silu, 1), Variant("+ 2 threads", silu, 2)]
+    if native_cpu_bf16():
+        rows += [Variant("+ bf16 autocast (1 thread)", silu, 1, bf16=True),
+                 Variant("+ bf16 autocast (2 threads)", silu, 2, bf16=True)]
+    else:
+        print("# no native bf16 matrix multiply on this CPU: bf16 rows skipped")
     if args.compile:
         rows.append(Variant("+ torch.compile", silu, 2, compile=True))
     if not args.no_unet:
@@ -163,14 +172,17 @@ def main() -> None:
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, batch {args.batch}")
 
-    peaks: dict[int, float] = {}
+    peaks: dict[tuple[int, torch.dtype], float] = {}
     rows, fastest = [], None
     for variant in variants(args):
         torch.set_num_threads(variant.threads)
         policy, optimizer, ema = make_policy(variant.overrides)
         batch = make_batch(policy, args.batch)
         flops = step_flops(policy, batch)
-        loss_fn: Callable[[dict], torch.Tensor] = lambda b, p=policy: p.compute_loss(b)  # noqa: E731
+        def loss_fn(b: dict, p: ChunkPolicy = policy, bf16: bool = variant.bf16) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return p.compute_loss(b)
+
         compile_s = 0.0
         if variant.compile:
             policy.backbone = torch.compile(policy.backbone)
@@ -178,8 +190,9 @@ def main() -> None:
             policy.compute_loss(batch).backward()
             compile_s = time.perf_counter() - began
         seconds, parts = time_step(step_parts(policy, optimizer, ema, batch, loss_fn), variant.steps or args.steps)
-        if variant.threads not in peaks:
-            peaks[variant.threads] = matmul_peak(make_policy(MAIN_JOB_NETWORK)[0], args.batch, variant.threads)
+        precision = (variant.threads, torch.bfloat16 if variant.bf16 else torch.float32)
+        if precision not in peaks:
+            peaks[precision] = matmul_peak(make_policy(MAIN_JOB_NETWORK)[0], args.batch, *precision)
         rows.append((variant, seconds, flops, compile_s))
         if not variant.name.startswith("DP"):
             fastest = (variant, seconds, parts) if fastest is None or seconds < fastest[1] else fastest
@@ -188,7 +201,8 @@ def main() -> None:
     print(f"{'configuration':<36}{'ms/step':>9}{'steps/s':>9}{'GFLOP/step':>12}{'GFLOP/s':>9}"
           f"{'peak GFLOP/s':>14}{'efficiency':>12}{'speed-up':>10}")
     for variant, seconds, flops, compile_s in rows:
-        achieved, peak = flops / seconds / 1e9, peaks[variant.threads] / 1e9
+        achieved = flops / seconds / 1e9
+        peak = peaks[(variant.threads, torch.bfloat16 if variant.bf16 else torch.float32)] / 1e9
         note = f"  (compile {compile_s:.0f} s)" if variant.compile else ""
         print(f"{variant.name:<36}{seconds * 1e3:>9.1f}{1 / seconds:>9.1f}{flops / 1e9:>12.2f}{achieved:>9.1f}"
               f"{peak:>14.1f}{achieved / peak:>11.0%}{base / seconds:>9.3g}x{note}")
