@@ -183,6 +183,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     card = load_task(args.task)
     task_env = functools.partial(make_env, card)
     env_fn = {"absorbing": functools.partial(absorbing_success_env, task_env, card.max_episode_steps),
