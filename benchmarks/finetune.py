@@ -214,7 +214,8 @@ def main() -> int:
         start = cpu_seconds()
         command = ["finetune", "--algo", algo, "--checkpoint", args.checkpoint, "--task", args.task, "--out",
                    str(run_dir), "--env-steps", str(args.env_steps), *REWARDS[args.reward],
-                   *(["--n-envs", str(args.n_envs)] if algo != "dsrl" else []), *[item.split(":", 1)[1] for item in args.set if item.startswith(f"{algo}:")]]
+                   *(["--n-envs", str(args.n_envs)] if algo != "dsrl" else []),
+                   *[item.split(":", 1)[1] for item in args.set if item.startswith(f"{algo}:")]]
         if (run_dir / "checkpoints").exists() or (run_dir / "sb3").exists():
             command.append("--resume")
         if cli_main(command) != 0:

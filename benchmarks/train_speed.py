@@ -18,9 +18,9 @@ and report the speed-up against that first row:
 
 FLOPs of a step are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
 convolutions, forward and backward); the peak is the best of `torch.mm` at the network's own layer
-shapes (`(B, in) @ (in, out)`, each Linear of the MLP) at the row's thread count and precision. A second table
-splits the fastest configuration's step into its parts, a third gives its steps / s and windows / s
-at each batch size of `--batches` on one and two threads. Usage:
+shapes (`(B, in) @ (in, out)`, each Linear of the MLP) at the row's thread count and precision. A
+second table splits the fastest configuration's step into its parts, a third gives its steps / s and
+windows / s at each batch size of `--batches` on one and two threads. Usage:
 
     python benchmarks/train_speed.py [--batch 256] [--steps 30] [--compile] [--no-unet] [--batches 64,128,256,512]
 """
@@ -59,6 +59,11 @@ class Variant:
     compile: bool = False
     bf16: bool = False
     steps: int | None = None  # timed steps (None: --steps)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of the row's matrix multiplies."""
+        return torch.bfloat16 if self.bf16 else torch.float32
 
 
 def make_policy(overrides: tuple[str, ...]) -> tuple[ChunkPolicy, torch.optim.Optimizer, EMA]:
@@ -190,9 +195,9 @@ def main() -> None:
             policy.compute_loss(batch).backward()
             compile_s = time.perf_counter() - began
         seconds, parts = time_step(step_parts(policy, optimizer, ema, batch, loss_fn), variant.steps or args.steps)
-        precision = (variant.threads, torch.bfloat16 if variant.bf16 else torch.float32)
-        if precision not in peaks:
-            peaks[precision] = matmul_peak(make_policy(MAIN_JOB_NETWORK)[0], args.batch, *precision)
+        if (variant.threads, variant.dtype) not in peaks:
+            peaks[variant.threads, variant.dtype] = matmul_peak(make_policy(MAIN_JOB_NETWORK)[0], args.batch,
+                                                                variant.threads, variant.dtype)
         rows.append((variant, seconds, flops, compile_s))
         if not variant.name.startswith("DP"):
             fastest = (variant, seconds, parts) if fastest is None or seconds < fastest[1] else fastest
@@ -202,7 +207,7 @@ def main() -> None:
           f"{'peak GFLOP/s':>14}{'efficiency':>12}{'speed-up':>10}")
     for variant, seconds, flops, compile_s in rows:
         achieved = flops / seconds / 1e9
-        peak = peaks[(variant.threads, torch.bfloat16 if variant.bf16 else torch.float32)] / 1e9
+        peak = peaks[variant.threads, variant.dtype] / 1e9
         note = f"  (compile {compile_s:.0f} s)" if variant.compile else ""
         print(f"{variant.name:<36}{seconds * 1e3:>9.1f}{1 / seconds:>9.1f}{flops / 1e9:>12.2f}{achieved:>9.1f}"
               f"{peak:>14.1f}{achieved / peak:>11.0%}{base / seconds:>9.3g}x{note}")
