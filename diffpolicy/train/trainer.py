@@ -60,7 +60,6 @@ from diffpolicy.train.checkpoints import (
     unflatten_optimizer_state,
 )
 from diffpolicy.train.config import EvalConfig, TrainConfig
-from diffpolicy.train.precision import NATIVE_BF16_FLAGS, native_cpu_bf16
 from diffpolicy.train.distributed import (
     DistContext,
     ResumableDistributedSampler,
@@ -68,6 +67,7 @@ from diffpolicy.train.distributed import (
     setup_distributed,
     teardown_distributed,
 )
+from diffpolicy.train.precision import NATIVE_BF16_FLAGS, native_cpu_bf16
 
 VAL_BATCHES = 4  # batches of the validation loss at each checkpoint
 
