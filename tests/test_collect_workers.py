@@ -155,7 +155,10 @@ def test_a_worker_that_dies_raises_collect_error_naming_its_seed(tmp_path):
         collect(card, episodes=8, out=out, workers=2, progress=False)
     in_flight = [int(seed) for seed in str(info.value).split("[")[1].split("]")[0].split(",")]
     assert 2 in in_flight and in_flight == sorted(in_flight)
-    stored = ReplayBuffer.open(out).episode_meta("seed").tolist()
+    store = ReplayBuffer.open(out)
+    # Under load no episode may have finished before the worker died (seeds 0.. all in flight): an
+    # empty store, which has no meta keys yet.
+    stored = store.episode_meta("seed").tolist() if store.n_episodes else []
     assert stored == list(range(in_flight[0])) and len(stored) <= 2  # whole episodes before the first in flight
 
 
