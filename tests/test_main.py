@@ -70,6 +70,10 @@ def test_the_readme_reports_the_main_jobs_own_settings():
     assert f"MLP {backbone['hidden_dim']}×{backbone['num_blocks']}, {backbone['activation']}" in row
     assert config.policy.process.prediction == "sample" and "predicts the clean chunk" in row  # the card's setting
     assert f"{config.train.num_threads} threads" in row
+    # bf16 where the CPU multiplies it natively (the README's runs had it), float32 elsewhere
+    from diffpolicy.train.precision import native_cpu_bf16
+
+    assert config.train.cpu_bf16 == native_cpu_bf16() and "bf16 autocast" in row
     assert f"collects {DEMOS} PushT demonstrations" in readme and f"for {STEPS // 1000}k steps" in readme
 
 
