@@ -271,6 +271,11 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
     tc = config.train
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
+    use_bf16 = tc.bf16 if ctx.device.type == "cuda" else tc.cpu_bf16 and ctx.device.type == "cpu"
+    if use_bf16 and ctx.device.type == "cpu" and not native_cpu_bf16():
+        raise ConfigError("train.cpu_bf16=true: this CPU has no native bf16 matrix multiply (neither of "
+                          f"{', '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), so bf16 would be emulated and "
+                          "run slower than float32; drop train.cpu_bf16")
     manager = CheckpointManager(run_dir / "checkpoints", keep_top_k=tc.keep_top_k, keep_all=tc.keep_all)
     latest = manager.latest() if (run_dir / "checkpoints").exists() else None
     if latest is not None and not resume:
@@ -308,11 +313,6 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
     if ctx.enabled:
         loss_module = nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    use_bf16 = tc.bf16 if ctx.device.type == "cuda" else tc.cpu_bf16 and ctx.device.type == "cpu"
-    if use_bf16 and ctx.device.type == "cpu" and not native_cpu_bf16():
-        raise ConfigError("train.cpu_bf16=true: this CPU has no native bf16 matrix multiply (neither of "
-                          f"{', '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), so bf16 would be emulated and "
-                          "run slower than float32; drop train.cpu_bf16")
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if latest is not None:
