@@ -67,6 +67,26 @@ def test_per_token_time_is_not_a_global_time(kind):
         assert not torch.allclose(model(x, ramp, cond), model(x, ramp.flip(-1), cond), atol=1e-5)
 
 
+def test_mlp_shared_levels_embedded_once_match_every_token_embedded():
+    """The MLP embeds a chunk's shared level once (CPU shortcut); output and gradients match the per-token
+    path up to rounding (a matmul over B rows instead of B x L rounds differently)."""
+    model = build("mlp", 2, 16, 4)
+    x, t, cond = inputs(5, 16, 2, 4)
+    shared = t[:, :1].expand(5, 16).contiguous()
+    torch.testing.assert_close(model._time_features(shared), model.time_encoder(shared), rtol=1e-6, atol=1e-6)
+    grads = []
+    for embed in (model._time_features, model.time_encoder):
+        model.zero_grad()
+        features = torch.cat([x.reshape(5, -1), embed(shared).reshape(5, -1), cond], dim=-1)
+        model.net(features).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.time_encoder.parameters()])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    mixed = shared.clone()
+    mixed[:, 3] = 0.5
+    assert torch.equal(model._time_features(mixed), model.time_encoder(mixed))  # per-token levels: no shortcut
+
+
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_output_depends_on_condition_and_input(kind):
     model = build(kind, 2, 8, 4).eval()

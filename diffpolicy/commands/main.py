@@ -3,8 +3,8 @@
     diffpolicy main                      # diffusion; writes runs/main/report.md
     diffpolicy main --policy flow --out runs/main_flow
 
-1. collect 1000 expert demonstrations into the card's store (`datasets/pusht.zarr`; resumes it; a store
-   already holding more, such as the card's 3000-episode benchmark recipe, is reused for its first 1000),
+1. collect 3000 expert demonstrations into the card's store (`datasets/pusht.zarr`, the card's own
+   recipe's store; resumes it; a store already holding more is reused for its first 3000),
 2. train a chunk policy with the CPU budget defaults below (`runs/main/train`; resumes), keeping a
    checkpoint at every quarter of the run,
 3. evaluate the final checkpoint on the card's held-out seeds (100000, ...) with a rollout video, and
@@ -59,7 +59,10 @@ BUDGET_OVERRIDES = [f"train.steps={STEPS}", "train.batch_size=256", "optim.lr=1e
                     f"train.checkpoint_every={STEPS // 4}", "train.keep_all=true", "train.log_every=200",
                     "eval.episodes=0", "train.device=cpu", "train.num_threads=2", "policy.backbone.hidden_dim=512",
                     "policy.backbone.activation=silu", *(["train.cpu_bf16=true"] if native_cpu_bf16() else [])]
-DEMOS = 1000
+# 3000 demonstrations (the card's): with 1000 the network memorizes them by 16k steps (validation loss
+# flat at 0.0067 while the training loss falls to 0.0025) and held-out success stays at 82-90; with 3000
+# the validation loss still falls at 32k (0.0027) and so does the held-out success curve.
+DEMOS = 3000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

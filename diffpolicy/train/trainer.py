@@ -59,6 +59,7 @@ from diffpolicy.train.checkpoints import (
     state_dict_tensors,
     unflatten_optimizer_state,
 )
+from diffpolicy.train.clipping import clip_gradients
 from diffpolicy.train.config import EvalConfig, TrainConfig
 from diffpolicy.train.distributed import (
     DistContext,
@@ -351,7 +352,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.optim.grad_clip)
+            clip_gradients(policy.parameters(), config.optim.grad_clip)
         optimizer.step()
         learner.scheduler.step()
         learner.ema.update(policy)
