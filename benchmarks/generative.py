@@ -22,6 +22,8 @@ DiT, frozen or fine-tuned): training CPU seconds per step from the run's `train_
 `time`), held-out success from the run's evaluation `summary.json`.
 
     python benchmarks/generative.py [--train-steps 1500] [--text-steps 1500] [--out runs/gen/bench]
+    python benchmarks/generative.py --only text --text-steps N --text-width W --text-depth D --text-batch B \\
+        --text-lr LR --text-cosine     # another text model (cached under its own name)
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ GUIDANCE = (1.0, 3.0)
 PER_CLASS = 50
 TEXT_STEPS = (1, 4, 16, 64)
 IMAGE_BACKBONE = {"hidden_dim": 64, "depth": 2, "num_heads": 4, "time_embed_dim": 64}
-TEXT_BACKBONE = {"hidden_dim": 96, "depth": 3, "num_heads": 4, "time_embed_dim": 96}
+TEXT_DEFAULTS = (96, 3, 64, 2e-3, False)  # width, depth, batch, lr, cosine decay: the first table's model
 
 
 # ---------------------------------------------------------------------------- images
@@ -122,19 +124,25 @@ def image_table(args: argparse.Namespace) -> list[str]:
 
 # ---------------------------------------------------------------------------- text
 def text_table(args: argparse.Namespace) -> list[str]:
-    config = TextModelConfig(seq_len=64, backbone=TEXT_BACKBONE)
+    width, depth = args.text_width, args.text_depth
+    backbone = {"hidden_dim": width, "depth": depth, "num_heads": 4, "time_embed_dim": width}
+    config = TextModelConfig(seq_len=64, backbone=backbone)
     train, val = corpus.windows(corpus.stdlib_docstrings(), config.seq_len)
-    path = args.out / f"text_{args.text_steps}"
+    default = (width, depth, args.text_batch, args.text_lr, args.text_cosine) == TEXT_DEFAULTS
+    path = args.out / (f"text_{args.text_steps}" if default else
+                       f"text_{args.text_steps}_w{width}_d{depth}_b{args.text_batch}_lr{args.text_lr:g}"
+                       + ("_cos" if args.text_cosine else ""))
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
         model = TextModel(config)
-        result = fit(model, lambda i, g: model.loss(train[i], g), len(train), args.text_steps, 64, 2e-3,
-                     warmup=100, seed=0)
+        result = fit(model, lambda i, g: model.loss(train[i], g), len(train), args.text_steps, args.text_batch,
+                     args.text_lr, warmup=100, seed=0, cosine=args.text_cosine)
         model.save_pretrained(path, {"train_seconds": result.seconds, "train_steps": args.text_steps})
     model = TextModel.from_pretrained(path)
     val = val[:256]
-    lines = [f"Character-level masked diffusion, L = 64, DiT {TEXT_BACKBONE['hidden_dim']} wide x "
-             f"{TEXT_BACKBONE['depth']} blocks without time input, {args.text_steps} training steps (batch 64, "
+    schedule = "cosine decay" if args.text_cosine else "constant rate"
+    lines = [f"Character-level masked diffusion, L = 64, DiT {width} wide x {depth} blocks without time input, "
+             f"{args.text_steps} training steps (batch {args.text_batch}, lr {args.text_lr:g}, {schedule}, "
              f"{model.metadata['train_seconds']:.0f} s); corpus: {len(train)} training / {len(val)} held-out "
              f"windows of stdlib docstrings (Python {platform.python_version()}); uniform = "
              f"{math.log2(95):.2f} bits/char.", "",
@@ -196,6 +204,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-steps", type=int, default=1500, help="image model training steps")
     parser.add_argument("--text-steps", type=int, default=1500, help="text model training steps")
+    width, depth, batch, lr, _ = TEXT_DEFAULTS
+    parser.add_argument("--text-width", type=int, default=width, help="text model DiT width")
+    parser.add_argument("--text-depth", type=int, default=depth, help="text model DiT blocks")
+    parser.add_argument("--text-batch", type=int, default=batch, help="text model batch size")
+    parser.add_argument("--text-lr", type=float, default=lr, help="text model learning rate")
+    parser.add_argument("--text-cosine", action="store_true", help="text model: cosine decay of the rate")
     parser.add_argument("--out", type=Path, default=Path("runs/gen/bench"), help="cache of trained models")
     parser.add_argument("--only", choices=("images", "text", "perception"), default=None)
     parser.add_argument("--threads", type=int, default=1)

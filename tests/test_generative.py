@@ -2,6 +2,7 @@
 learning (digits recognised by a classifier of real digits, text below the uniform bits per
 character); save -> load; the image model as a policy's perception backbone; bad input."""
 
+import math
 import shutil
 from dataclasses import replace
 
@@ -49,6 +50,24 @@ def trained_a_little(model, steps=5):
     fit(model, lambda i, g: model.loss(images[i], None if labels is None else labels[i], g), 16, steps, 8, 1e-2,
         warmup=0)
     return model
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_fit_moves_a_parameter_by_the_sum_of_its_learning_rates(cosine):
+    """Loss = p (gradient 1): every AdamW step moves p by exactly its rate (m_hat / sqrt(v_hat) = 1), so the
+    total move is the schedule's sum: linear warm-up, then constant or a cosine ending near 0."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    steps, warmup, lr = 40, 10, 1e-3
+    fit(model, lambda i, g: model.weight.sum(), 4, steps, batch_size=2, lr=lr, warmup=warmup, cosine=cosine)
+    rates = [lr * (k + 1) / warmup for k in range(warmup - 1)]
+    after = range(warmup - 1, steps)
+    if cosine:
+        rates += [lr * 0.5 * (1 + math.cos(math.pi * (k + 1 - warmup) / (steps + 1 - warmup))) for k in after]
+    else:
+        rates += [lr] * len(after)
+    assert rates[-1] < (0.01 * lr if cosine else 1.01 * lr)
+    assert float(-model.weight) == pytest.approx(sum(rates), rel=1e-5)
 
 
 def test_patchify_is_row_major_and_exactly_inverted():
