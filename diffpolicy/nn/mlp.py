@@ -89,8 +89,8 @@ class MLPDenoiser(nn.Module):
     def _time_features(self, t: torch.Tensor) -> torch.Tensor:
         """`time_encoder(t)`: t `(B, L)` -> `(B, L, E)`. On a CPU, when every token of each chunk shares
         its level (training with shared token times, plain sampling), the embedding is computed once
-        per chunk and repeated: 1.5 ms less of a 27 ms training step of the main job's network. The
-        check reads t, a device sync, so on other devices (CUDA graphs) every token is embedded."""
+        per chunk and repeated (about 0.4 ms of the main job's 20 ms training step, docs/RESULTS.md).
+        The check reads t, a device sync, so on other devices (CUDA graphs) every token is embedded."""
         if t.device.type == "cpu" and t.shape[1] > 1 and bool((t == t[:, :1]).all()):
             return self.time_encoder(t[:, :1]).expand(-1, t.shape[1], -1)
         return self.time_encoder(t)
