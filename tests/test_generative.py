@@ -67,7 +67,7 @@ def test_fit_moves_a_parameter_by_the_sum_of_its_learning_rates(cosine):
     else:
         rates += [lr] * len(after)
     assert rates[-1] < (0.01 * lr if cosine else 1.01 * lr)
-    assert float(-model.weight) == pytest.approx(sum(rates), rel=1e-5)
+    assert float(-model.weight.detach()) == pytest.approx(sum(rates), rel=1e-5)
 
 
 def test_patchify_is_row_major_and_exactly_inverted():

@@ -28,24 +28,23 @@ HELPERS = textwrap.dedent("""
     import sys
     import torch
     from diffpolicy.rl import distributed
-    from diffpolicy.train.distributed import setup_distributed, teardown_distributed
+    from diffpolicy.train.distributed import process_group
 
-    ctx = setup_distributed("cpu")
-    r = ctx.rank
-    grads = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
-    grads[0].grad = torch.full((2, 2), float(r + 1))
-    grads[1].grad = torch.tensor([1.0, 2.0, 3.0]) * 10 ** r
-    distributed.average_gradients(grads, ctx)
-    advantages = torch.tensor([[0.5, -1.0, 2.0, 3.5, 0.0], [7.0, -2.0, 1.0, 0, 0]][r])[: 5 - 2 * r]
-    out = {
-        "grad0": grads[0].grad, "grad1": grads[1].grad, "grad2_none": grads[2].grad is None,
-        "normalized": distributed.normalize_advantages(advantages, ctx),
-        "rows": distributed.gather_rows(torch.arange(4 * (1 - r), dtype=torch.float64).reshape(-1, 2), ctx),
-        "sum": distributed.sum_over_ranks(1.5 * (r + 1), ctx),
-        "seed": distributed.rank_seed(3, ctx),
-    }
-    torch.save(out, f"{sys.argv[1]}/rank{r}.pt")
-    teardown_distributed()
+    with process_group("cpu") as ctx:
+        r = ctx.rank
+        grads = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+        grads[0].grad = torch.full((2, 2), float(r + 1))
+        grads[1].grad = torch.tensor([1.0, 2.0, 3.0]) * 10 ** r
+        distributed.average_gradients(grads, ctx)
+        advantages = torch.tensor([[0.5, -1.0, 2.0, 3.5, 0.0], [7.0, -2.0, 1.0, 0, 0]][r])[: 5 - 2 * r]
+        out = {
+            "grad0": grads[0].grad, "grad1": grads[1].grad, "grad2_none": grads[2].grad is None,
+            "normalized": distributed.normalize_advantages(advantages, ctx),
+            "rows": distributed.gather_rows(torch.arange(4 * (1 - r), dtype=torch.float64).reshape(-1, 2), ctx),
+            "sum": distributed.sum_over_ranks(1.5 * (r + 1), ctx),
+            "seed": distributed.rank_seed(3, ctx),
+        }
+        torch.save(out, f"{sys.argv[1]}/rank{r}.pt")
 """)
 
 
@@ -73,21 +72,20 @@ FINETUNE = textwrap.dedent("""
     from rl_tasks import make_env
     from diffpolicy.policies import ChunkPolicy
     from diffpolicy.rl import dppo
-    from diffpolicy.train.distributed import setup_distributed, teardown_distributed
+    from diffpolicy.train.distributed import process_group
 
     policy_dir, run_dir, env_steps, out, resume = sys.argv[1:6]
-    ctx = setup_distributed("cpu")
-    critics = []
-    make_critic = dppo.Critic
-    dppo.Critic = lambda policy: critics.append(make_critic(policy)) or critics[-1]
-    config = dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, n_envs=4, n_steps=6,
-                             batch_size=16, epochs=2, eval_every=0, eval_episodes=8, env_steps=int(env_steps))
-    result = dppo.finetune(ChunkPolicy.from_pretrained(policy_dir), make_env, config, run_dir,
-                           resume=resume == "resume", progress=False, ctx=ctx)
-    state = {f"actor.{k}": v for k, v in result.policy.finetuned_backbone.state_dict().items()}
-    state.update({f"critic.{k}": v for k, v in critics[0].state_dict().items()})
-    torch.save(state, f"{out}/rank{ctx.rank}.pt")
-    teardown_distributed()
+    with process_group("cpu") as ctx:
+        critics = []
+        make_critic = dppo.Critic
+        dppo.Critic = lambda policy: critics.append(make_critic(policy)) or critics[-1]
+        config = dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, n_envs=4, n_steps=6,
+                                 batch_size=16, epochs=2, eval_every=0, eval_episodes=8, env_steps=int(env_steps))
+        result = dppo.finetune(ChunkPolicy.from_pretrained(policy_dir), make_env, config, run_dir,
+                               resume=resume == "resume", progress=False, ctx=ctx)
+        state = {f"actor.{k}": v for k, v in result.policy.finetuned_backbone.state_dict().items()}
+        state.update({f"critic.{k}": v for k, v in critics[0].state_dict().items()})
+        torch.save(state, f"{out}/rank{ctx.rank}.pt")
 """)
 
 

@@ -47,3 +47,20 @@ def test_shards_must_fit_the_processes_and_batch(tmp_path, dataset):
     config = build_config("pusht", "diffusion", [*TINY, "train.loss_shards=3", f"data.path={dataset}"])
     with pytest.raises(ConfigError, match="loss_shards=3"):
         train(config, tmp_path / "run", progress=False)
+
+
+def test_ranks_meet_at_a_barrier_before_leaving_only_after_a_clean_run(monkeypatch):
+    from diffpolicy.train import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    with distributed.process_group("cpu") as ctx:
+        assert not ctx.enabled
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(KeyError):  # a failed rank leaves at once: the others must not wait for it
+        with distributed.process_group("cpu"):
+            raise KeyError("boom")
+    assert calls == ["destroy"]

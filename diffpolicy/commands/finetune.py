@@ -46,7 +46,7 @@ from diffpolicy.policies.locate import resolve_policy_dir
 from diffpolicy.rl import dppo, dsrl, flow_ppo
 from diffpolicy.rl.chunk_env import check_task
 from diffpolicy.rl.rewards import absorbing_success_env, sparse_success_env
-from diffpolicy.train.distributed import setup_distributed, teardown_distributed
+from diffpolicy.train.distributed import process_group
 
 ALGORITHMS = {"dppo": (dppo, dppo.DPPOConfig), "flowppo": (flow_ppo, flow_ppo.FlowPPOConfig),
               "dsrl": (dsrl, dsrl.DSRLConfig)}
@@ -118,25 +118,23 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(config_cls, args, [o for o in args.overrides if not o.startswith("dream.")])
     run_dir = Path(args.out or f"runs/finetune_{card.name}_{args.algo}")
     env_fn = functools.partial(make_env, card)
-    ctx = setup_distributed("cpu")
     try:
-        if ctx.enabled and args.algo in (DREAM, "dsrl"):
-            raise UsageError(f"--algo {args.algo} runs in one process; torchrun is for dppo and flowppo")
-        if args.algo == DREAM:  # it shapes the reward itself: its imagination and model need the raw one too
-            result = dream_finetune(policy, env_fn, config, card, args, run_dir)
-        else:
-            if args.absorbing_success:
-                env_fn = functools.partial(absorbing_success_env, env_fn, card.max_episode_steps)
-            if args.sparse_success:
-                env_fn = functools.partial(sparse_success_env, env_fn)
-            distributed = {"ctx": ctx} if ctx.enabled else {}
-            result = module.finetune(policy, env_fn, config, run_dir, resume=args.resume,
-                                     progress=not args.no_progress, **distributed)
+        with process_group("cpu") as ctx:
+            if ctx.enabled and args.algo in (DREAM, "dsrl"):
+                raise UsageError(f"--algo {args.algo} runs in one process; torchrun is for dppo and flowppo")
+            if args.algo == DREAM:  # it shapes the reward itself: its imagination and model need the raw one too
+                result = dream_finetune(policy, env_fn, config, card, args, run_dir)
+            else:
+                if args.absorbing_success:
+                    env_fn = functools.partial(absorbing_success_env, env_fn, card.max_episode_steps)
+                if args.sparse_success:
+                    env_fn = functools.partial(sparse_success_env, env_fn)
+                distributed = {"ctx": ctx} if ctx.enabled else {}
+                result = module.finetune(policy, env_fn, config, run_dir, resume=args.resume,
+                                         progress=not args.no_progress, **distributed)
     except KeyboardInterrupt:
         print("diffpolicy finetune: interrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
-    finally:
-        teardown_distributed()
     if not ctx.is_main:
         return 0
     print(f"{run_dir}: {args.algo} fine-tuned policy at {result.checkpoint}; curves in {run_dir / 'curves.csv'}")

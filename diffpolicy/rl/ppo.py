@@ -17,6 +17,7 @@ import torch
 
 from diffpolicy.rl.distributed import SINGLE, average_gradients
 from diffpolicy.rl.errors import NonFiniteLogProbError
+from diffpolicy.train.clipping import clip_gradients
 from diffpolicy.train.distributed import DistContext
 
 MAX_LOG_RATIO = 20.0
@@ -92,7 +93,7 @@ def joint_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],
     loss.backward()
     for parameters in parameter_groups:
         average_gradients(parameters, ctx)
-        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        clip_gradients(parameters, max_grad_norm)
     for optimizer in optimizers:
         optimizer.step()
 

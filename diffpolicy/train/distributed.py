@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -56,11 +57,31 @@ def setup_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=resolved)
 
 
-def teardown_distributed() -> None:
-    """Leave the process group (no-op when none was joined). No barrier: after an error on one
-    rank the others must not wait for it."""
+def teardown_distributed(clean: bool = False) -> None:
+    """Leave the process group (no-op when none was joined).
+
+    `clean`: the job ended without an error; the ranks first meet at a barrier, so no rank closes
+    its connections while another still uses them (a rank that left alone while rank 0 was still
+    writing its checkpoint aborted once at exit in CI: "terminate called without an active
+    exception"). After an error there is no barrier: the other ranks must not wait for a failed one.
+    """
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: str = "auto") -> Iterator[DistContext]:
+    """`setup_distributed(device)` for the block; on leaving it, `teardown_distributed`, clean
+    unless the block raised."""
+    ctx = setup_distributed(device)
+    try:
+        yield ctx
+    except BaseException:
+        teardown_distributed(clean=False)
+        raise
+    teardown_distributed(clean=True)
 
 
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -65,10 +64,10 @@ from diffpolicy.train.distributed import (
     DistContext,
     ResumableDistributedSampler,
     all_reduce_mean,
-    setup_distributed,
-    teardown_distributed,
+    process_group,
 )
 from diffpolicy.train.precision import NATIVE_BF16_FLAGS, native_cpu_bf16
+from diffpolicy.train.schedule import warmup_cosine
 
 VAL_BATCHES = 4  # batches of the validation loss at each checkpoint
 
@@ -224,18 +223,6 @@ class ShardedLoss(nn.Module):
         return total / size
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier: linear 0 -> 1 over `warmup_steps`, then cosine 1 -> 0 at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -260,11 +247,8 @@ def train(config: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
     if config.eval.episodes > 0 and scorer is None:
         raise ConfigError(f"config key 'eval.episodes' is {config.eval.episodes}: scoring checkpoints needs a "
                           "scorer (e.g. diffpolicy.evaluation.rollout.score_policy); pass one or set eval.episodes=0")
-    ctx = setup_distributed(config.train.device)
-    try:
+    with process_group(config.train.device) as ctx:
         return _train(config, card, run_dir, resume, progress, ctx, scorer)
-    finally:
-        teardown_distributed()
 
 
 def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, progress: bool,

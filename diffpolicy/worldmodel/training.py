@@ -39,6 +39,7 @@ from diffpolicy.train.checkpoints import (
     state_dict_tensors,
     unflatten_optimizer_state,
 )
+from diffpolicy.train.clipping import clip_gradients
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.heldout import heldout_errors, plot_errors
@@ -129,7 +130,7 @@ def gradient_step(model: LatentWorldModel, optimizer: torch.optim.Optimizer, dat
     loss, terms = model.loss(batch)
     optimizer.zero_grad()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    clip_gradients(model.parameters(), config.max_grad_norm)
     optimizer.step()
     return terms
 
