@@ -64,6 +64,58 @@ def test_per_token_nll_is_the_weighted_categorical_log_likelihood():
     assert torch.equal(nll[~masked], torch.zeros_like(nll[~masked]))
 
 
+def test_corrupt_count_masks_exactly_count_tokens_at_uniform_positions():
+    process = MaskedDiffusion(V)
+    x0 = process.encode(random_tokens(6, L))
+    count = torch.tensor([0, 1, 5, 7, 11, 12])
+    noise = torch.randn(x0.shape, generator=gen(2))
+    x_t = process.corrupt_count(x0, count, noise)
+    masked = process.is_masked(x_t)
+    assert masked.sum(1).tolist() == count.tolist()
+    assert torch.equal(x_t[~masked], x0[~masked])
+    for row in range(6):  # the masked tokens are those of smallest noise
+        smallest = set(noise[row, :, 0].argsort()[: int(count[row])].tolist())
+        assert set(torch.nonzero(masked[row]).squeeze(1).tolist()) == smallest
+    # every position equally likely: 3 of 12 masked in 30000 rows -> frequency 0.25 each (s.e. 0.0025)
+    many = process.encode(random_tokens(30000, L, seed=5))
+    frequency = process.is_masked(process.corrupt_count(many, torch.full((30000,), 3),
+                                                        torch.randn(many.shape, generator=gen(6)))).float().mean(0)
+    assert float((frequency - 0.25).abs().max()) < 0.012
+
+
+def test_the_count_form_has_the_expectation_of_the_continuous_bound():
+    """Exactly, by enumerating every mask pattern S of a short sequence under a context-dependent
+    model: the continuous bound is sum_S B(|S|, L - |S| + 1) sum_{i in S} nll_i(S), the count form
+    (m ~ U{1..L}, level m / L, `per_token_nll` summed over the sequence) is
+    sum_m (1 / L) (1 / C(L, m)) sum_{|S| = m} (L / m) sum_{i in S} nll_i(S); they are equal."""
+    length = 4
+    process = MaskedDiffusion(V)
+    torch.manual_seed(0)
+    mixer = torch.nn.Linear(length * (V + 1), length * (V + 1))  # every output sees every input token
+
+    def denoiser(x_t, t, cond):
+        return mixer(x_t.flatten(1)).view_as(x_t)
+
+    x0 = process.encode(random_tokens(1, length))
+    continuous, count_form = 0.0, 0.0
+    for pattern in range(1, 2 ** length):
+        masked = torch.tensor([[bool(pattern >> i & 1) for i in range(length)]])
+        m = int(masked.sum())
+        x_t = torch.where(masked.unsqueeze(-1), process.all_masked(1, length), x0)
+        ones = torch.ones(1, length)  # level 1: per_token_nll = the plain -log p on masked tokens
+        with torch.no_grad():
+            nll = float(process.per_token_nll(denoiser(x_t, ones, None), x0, x_t, ones).sum())
+            level = torch.full((1, length), m / length)
+            weighted = float(process.per_token_nll(denoiser(x_t, level, None), x0, x_t, level).sum())
+        continuous += math.gamma(m) * math.gamma(length - m + 1) / math.gamma(length + 1) * nll
+        count_form += weighted / (length * math.comb(length, m))
+    assert count_form == pytest.approx(continuous, rel=1e-6)
+    # and log_likelihood_bound's continuous estimate (the count form) has that expectation
+    with torch.no_grad():
+        draws = process.log_likelihood_bound(denoiser, x0.expand(20000, -1, -1).contiguous(), generator=gen(7))
+    assert abs(float(draws.mean()) - continuous) < 4 * float(draws.std()) / math.sqrt(20000)
+
+
 @pytest.mark.parametrize("steps", [None, 1, 4])
 def test_likelihood_bound_is_exact_for_independent_tokens(steps):
     """With the true per-position distribution as the model, the bound's expectation is -log p(x0)
@@ -150,5 +202,9 @@ def test_bad_input_raises_clear_errors():
         process.step(x, torch.ones(1, 3), torch.zeros(1, 3), torch.zeros(1, 3, 6), temperature=1.0)
     with pytest.raises(CoreConfigError, match="discrete process"):
         process.transition(x, torch.ones(1, 3), torch.zeros(1, 3), torch.zeros(1, 3, 6))
+    with pytest.raises(CoreInputError, match=r"count must be in 0..L = 3"):
+        process.corrupt_count(x, torch.tensor([4]), torch.zeros(1, 3, 6))
+    with pytest.raises(CoreInputError, match=r"count must be an integer tensor \(1,\)"):
+        process.corrupt_count(x, torch.tensor([1.0]), torch.zeros(1, 3, 6))
     with pytest.raises(CoreConfigError, match="steps must be None or an int >= 1"):
         process.log_likelihood_bound(lambda x, t, c: x, x, steps=0)

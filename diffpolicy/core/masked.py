@@ -15,6 +15,14 @@ weights -log p(x0 | x_t) by 1 / t; `per_token_nll` gives that integrand, and
     -log p(x0) <= sum_{k=1..K} (1 / k) E_{x_{k/K}} [ sum over masked tokens -log p(x0_i | x_{k/K}) ]
 
 (the step from t = k/K to s = (k-1)/K unmasks a masked token with probability (t - s) / t = 1 / k).
+Integrating the continuous bound over t, the number of masked tokens m is uniform on 0..L and
+given m the masked set is uniform, so the bound per character equals
+
+    E_{m ~ U{1..L}} E_{m random positions masked} [ (1 / m) sum over masked tokens -log p(x0_i | x_t) ],
+
+which `log_likelihood_bound` estimates (`corrupt_count`, then `per_token_nll` at the level
+t = m / L) without the heavy tail of a 1 / t weight at a drawn t (one draw's loss is at most the largest -log p; Hoogeboom et al. 2022,
+"Autoregressive Diffusion Models", the same bound in any-order form).
 
 Sampling runs through the core sampler (`core.samplers.sample`) like every process: `step` from
 level t to s unmasks, in each row, the `n - round(n s / t)` masked tokens the model is most
@@ -133,6 +141,29 @@ class MaskedDiffusion(Process):
         masked = standard_normal_cdf(noise[..., 0]) < t
         return torch.where(masked.unsqueeze(-1), self.all_masked(*x0.shape[:2], x0.dtype, x0.device), x0)
 
+    def corrupt_count(self, x0: torch.Tensor, count: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t with exactly `count[b]` tokens of row b masked, at uniformly random positions: the
+        `count[b]` tokens of smallest `noise[b, i, 0]` (ties: the earlier position first).
+
+        x0, noise `(B, L, V + 1)` (noise standard normal, only its first entry per token is used),
+        count `(B,)` integers in 0..L -> x_t `(B, L, V + 1)`. With the level `count / L` it draws
+        the count form of the bound (`log_likelihood_bound`, module docstring).
+        """
+        where = self._where("corrupt_count")
+        self._check_layout(x0, "corrupt_count", "x0")
+        check_like(noise, x0, where, "noise", "x0")
+        batch, length = x0.shape[:2]
+        if not isinstance(count, torch.Tensor) or count.shape != (batch,) or count.is_floating_point():
+            raise CoreInputError(f"{where}: count must be an integer tensor ({batch},), got "
+                                 f"{getattr(count, 'dtype', type(count).__name__)} {tuple(getattr(count, 'shape', ()))}")
+        if must_check_values() and bool(((count < 0) | (count > length)).any()):
+            raise CoreInputError(f"{where}: count must be in 0..L = {length}, got {count.tolist()}")
+        order = torch.sort(noise[..., 0], dim=1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device)
+                                                .expand_as(order).contiguous())
+        masked = rank < count.to(rank.device).unsqueeze(1)
+        return torch.where(masked.unsqueeze(-1), self.all_masked(batch, length, x0.dtype, x0.device), x0)
+
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The network's target is the clean token itself (trained by `per_token_nll`). -> x0."""
         check_tokens(x0, t, self._where("target"), "x0")
@@ -171,8 +202,9 @@ class MaskedDiffusion(Process):
         Args:
             denoiser: `denoiser(x_t (B, L, V + 1), t (B, L), cond) -> logits (B, L, V + 1)`.
             x0: clean one-hot tokens `(B, L, V + 1)`.
-            steps: None = continuous time (one t ~ U(0, 1) per sequence, weight 1 / t); K = the
-                K-step bound sum_k (1 / k) E[masked -log p] at t = k / K (one mask draw per k).
+            steps: None = continuous time, estimated in its count form (module docstring: per
+                sequence m ~ U{1..L} tokens masked at random, L / m times the sum of their -log p);
+                K = the K-step bound sum_k (1 / k) E[masked -log p] at t = k / K (one mask draw per k).
             generator: source of t and of the masks.
         """
         self._check_layout(x0, "log_likelihood_bound", "x0")
@@ -189,8 +221,11 @@ class MaskedDiffusion(Process):
             return self.per_token_nll(denoiser(x_t, t, cond), x0, x_t, t).sum(1) * levels  # undo the 1 / t
 
         if steps is None:
-            levels = torch.rand(batch, generator=generator, dtype=x0.dtype, device=x0.device).clamp(min=_EPS)
-            return masked_nll(levels) / levels
+            count = torch.randint(1, length + 1, (batch,), generator=generator, device=x0.device)
+            t = (count / length).to(x0.dtype).unsqueeze(1).expand(batch, length)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            x_t = self.corrupt_count(x0, count, noise)
+            return self.per_token_nll(denoiser(x_t, t, cond), x0, x_t, t).sum(1)
         total = torch.zeros(batch, dtype=x0.dtype, device=x0.device)
         for k in range(1, steps + 1):
             level = torch.full((batch,), k / steps, dtype=x0.dtype, device=x0.device)
