@@ -11,8 +11,8 @@ MLPClassifier, one hidden layer of 64, trained on 80 % of the real digits; its a
 
 vs sampling steps (1, 2, 4, 10, 50), with guidance w = 1 (none) and w = 3.
 
-Text: a `TextModel` (masked diffusion, DiT without time input) on the docstrings of Python's standard
-library (cached); on the held-out last 10 % of the windows, the likelihood bound in bits per
+Text: a `TextModel` (masked diffusion, DiT without time input, rotary positions) on the docstrings
+of Python's standard library (cached); on the held-out last 10 % of the windows, the likelihood bound in bits per
 character, continuous-time and as the K-step bound of K-step random-order unmasking, and one
 confidence-ordered sample per K.
 
@@ -23,7 +23,7 @@ DiT, frozen or fine-tuned): training CPU seconds per step from the run's `train_
 
     python benchmarks/generative.py [--train-steps 1500] [--text-steps 1500] [--out runs/gen/bench]
     python benchmarks/generative.py --only text --text-steps N --text-width W --text-depth D --text-batch B \\
-        --text-lr LR --text-cosine     # another text model (cached under its own name)
+        --text-lr LR --text-cosine --text-position learned   # another text model (cached under its own name)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ GUIDANCE = (1.0, 3.0)
 PER_CLASS = 50
 TEXT_STEPS = (1, 4, 16, 64)
 IMAGE_BACKBONE = {"hidden_dim": 64, "depth": 2, "num_heads": 4, "time_embed_dim": 64}
-TEXT_DEFAULTS = (96, 3, 64, 2e-3, False)  # width, depth, batch, lr, cosine decay: the first table's model
+TEXT_DEFAULTS = (96, 3, 64, 2e-3, False, "rotary")  # width, depth, batch, lr, cosine decay, DiT position
 
 
 # ---------------------------------------------------------------------------- images
@@ -137,13 +137,14 @@ def count_references(train: torch.Tensor, val: torch.Tensor) -> tuple[float, flo
 
 def text_table(args: argparse.Namespace) -> list[str]:
     width, depth = args.text_width, args.text_depth
-    backbone = {"hidden_dim": width, "depth": depth, "num_heads": 4, "time_embed_dim": width}
+    backbone = {"hidden_dim": width, "depth": depth, "num_heads": 4, "time_embed_dim": width,
+                "position": args.text_position}
     config = TextModelConfig(seq_len=64, backbone=backbone)
     train, val = corpus.windows(corpus.stdlib_docstrings(), config.seq_len)
-    default = (width, depth, args.text_batch, args.text_lr, args.text_cosine) == TEXT_DEFAULTS
-    path = args.out / (f"text_{args.text_steps}" if default else
-                       f"text_{args.text_steps}_w{width}_d{depth}_b{args.text_batch}_lr{args.text_lr:g}"
-                       + ("_cos" if args.text_cosine else ""))
+    setting = (width, depth, args.text_batch, args.text_lr, args.text_cosine, args.text_position)
+    path = args.out / (f"text_{args.text_position}_{args.text_steps}" if setting == TEXT_DEFAULTS else
+                       f"text_{args.text_position}_{args.text_steps}_w{width}_d{depth}_b{args.text_batch}"
+                       f"_lr{args.text_lr:g}" + ("_cos" if args.text_cosine else ""))
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
         model = TextModel(config)
@@ -154,7 +155,7 @@ def text_table(args: argparse.Namespace) -> list[str]:
     val = val[:256]
     schedule = "cosine decay" if args.text_cosine else "constant rate"
     lines = [f"Character-level masked diffusion, L = 64, DiT {width} wide x {depth} blocks without time input, "
-             f"{args.text_steps} training steps (batch {args.text_batch}, lr {args.text_lr:g}, {schedule}, "
+             f"{args.text_position} positions, {args.text_steps} training steps (batch {args.text_batch}, lr {args.text_lr:g}, {schedule}, "
              f"{model.metadata['train_seconds']:.0f} s); corpus: {len(train)} training / {len(val)} held-out "
              f"windows of stdlib docstrings (Python {platform.python_version()}); uniform = "
              f"{math.log2(95):.2f} bits/char; count models of the training text: unigram %.2f, bigram %.2f "
@@ -217,12 +218,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-steps", type=int, default=1500, help="image model training steps")
     parser.add_argument("--text-steps", type=int, default=1500, help="text model training steps")
-    width, depth, batch, lr, _ = TEXT_DEFAULTS
+    width, depth, batch, lr, _, position = TEXT_DEFAULTS
     parser.add_argument("--text-width", type=int, default=width, help="text model DiT width")
     parser.add_argument("--text-depth", type=int, default=depth, help="text model DiT blocks")
     parser.add_argument("--text-batch", type=int, default=batch, help="text model batch size")
     parser.add_argument("--text-lr", type=float, default=lr, help="text model learning rate")
     parser.add_argument("--text-cosine", action="store_true", help="text model: cosine decay of the rate")
+    parser.add_argument("--text-position", choices=("rotary", "learned"), default=position,
+                        help="text model: the DiT's position encoding")
     parser.add_argument("--out", type=Path, default=Path("runs/gen/bench"), help="cache of trained models")
     parser.add_argument("--only", choices=("images", "text", "perception"), default=None)
     parser.add_argument("--threads", type=int, default=1)

@@ -242,3 +242,49 @@ def test_dit_without_time_input_ignores_t_and_has_no_time_parameters():
     assert not torch.allclose(out, untimed(x, torch.rand(2, 8, generator=g), -cond))
     with pytest.raises(NNConfigError, match="time_input must be a bool"):
         DiT(3, 8, 4, time_input=1)
+
+
+def test_rotary_turns_each_pair_as_a_complex_multiplication():
+    from diffpolicy.nn.dit import rotary_tables, rotate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64)  # (B, heads, L, head_dim)
+    cos, sin = rotary_tables(7, 8)
+    turned = rotate(x, cos.double(), sin.double())
+    frequencies = 10_000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    phase = torch.polar(torch.ones(7, 4, dtype=torch.float64), torch.arange(7.0, dtype=torch.float64)[:, None]
+                        * frequencies)
+    expected = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 7, 4, 2)) * phase).flatten(-2)
+    torch.testing.assert_close(turned, expected, rtol=0, atol=1e-6)  # the tables are float32
+
+
+def test_rotary_attention_scores_depend_on_the_offset_not_the_position():
+    from diffpolicy.nn.dit import rotary_tables, rotate
+
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    cos, sin = rotary_tables(40, 16)
+
+    def score(p_q, p_k):
+        return float((rotate(q, cos[p_q:p_q + 1], sin[p_q:p_q + 1]) * rotate(k, cos[p_k:p_k + 1], sin[p_k:p_k + 1])).sum())
+
+    assert score(3, 5) == pytest.approx(score(30, 32), abs=1e-4)
+    assert score(3, 5) == pytest.approx(score(0, 2), abs=1e-4)
+    assert score(3, 5) != pytest.approx(score(3, 6), abs=1e-3)
+
+
+def test_rotary_dit_has_no_position_parameters_and_sees_order():
+    learned = SMALL["dit"](3, 8, 4)
+    rotary = DiT(3, 8, 4, hidden_dim=32, depth=2, num_heads=4, time_embed_dim=16, position="rotary")
+    assert set(rotary.state_dict()) == set(learned.state_dict()) - {"pos_embedding"}
+    randomize_zero_weights(rotary)
+    x, t, cond = inputs(2, 8, 3, 4)
+    out = rotary(x, t, cond)
+    reversed_out = rotary(x.flip(1), t.flip(1), cond).flip(1)  # without position it would be equal
+    assert not torch.allclose(out, reversed_out, atol=1e-4)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rotary.parameters())
+    with pytest.raises(NNConfigError, match="position must be 'learned' or 'rotary'"):
+        DiT(3, 8, 4, position="sinusoidal")
+    with pytest.raises(NNConfigError, match="even head width"):
+        DiT(3, 8, 4, hidden_dim=12, num_heads=4, position="rotary")

@@ -106,7 +106,7 @@ def _image(args: argparse.Namespace, model_dir: Path, generator: torch.Generator
 
 def _text(args: argparse.Namespace, model_dir: Path, generator: torch.Generator) -> int:
     if args.train_steps is not None:
-        config = TextModelConfig(backbone=_backbone(args))
+        config = TextModelConfig(backbone={**_backbone(args), "position": "rotary"})
         train, _ = corpus.windows(corpus.stdlib_docstrings(), config.seq_len)
         model = TextModel(config)
         result = fit(model, lambda i, g: model.loss(train[i], g), len(train), args.train_steps, args.batch_size,

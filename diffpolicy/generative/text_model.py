@@ -30,13 +30,15 @@ KIND = "text_model"
 @dataclass(frozen=True)
 class TextModelConfig:
     """Attributes: seq_len: L characters per sequence; time_input: give the DiT the level t;
-    temperature: the process's unmasking temperature (0 = argmax); backbone: DiT arguments."""
+    temperature: the process's unmasking temperature (0 = argmax); backbone: DiT arguments (give
+    `"position": "rotary"`: with the DiT's default learned embedding the model hardly learns context,
+    docs/RESULTS.md "Text"; a saved backbone without the key is a learned-position model)."""
 
     seq_len: int = 64
     time_input: bool = False
     temperature: float = 0.0
     backbone: dict[str, Any] = field(default_factory=lambda: {"hidden_dim": 128, "depth": 4, "num_heads": 4,
-                                                              "time_embed_dim": 128})
+                                                              "time_embed_dim": 128, "position": "rotary"})
 
     def __post_init__(self) -> None:
         check_int("seq_len", self.seq_len, 2)

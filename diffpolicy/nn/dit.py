@@ -7,6 +7,12 @@ masked diffusion, where the mask itself tells the level), which modulates (shift
 every block's LayerNorms and residual branches at that token.
 The modulation layers and the output projection start at zero, so at initialization every block
 is the identity and the output is exactly zero (the "Zero" in adaLN-Zero).
+
+Position reaches the tokens one of two ways (`position`): a learned absolute embedding added to
+the input ("learned", the policies' default), or rotary embeddings of the queries and keys in
+every attention layer ("rotary", Su et al. 2021), so an attention score depends on the two
+tokens and their offset. Text needs the latter: with a learned embedding the masked text model
+stayed near a character-frequency model (docs/RESULTS.md, "Text").
 """
 
 from __future__ import annotations
@@ -25,8 +31,25 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+def rotary_tables(length: int, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles `(length, head_dim / 2)`: position p, pair j turns by
+    p * base^(-2j / head_dim)."""
+    frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies[None]
+    return angles.cos().float(), angles.sin().float()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn each pair (x[..., 2j], x[..., 2j + 1]) of `x (B, heads, L, head_dim)` by its angle
+    (`cos`, `sin` `(L, head_dim / 2)`)."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+
+
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention: `(B, L, H) -> (B, L, H)`."""
+    """Bidirectional multi-head self-attention: `(B, L, H) -> (B, L, H)`; `rotary`: the tables of
+    `rotary_tables(L, H / heads)` turning queries and keys, or None."""
 
     def __init__(self, hidden_dim: int, num_heads: int):
         super().__init__()
@@ -34,16 +57,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
         self.proj = nn.Linear(hidden_dim, hidden_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         batch, length, hidden = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.num_heads, hidden // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, length, hidden))
 
 
 class DiTBlock(nn.Module):
-    """`forward(x (B, L, H), c (B, L, H)) -> (B, L, H)` with per-token adaLN-Zero modulation."""
+    """`forward(x (B, L, H), c (B, L, H), rotary) -> (B, L, H)` with per-token adaLN-Zero modulation
+    (`rotary`: `SelfAttention`'s)."""
 
     def __init__(self, hidden_dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -56,9 +82,10 @@ class DiTBlock(nn.Module):
         )
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 6 * hidden_dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor,
+                rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rotary)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -67,6 +94,8 @@ class DiT(nn.Module):
 
     Args:
         action_dim: D. horizon: L (the learned positional embedding has L entries).
+        position: "learned" (an absolute embedding added to the input) or "rotary" (rotary
+            queries and keys in every block; no position parameters; H / num_heads even).
         cond_dim: C, global condition size; 0 for unconditional.
         hidden_dim: token width H, divisible by num_heads. depth: number of blocks.
         mlp_ratio: MLP width / H. time_embed_dim: sinusoidal features per token before the MLP.
@@ -87,6 +116,7 @@ class DiT(nn.Module):
         time_embed_dim: int = 256,
         time_scale: float = 1000.0,
         time_input: bool = True,
+        position: str = "learned",
     ):
         super().__init__()
         if hidden_dim < 1 or num_heads < 1 or hidden_dim % num_heads:
@@ -99,9 +129,16 @@ class DiT(nn.Module):
                 f"DiT: need depth >= 1, mlp_ratio > 0, action_dim >= 1, horizon >= 1, cond_dim >= 0, got "
                 f"{depth}, {mlp_ratio}, {action_dim}, {horizon}, {cond_dim}"
             )
+        if position not in ("learned", "rotary") or (position == "rotary" and (hidden_dim // num_heads) % 2):
+            raise NNConfigError(f"DiT: position must be 'learned' or 'rotary' (rotary needs an even head width "
+                                f"hidden_dim / num_heads, here {hidden_dim // num_heads}), got {position!r}")
         self.action_dim, self.horizon, self.cond_dim = action_dim, horizon, cond_dim
         self.input_proj = nn.Linear(action_dim, hidden_dim)
-        self.pos_embedding = nn.Parameter(torch.zeros(1, horizon, hidden_dim))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, horizon, hidden_dim)) if position == "learned" else None
+        if position == "rotary":
+            cos, sin = rotary_tables(horizon, hidden_dim // num_heads)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
         if not isinstance(time_input, bool):
             raise NNConfigError(f"DiT: time_input must be a bool, got {time_input!r}")
         self.hidden_dim = hidden_dim
@@ -119,7 +156,8 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.normal_(self.pos_embedding, std=0.02)
+        if self.pos_embedding is not None:
+            nn.init.normal_(self.pos_embedding, std=0.02)
         for linear in self.time_encoder.mlp if self.time_encoder is not None else ():
             if isinstance(linear, nn.Linear):
                 nn.init.normal_(linear.weight, std=0.02)
@@ -138,9 +176,14 @@ class DiT(nn.Module):
             c = x_t.new_zeros(*x_t.shape[:2], self.hidden_dim)
         if self.cond_proj is not None:
             c = c + self.cond_proj(cond).unsqueeze(1)
-        x = self.input_proj(x_t) + self.pos_embedding
+        x = self.input_proj(x_t)
+        rotary = None
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding
+        else:
+            rotary = (self.rotary_cos, self.rotary_sin)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, rotary)
         return x, c
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
