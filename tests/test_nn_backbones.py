@@ -266,7 +266,8 @@ def test_rotary_attention_scores_depend_on_the_offset_not_the_position():
     cos, sin = rotary_tables(40, 16)
 
     def score(p_q, p_k):
-        return float((rotate(q, cos[p_q:p_q + 1], sin[p_q:p_q + 1]) * rotate(k, cos[p_k:p_k + 1], sin[p_k:p_k + 1])).sum())
+        turned_q = rotate(q, cos[p_q:p_q + 1], sin[p_q:p_q + 1])
+        return float((turned_q * rotate(k, cos[p_k:p_k + 1], sin[p_k:p_k + 1])).sum())
 
     assert score(3, 5) == pytest.approx(score(30, 32), abs=1e-4)
     assert score(3, 5) == pytest.approx(score(0, 2), abs=1e-4)

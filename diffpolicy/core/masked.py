@@ -21,8 +21,8 @@ given m the masked set is uniform, so the bound per character equals
     E_{m ~ U{1..L}} E_{m random positions masked} [ (1 / m) sum over masked tokens -log p(x0_i | x_t) ],
 
 which `log_likelihood_bound` estimates (`corrupt_count`, then `per_token_nll` at the level
-t = m / L) without the heavy tail of a 1 / t weight at a drawn t (one draw's loss is at most the largest -log p; Hoogeboom et al. 2022,
-"Autoregressive Diffusion Models", the same bound in any-order form).
+t = m / L) without the heavy tail of a 1 / t weight at a drawn t: one draw is at most the largest
+-log p (Hoogeboom et al. 2022, "Autoregressive Diffusion Models": the same bound in any-order form).
 
 Sampling runs through the core sampler (`core.samplers.sample`) like every process: `step` from
 level t to s unmasks, in each row, the `n - round(n s / t)` masked tokens the model is most
@@ -45,6 +45,14 @@ from diffpolicy.core.errors import CoreConfigError, CoreInputError
 from diffpolicy.core.processes import Process, StepResult, check_like, check_tokens, check_x
 
 _EPS = 1e-6
+
+
+def ranks(scores: torch.Tensor, descending: bool) -> torch.Tensor:
+    """The rank of each entry within its row `(B, L)` -> int64 `(B, L)`: 0 for the largest
+    (`descending`) or the smallest score; ties: the earlier position first."""
+    order = torch.sort(scores, dim=1, descending=descending, stable=True).indices
+    position = torch.arange(scores.shape[1], device=scores.device).expand_as(order).contiguous()
+    return torch.empty_like(order).scatter_(1, order, position)
 
 
 def standard_normal_cdf(noise: torch.Tensor) -> torch.Tensor:
@@ -154,14 +162,11 @@ class MaskedDiffusion(Process):
         check_like(noise, x0, where, "noise", "x0")
         batch, length = x0.shape[:2]
         if not isinstance(count, torch.Tensor) or count.shape != (batch,) or count.is_floating_point():
-            raise CoreInputError(f"{where}: count must be an integer tensor ({batch},), got "
-                                 f"{getattr(count, 'dtype', type(count).__name__)} {tuple(getattr(count, 'shape', ()))}")
+            got = f"{getattr(count, 'dtype', type(count).__name__)} {tuple(getattr(count, 'shape', ()))}"
+            raise CoreInputError(f"{where}: count must be an integer tensor ({batch},), got {got}")
         if must_check_values() and bool(((count < 0) | (count > length)).any()):
             raise CoreInputError(f"{where}: count must be in 0..L = {length}, got {count.tolist()}")
-        order = torch.sort(noise[..., 0], dim=1, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device)
-                                                .expand_as(order).contiguous())
-        masked = rank < count.to(rank.device).unsqueeze(1)
+        masked = ranks(noise[..., 0], descending=False) < count.to(noise.device).unsqueeze(1)
         return torch.where(masked.unsqueeze(-1), self.all_masked(batch, length, x0.dtype, x0.device), x0)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -288,10 +293,7 @@ class MaskedDiffusion(Process):
         keep = torch.floor(count * s_row / t_row.clamp(min=_EPS) + 0.5).clamp(max=count)
         n_unmask = count - keep.to(count.dtype)
         score = torch.where(moving, confidence.float(), torch.full_like(confidence.float(), float("-inf")))
-        order = torch.sort(score, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
-                                                .expand_as(order).contiguous())
-        return moving & (rank < n_unmask.unsqueeze(1))
+        return moving & (ranks(score, descending=True) < n_unmask.unsqueeze(1))
 
     # ------------------------------------------------------------------ not defined for a discrete process
     def _not_gaussian(self, name: str):
