@@ -3,6 +3,7 @@ gradient clipping)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,8 +12,6 @@ import torch
 from torch import nn
 
 from diffpolicy.errors import InvalidValueError
-from diffpolicy.train.clipping import clip_gradients
-from diffpolicy.train.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,12 @@ def fit(model: nn.Module, batch_loss: Callable[[torch.Tensor, torch.Generator], 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
-    # Step `step` (0-based) takes the schedule's value at step + 1: the first step already moves.
-    rate = warmup_cosine(warmup, steps + 1, decay=cosine)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: rate(step + 1))
+    def factor(step: int) -> float:  # the rate of step `step` (0-based) over `lr`
+        if step + 1 < warmup or not cosine:
+            return min(1.0, (step + 1) / max(warmup, 1))
+        return 0.5 * (1.0 + math.cos(math.pi * (step + 1 - warmup) / (steps + 1 - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
     losses, start = [], time.perf_counter()
     for _ in range(steps):
@@ -54,7 +56,7 @@ def fit(model: nn.Module, batch_loss: Callable[[torch.Tensor, torch.Generator], 
         loss = batch_loss(indices, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip_gradients(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
