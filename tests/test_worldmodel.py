@@ -199,13 +199,15 @@ def dream_run(reach_model, run_dir, config=FLOW, dream_config=dream.DreamConfig(
 def test_dream_finetuning_improves_the_real_reward(reach_model, tmp_path):
     bc_return, bc_success = held_out(make_bc_policy("flow", inference_steps=4))
     assert bc_success == 0.0  # the demonstrations are biased: imitation never reaches the goal
-    result = dream_run(reach_model, tmp_path / "dream", dataclasses.replace(FLOW, env_steps=1500))
+    # 3000 imagined steps: the return rose by 3.7-5.6 under training seeds 0-3; at 1500 the rise
+    # started in two seeds of four (which two moved with the CPU's rounding).
+    result = dream_run(reach_model, tmp_path / "dream", dataclasses.replace(FLOW, env_steps=3000))
     tuned = ChunkPolicy.from_pretrained(result.checkpoint / "policy")
     tuned_return, tuned_success = held_out(tuned)
     assert tuned_return > bc_return + 1.0 and tuned_success > 0.0, (bc_return, tuned_return, tuned_success)
     run = read_run(tmp_path / "dream")
     assert run.algo == "dream_flowppo" and run.rows[-1]["env_steps"] == 0  # not one real step was learned from
-    assert run.rows[-1]["dream_steps"] >= 1500 and tuned.metadata["finetune_env_steps"] == 0
+    assert run.rows[-1]["dream_steps"] >= 3000 and tuned.metadata["finetune_env_steps"] == 0
 
 
 def test_real_evaluation_never_feeds_gradients(reach_model, tmp_path):
