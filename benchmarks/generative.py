@@ -22,6 +22,7 @@ DiT, frozen or fine-tuned): training CPU seconds per step from the run's `train_
 `time`), held-out success from the run's evaluation `summary.json`.
 
     python benchmarks/generative.py [--train-steps 1500] [--text-steps 1500] [--out runs/gen/bench]
+    python benchmarks/generative.py --only images --image-position rotary   # axial rotary image models
     python benchmarks/generative.py --only text --text-steps N --text-width W --text-depth D --text-batch B \\
         --text-lr LR --text-cosine --text-position learned   # another text model (cached under its own name)
 """
@@ -81,12 +82,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * np.real(root)))
 
 
-def image_model(kind: str, images, labels, steps: int, out: Path) -> tuple[ImageModel, float]:
-    """Train (or load the cached) digits model of `kind`; -> (model, training seconds)."""
-    path = out / f"digits_{kind}_{steps}"
+def image_model(kind: str, position: str, images, labels, steps: int, out: Path) -> tuple[ImageModel, float]:
+    """Train (or load the cached) digits model of `kind` with the DiT's `position`; -> (model, training seconds)."""
+    path = out / (f"digits_{kind}_{steps}" if position == "learned" else f"digits_{kind}_{position}_{steps}")
     if not (path / "config.json").is_file():
         torch.manual_seed(0)
-        model = ImageModel(ImageModelConfig(process=kind, backbone=IMAGE_BACKBONE))
+        model = ImageModel(ImageModelConfig(process=kind, backbone={**IMAGE_BACKBONE, "position": position}))
         result = fit(model, lambda i, g: model.loss(images[i], labels[i], g), len(images), steps, 64, 3e-3,
                      warmup=100, seed=0)
         model.save_pretrained(path, {"train_seconds": result.seconds, "train_steps": steps})
@@ -101,13 +102,14 @@ def image_table(args: argparse.Namespace) -> list[str]:
     held_features = hidden_features(clf, held)
     real_fd = frechet_distance(hidden_features(clf, train), held_features)
     lines = [f"Digits 16 x 16, DiT {IMAGE_BACKBONE['hidden_dim']} wide x {IMAGE_BACKBONE['depth']} blocks, "
+             f"{args.image_position} positions, "
              f"{args.train_steps} training steps (batch 64); {PER_CLASS} samples per class. Classifier on "
              f"real held-out digits: acc {real_acc:.3f}; FD(real train, real held-out) = {real_fd:.2f}.",
              "", "| process | train s | guidance w | " + " | ".join(f"{k} steps acc / FD" for k in SAMPLING_STEPS)
              + " | sample ms/image @10 |", "|---|---|---|" + "---|" * (len(SAMPLING_STEPS) + 1)]
     want = torch.arange(10).repeat_interleave(PER_CLASS)
     for kind in ("diffusion", "flow"):
-        model, seconds = image_model(kind, images, labels, args.train_steps, args.out)
+        model, seconds = image_model(kind, args.image_position, images, labels, args.train_steps, args.out)
         for w in GUIDANCE:
             cells, ms = [], float("nan")
             for steps in SAMPLING_STEPS:
@@ -217,6 +219,8 @@ def perception_table(args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-steps", type=int, default=1500, help="image model training steps")
+    parser.add_argument("--image-position", choices=("learned", "rotary"), default="learned",
+                        help="image models: the DiT's position encoding (rotary: axial over the patch grid)")
     parser.add_argument("--text-steps", type=int, default=1500, help="text model training steps")
     width, depth, batch, lr, _, position = TEXT_DEFAULTS
     parser.add_argument("--text-width", type=int, default=width, help="text model DiT width")

@@ -36,10 +36,11 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_image_model(kind="flow", num_classes=10, image_size=8, channels=1, patch_size=2):
+def tiny_image_model(kind="flow", num_classes=10, image_size=8, channels=1, patch_size=2, position="learned"):
     torch.manual_seed(0)
     return ImageModel(ImageModelConfig(image_size=image_size, channels=channels, patch_size=patch_size,
-                                       num_classes=num_classes, process=kind, backbone=TINY_DIT))
+                                       num_classes=num_classes, process=kind,
+                                       backbone={**TINY_DIT, "position": position}))
 
 
 def trained_a_little(model, steps=5):
@@ -163,9 +164,9 @@ def test_tiny_text_model_learns_the_corpus_below_uniform_bits_per_character():
     assert after < uniform - 1.5
 
 
-@pytest.mark.parametrize("kind", ["diffusion", "flow"])
-def test_image_model_save_load_gives_identical_samples(tmp_path, kind):
-    model = trained_a_little(tiny_image_model(kind))
+@pytest.mark.parametrize("kind, position", [("diffusion", "learned"), ("flow", "learned"), ("flow", "rotary")])
+def test_image_model_save_load_gives_identical_samples(tmp_path, kind, position):
+    model = trained_a_little(tiny_image_model(kind, position=position))
     model.save_pretrained(tmp_path / "m")
     loaded = ImageModel.from_pretrained(tmp_path / "m")
     assert loaded.config == model.config
@@ -187,21 +188,23 @@ def test_text_model_save_load_gives_identical_samples(tmp_path):
         ImageModel.from_pretrained(tmp_path / "t")
 
 
-def pusht_like_model():
+def pusht_like_model(position="learned"):
     """An unconditional image model over 12 x 12 crops of the policies' 16 x 16 test images."""
-    return tiny_image_model(num_classes=0, image_size=12, channels=3, patch_size=4)
+    return tiny_image_model(num_classes=0, image_size=12, channels=3, patch_size=4, position=position)
 
 
-def dit_encoder_config(init, freeze):
+def dit_encoder_config(init, freeze, position="learned"):
     return {"crop_shape": [12, 12], "image_feature_dim": 8,
-            "image_backbone": {"type": "dit", "patch_size": 4, **TINY_DIT, "init": init, "freeze": freeze}}
+            "image_backbone": {"type": "dit", "patch_size": 4, **TINY_DIT, "position": position, "init": init,
+                               "freeze": freeze}}
 
 
-@pytest.mark.parametrize("freeze", [True, False])
-def test_image_model_is_a_policy_perception_backbone(tmp_path, freeze):
-    image_model = trained_a_little(pusht_like_model())
+@pytest.mark.parametrize("freeze, position", [(True, "learned"), (False, "learned"), (True, "rotary")])
+def test_image_model_is_a_policy_perception_backbone(tmp_path, freeze, position):
+    image_model = trained_a_little(pusht_like_model(position))
     image_model.save_pretrained(tmp_path / "pusht_dit")
-    config = replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "pusht_dit"), freeze))
+    config = replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "pusht_dit"), freeze,
+                                                                          position))
     policy = ChunkPolicy(config, make_normalizer(images=True))
     encoder = policy.obs_encoder.image_encoders[0]
     assert isinstance(encoder, DiTImageEncoder)
@@ -237,6 +240,10 @@ def test_perception_backbone_bad_config(tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(NNConfigError, match="does not match this encoder's DiT"):
         ChunkPolicy(replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "other"), True)),
+                    make_normalizer(images=True))
+    pusht_like_model("rotary").save_pretrained(tmp_path / "rotary")  # an encoder of learned positions
+    with pytest.raises(NNConfigError, match="does not match this encoder's DiT.*position 'learned'"):
+        ChunkPolicy(replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "rotary"), True)),
                     make_normalizer(images=True))
     with pytest.raises(NNConfigError, match="image_backbone must be None"):
         ChunkPolicy(replace(make_config(images=True), encoder={"image_backbone": {"type": "vit"}}), make_normalizer(images=True))

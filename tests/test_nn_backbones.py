@@ -274,6 +274,50 @@ def test_rotary_attention_scores_depend_on_the_offset_not_the_position():
     assert score(3, 5) != pytest.approx(score(3, 6), abs=1e-3)
 
 
+def test_axial_rotary_tables_turn_by_row_then_by_column():
+    from diffpolicy.nn.dit import axial_rotary_tables, rotary_tables
+
+    cos, sin = axial_rotary_tables(3, 5, 16)
+    row_cos, row_sin = rotary_tables(3, 8)
+    col_cos, col_sin = rotary_tables(5, 8)
+    assert cos.shape == sin.shape == (15, 8)
+    for p in range(15):  # row-major: token p sits at row p // 5, column p % 5
+        assert torch.equal(cos[p], torch.cat([row_cos[p // 5], col_cos[p % 5]]))
+        assert torch.equal(sin[p], torch.cat([row_sin[p // 5], col_sin[p % 5]]))
+
+
+def test_axial_rotary_scores_depend_on_the_grid_offset():
+    from diffpolicy.nn.dit import axial_rotary_tables, rotate
+
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    cos, sin = axial_rotary_tables(6, 6, 16)
+
+    def score(a, b):  # tokens given as (row, col)
+        p, r = 6 * a[0] + a[1], 6 * b[0] + b[1]
+        return float((rotate(q, cos[p:p + 1], sin[p:p + 1]) * rotate(k, cos[r:r + 1], sin[r:r + 1])).sum())
+
+    assert score((1, 2), (2, 4)) == pytest.approx(score((3, 0), (4, 2)), abs=1e-4)  # the same (1, 2) offset
+    # neighbours in the sequence but not on the grid: (0, 5) -> (1, 0) is not the offset (0, 1)
+    assert score((0, 5), (1, 0)) != pytest.approx(score((0, 0), (0, 1)), abs=1e-3)
+    assert score((0, 0), (1, 0)) != pytest.approx(score((0, 0), (0, 1)), abs=1e-3)
+
+
+def test_dit_grid_is_axial_rotary_and_checked():
+    dit = DiT(3, 12, 4, hidden_dim=32, depth=1, num_heads=2, time_embed_dim=16, position="rotary", grid=(3, 4))
+    from diffpolicy.nn.dit import axial_rotary_tables
+
+    assert torch.equal(dit.rotary_cos, axial_rotary_tables(3, 4, 16)[0])
+    assert "pos_embedding" not in dict(dit.named_parameters())
+    bad = [{"grid": (3, 4)},                                          # learned positions take no grid
+           {"grid": (3, 3), "position": "rotary"},                    # 9 cells for 12 tokens
+           {"grid": (3, 4, 1), "position": "rotary"},
+           {"grid": (3, 4), "position": "rotary", "hidden_dim": 20}]  # head width 10: 5 pairs, no halves
+    for kwargs in bad:
+        with pytest.raises(NNConfigError, match=r"grid must be \(rows, cols\) with rows \* cols = horizon = 12"):
+            DiT(3, 12, 4, **{"hidden_dim": 32, "num_heads": 2, **kwargs})
+
+
 def test_rotary_dit_has_no_position_parameters_and_sees_order():
     learned = SMALL["dit"](3, 8, 4)
     rotary = DiT(3, 8, 4, hidden_dim=32, depth=2, num_heads=4, time_embed_dim=16, position="rotary")

@@ -51,7 +51,9 @@ class ImageModelConfig:
         process: "diffusion" (cosine schedule, x0 clipped to [-1, 1]) or "flow" (Euler steps).
         prediction, eta: diffusion only: the network's output ("v" default) and the DDIM
             stochasticity of its steps (0 = deterministic DDIM, good at few steps; 1 = DDPM).
-        backbone: DiT keyword arguments for `nn.make_backbone({"type": "dit", ...})`.
+        backbone: DiT keyword arguments for `nn.make_backbone({"type": "dit", ...})`; with
+            `"position": "rotary"` the rotary positions are axial over the (H/p) x (W/p) patch grid
+            (the DiT's `grid`, set from the shapes unless given).
         cond_dropout: probability of training on the null condition (classifier-free guidance).
     """
 
@@ -115,8 +117,11 @@ class ImageModel(nn.Module):
         if not isinstance(config, ImageModelConfig):
             raise InvalidTypeError(f"ImageModel: config must be an ImageModelConfig, got {type(config).__name__}")
         self.config = config
-        self.denoiser = make_backbone({"type": "dit", **config.backbone}, config.token_dim, config.num_tokens,
-                                      config.num_classes)
+        backbone = {"type": "dit", **config.backbone}
+        if backbone.get("position") == "rotary":  # axial over the patch grid unless the config says otherwise
+            side = config.image_size // config.patch_size
+            backbone.setdefault("grid", (side, side))
+        self.denoiser = make_backbone(backbone, config.token_dim, config.num_tokens, config.num_classes)
         self.process = config.make_process()
 
     # ------------------------------------------------------------------ conditions

@@ -12,7 +12,10 @@ Position reaches the tokens one of two ways (`position`): a learned absolute emb
 the input ("learned", the policies' default), or rotary embeddings of the queries and keys in
 every attention layer ("rotary", Su et al. 2021), so an attention score depends on the two
 tokens and their offset. Text needs the latter: with a learned embedding the masked text model
-stayed near a character-frequency model (docs/RESULTS.md, "Text").
+stayed near a character-frequency model (docs/RESULTS.md, "Text"). Tokens laid out on a grid
+(image patches, row-major) take axial rotary positions (`grid=(rows, cols)`): the first half of
+each head's pairs turn with the token's row, the second half with its column, so a score depends
+on the two-dimensional offset.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ def rotary_tables(length: int, head_dim: int, base: float = 10_000.0) -> tuple[t
     frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.arange(length, dtype=torch.float64)[:, None] * frequencies[None]
     return angles.cos().float(), angles.sin().float()
+
+
+def axial_rotary_tables(rows: int, cols: int, head_dim: int, base: float = 10_000.0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `(rows * cols, head_dim / 2)` for tokens on a row-major grid: the first
+    head_dim / 4 pairs turn as `rotary_tables` of the token's row (over head_dim / 2 features), the
+    other head_dim / 4 as those of its column."""
+    row_cos, row_sin = rotary_tables(rows, head_dim // 2, base)
+    col_cos, col_sin = rotary_tables(cols, head_dim // 2, base)
+    row, col = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)
+    return torch.cat([row_cos[row], col_cos[col]], dim=-1), torch.cat([row_sin[row], col_sin[col]], dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -96,6 +110,8 @@ class DiT(nn.Module):
         action_dim: D. horizon: L (the learned positional embedding has L entries).
         position: "learned" (an absolute embedding added to the input) or "rotary" (rotary
             queries and keys in every block; no position parameters; H / num_heads even).
+        grid: (rows, cols) with rows * cols = L: "rotary" positions are axial over this row-major
+            grid (`axial_rotary_tables`; H / num_heads a multiple of 4); None: along the sequence.
         cond_dim: C, global condition size; 0 for unconditional.
         hidden_dim: token width H, divisible by num_heads. depth: number of blocks.
         mlp_ratio: MLP width / H. time_embed_dim: sinusoidal features per token before the MLP.
@@ -117,6 +133,7 @@ class DiT(nn.Module):
         time_scale: float = 1000.0,
         time_input: bool = True,
         position: str = "learned",
+        grid: tuple[int, int] | list[int] | None = None,
     ):
         super().__init__()
         if hidden_dim < 1 or num_heads < 1 or hidden_dim % num_heads:
@@ -132,11 +149,19 @@ class DiT(nn.Module):
         if position not in ("learned", "rotary") or (position == "rotary" and (hidden_dim // num_heads) % 2):
             raise NNConfigError(f"DiT: position must be 'learned' or 'rotary' (rotary needs an even head width "
                                 f"hidden_dim / num_heads, here {hidden_dim // num_heads}), got {position!r}")
+        head_dim = hidden_dim // num_heads
+        if grid is not None:
+            if position != "rotary" or not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)) \
+                    or grid[0] * grid[1] != horizon or head_dim % 4:
+                raise NNConfigError(f"DiT: grid must be (rows, cols) with rows * cols = horizon = {horizon}, given "
+                                    f"with position 'rotary' and a head width hidden_dim / num_heads divisible by "
+                                    f"4 (here {head_dim}, position {position!r}), got {grid!r}")
         self.action_dim, self.horizon, self.cond_dim = action_dim, horizon, cond_dim
         self.input_proj = nn.Linear(action_dim, hidden_dim)
         self.pos_embedding = nn.Parameter(torch.zeros(1, horizon, hidden_dim)) if position == "learned" else None
         if position == "rotary":
-            cos, sin = rotary_tables(horizon, hidden_dim // num_heads)
+            cos, sin = rotary_tables(horizon, head_dim) if grid is None else axial_rotary_tables(*grid, head_dim)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         if not isinstance(time_input, bool):

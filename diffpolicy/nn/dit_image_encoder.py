@@ -65,15 +65,16 @@ class DiTImageEncoder(nn.Module):
     Args:
         image_shape: (H, W, 3). crop_shape: (h, w) square crop or None (then H must equal W).
         patch_size: p, dividing the crop side. hidden_dim, depth, num_heads, mlp_ratio,
-            time_embed_dim: the DiT's (as in the image model). level: t of the features, in [0, 1].
+            time_embed_dim, position: the DiT's (as in the image model; "rotary" positions are
+            axial over the patch grid, as the image model's). level: t of the features, in [0, 1].
         token_features: per-token projection size. feature_dim: output size.
         freeze: keep the DiT fixed. init: image-model directory to start the DiT from, or None.
     """
 
     def __init__(self, image_shape: Sequence[int], crop_shape: Sequence[int] | None = None, patch_size: int = 12,
                  hidden_dim: int = 128, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0,
-                 time_embed_dim: int = 128, level: float = 0.0, token_features: int = 16, feature_dim: int = 64,
-                 freeze: bool = False, init: str | None = None):
+                 time_embed_dim: int = 128, position: str = "learned", level: float = 0.0, token_features: int = 16,
+                 feature_dim: int = 64, freeze: bool = False, init: str | None = None):
         super().__init__()
         image_shape = tuple(int(s) for s in image_shape)
         if len(image_shape) != 3 or image_shape[2] != 3:
@@ -91,8 +92,9 @@ class DiTImageEncoder(nn.Module):
             raise NNConfigError(f"DiTImageEncoder: freeze must be a bool, got {freeze!r}")
         self.image_shape, self.crop_shape, self.patch_size, self.level = image_shape, crop, patch_size, float(level)
         self.num_tokens = (crop[0] // patch_size) ** 2
+        side = crop[0] // patch_size
         self.dit = DiT(3 * patch_size ** 2, self.num_tokens, 0, hidden_dim, depth, num_heads, mlp_ratio,
-                       time_embed_dim)
+                       time_embed_dim, position=position, grid=(side, side) if position == "rotary" else None)
         if init is not None and not _SKIP_INIT.get():
             weights = read_denoiser_weights(init)
             try:
@@ -100,7 +102,7 @@ class DiTImageEncoder(nn.Module):
             except RuntimeError as err:
                 raise NNConfigError(f"DiTImageEncoder: the image model in {init!r} does not match this encoder's "
                                     f"DiT (crop {crop}, patch_size {patch_size}, hidden_dim {hidden_dim}, depth "
-                                    f"{depth}, num_heads {num_heads}, time_embed_dim {time_embed_dim}, "
+                                    f"{depth}, num_heads {num_heads}, time_embed_dim {time_embed_dim}, position {position!r}, "
                                     f"unconditional): {err}") from None
         self.dit.requires_grad_(not freeze)
         self.token_projection = nn.Linear(hidden_dim, token_features)
