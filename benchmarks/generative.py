@@ -219,7 +219,7 @@ def perception_table(args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-steps", type=int, default=1500, help="image model training steps")
-    parser.add_argument("--image-position", choices=("learned", "rotary"), default="learned",
+    parser.add_argument("--image-position", choices=("learned", "rotary", "both"), default="learned",
                         help="image models: the DiT's position encoding (rotary: axial over the patch grid)")
     parser.add_argument("--text-steps", type=int, default=1500, help="text model training steps")
     width, depth, batch, lr, _, position = TEXT_DEFAULTS

@@ -199,7 +199,7 @@ def dit_encoder_config(init, freeze, position="learned"):
                                "freeze": freeze}}
 
 
-@pytest.mark.parametrize("freeze, position", [(True, "learned"), (False, "learned"), (True, "rotary")])
+@pytest.mark.parametrize("freeze, position", [(True, "learned"), (False, "learned"), (True, "both")])
 def test_image_model_is_a_policy_perception_backbone(tmp_path, freeze, position):
     image_model = trained_a_little(pusht_like_model(position))
     image_model.save_pretrained(tmp_path / "pusht_dit")

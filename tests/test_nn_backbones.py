@@ -309,6 +309,13 @@ def test_dit_grid_is_axial_rotary_and_checked():
 
     assert torch.equal(dit.rotary_cos, axial_rotary_tables(3, 4, 16)[0])
     assert "pos_embedding" not in dict(dit.named_parameters())
+    # "both": the learned embedding (the same parameters as a learned DiT) and the rotary turns
+    both = DiT(3, 12, 4, hidden_dim=32, depth=1, num_heads=2, time_embed_dim=16, position="both", grid=(3, 4))
+    randomize_zero_weights(both)
+    learned = DiT(3, 12, 4, hidden_dim=32, depth=1, num_heads=2, time_embed_dim=16)
+    learned.load_state_dict(both.state_dict(), strict=True)
+    x, t, cond = inputs(2, 12, 3, 4)
+    assert not torch.allclose(both(x, t, cond), learned(x, t, cond), atol=1e-4)
     bad = [{"grid": (3, 4)},                                          # learned positions take no grid
            {"grid": (3, 3), "position": "rotary"},                    # 9 cells for 12 tokens
            {"grid": (3, 4, 1), "position": "rotary"},
@@ -329,7 +336,7 @@ def test_rotary_dit_has_no_position_parameters_and_sees_order():
     assert not torch.allclose(out, reversed_out, atol=1e-4)
     out.square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rotary.parameters())
-    with pytest.raises(NNConfigError, match="position must be 'learned' or 'rotary'"):
+    with pytest.raises(NNConfigError, match="position must be 'learned', 'rotary' or 'both'"):
         DiT(3, 8, 4, position="sinusoidal")
     with pytest.raises(NNConfigError, match="even head width"):
         DiT(3, 8, 4, hidden_dim=12, num_heads=4, position="rotary")

@@ -35,6 +35,7 @@ from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
 from diffpolicy.generative.patches import check_patch_size, patchify, unpatchify
 from diffpolicy.nn import make_backbone
 from diffpolicy.nn.checkpoint import load_model, save_model
+from diffpolicy.nn.dit import ROTARY
 
 KIND = "image_model"
 PROCESSES = ("diffusion", "flow")
@@ -52,7 +53,7 @@ class ImageModelConfig:
         prediction, eta: diffusion only: the network's output ("v" default) and the DDIM
             stochasticity of its steps (0 = deterministic DDIM, good at few steps; 1 = DDPM).
         backbone: DiT keyword arguments for `nn.make_backbone({"type": "dit", ...})`; with
-            `"position": "rotary"` the rotary positions are axial over the (H/p) x (W/p) patch grid
+            `"position": "rotary"` or `"both"` the rotary positions are axial over the (H/p) x (W/p) patch grid
             (the DiT's `grid`, set from the shapes unless given).
         cond_dropout: probability of training on the null condition (classifier-free guidance).
     """
@@ -118,7 +119,7 @@ class ImageModel(nn.Module):
             raise InvalidTypeError(f"ImageModel: config must be an ImageModelConfig, got {type(config).__name__}")
         self.config = config
         backbone = {"type": "dit", **config.backbone}
-        if backbone.get("position") == "rotary":  # axial over the patch grid unless the config says otherwise
+        if backbone.get("position") in ROTARY:  # axial over the patch grid unless the config says otherwise
             side = config.image_size // config.patch_size
             backbone.setdefault("grid", (side, side))
         self.denoiser = make_backbone(backbone, config.token_dim, config.num_tokens, config.num_classes)

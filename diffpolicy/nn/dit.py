@@ -15,7 +15,8 @@ tokens and their offset. Text needs the latter: with a learned embedding the mas
 stayed near a character-frequency model (docs/RESULTS.md, "Text"). Tokens laid out on a grid
 (image patches, row-major) take axial rotary positions (`grid=(rows, cols)`): the first half of
 each head's pairs turn with the token's row, the second half with its column, so a score depends
-on the two-dimensional offset.
+on the two-dimensional offset. "both" adds the learned embedding to rotary attention: images need
+it, as a purely relative model cannot tell where in the frame a patch lies (docs/RESULTS.md, "Images").
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from torch import nn
 from diffpolicy.nn.embeddings import TimeEncoder
 from diffpolicy.nn.errors import NNConfigError
 from diffpolicy.nn.validation import check_denoiser_inputs
+
+
+POSITIONS = ("learned", "rotary", "both")
+ROTARY = ("rotary", "both")  # the positions that turn queries and keys
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -108,9 +113,10 @@ class DiT(nn.Module):
 
     Args:
         action_dim: D. horizon: L (the learned positional embedding has L entries).
-        position: "learned" (an absolute embedding added to the input) or "rotary" (rotary
-            queries and keys in every block; no position parameters; H / num_heads even).
-        grid: (rows, cols) with rows * cols = L: "rotary" positions are axial over this row-major
+        position: "learned" (an absolute embedding added to the input), "rotary" (rotary
+            queries and keys in every block; no position parameters; H / num_heads even) or
+            "both" (the two together: absolute and relative position).
+        grid: (rows, cols) with rows * cols = L: rotary positions are axial over this row-major
             grid (`axial_rotary_tables`; H / num_heads a multiple of 4); None: along the sequence.
         cond_dim: C, global condition size; 0 for unconditional.
         hidden_dim: token width H, divisible by num_heads. depth: number of blocks.
@@ -146,21 +152,21 @@ class DiT(nn.Module):
                 f"DiT: need depth >= 1, mlp_ratio > 0, action_dim >= 1, horizon >= 1, cond_dim >= 0, got "
                 f"{depth}, {mlp_ratio}, {action_dim}, {horizon}, {cond_dim}"
             )
-        if position not in ("learned", "rotary") or (position == "rotary" and (hidden_dim // num_heads) % 2):
-            raise NNConfigError(f"DiT: position must be 'learned' or 'rotary' (rotary needs an even head width "
+        if position not in POSITIONS or (position in ROTARY and (hidden_dim // num_heads) % 2):
+            raise NNConfigError(f"DiT: position must be 'learned', 'rotary' or 'both' (rotary needs an even head width "
                                 f"hidden_dim / num_heads, here {hidden_dim // num_heads}), got {position!r}")
         head_dim = hidden_dim // num_heads
         if grid is not None:
-            if position != "rotary" or not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
+            if position not in ROTARY or not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(
                     isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid)) \
                     or grid[0] * grid[1] != horizon or head_dim % 4:
                 raise NNConfigError(f"DiT: grid must be (rows, cols) with rows * cols = horizon = {horizon}, given "
-                                    f"with position 'rotary' and a head width hidden_dim / num_heads divisible by "
+                                    f"with rotary positions and a head width hidden_dim / num_heads divisible by "
                                     f"4 (here {head_dim}, position {position!r}), got {grid!r}")
-        self.action_dim, self.horizon, self.cond_dim = action_dim, horizon, cond_dim
+        self.action_dim, self.horizon, self.cond_dim, self.position = action_dim, horizon, cond_dim, position
         self.input_proj = nn.Linear(action_dim, hidden_dim)
-        self.pos_embedding = nn.Parameter(torch.zeros(1, horizon, hidden_dim)) if position == "learned" else None
-        if position == "rotary":
+        self.pos_embedding = nn.Parameter(torch.zeros(1, horizon, hidden_dim)) if position != "rotary" else None
+        if position in ROTARY:
             cos, sin = rotary_tables(horizon, head_dim) if grid is None else axial_rotary_tables(*grid, head_dim)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
@@ -202,11 +208,9 @@ class DiT(nn.Module):
         if self.cond_proj is not None:
             c = c + self.cond_proj(cond).unsqueeze(1)
         x = self.input_proj(x_t)
-        rotary = None
         if self.pos_embedding is not None:
             x = x + self.pos_embedding
-        else:
-            rotary = (self.rotary_cos, self.rotary_sin)
+        rotary = (self.rotary_cos, self.rotary_sin) if self.position in ROTARY else None
         for block in self.blocks:
             x = block(x, c, rotary)
         return x, c

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from diffpolicy.errors import InvalidTypeError, MissingFileError
-from diffpolicy.nn.dit import DiT
+from diffpolicy.nn.dit import ROTARY, DiT
 from diffpolicy.nn.errors import NNConfigError, NNInputError
 from diffpolicy.nn.image_encoder import crop_images
 
@@ -65,7 +65,7 @@ class DiTImageEncoder(nn.Module):
     Args:
         image_shape: (H, W, 3). crop_shape: (h, w) square crop or None (then H must equal W).
         patch_size: p, dividing the crop side. hidden_dim, depth, num_heads, mlp_ratio,
-            time_embed_dim, position: the DiT's (as in the image model; "rotary" positions are
+            time_embed_dim, position: the DiT's (as in the image model; rotary positions are
             axial over the patch grid, as the image model's). level: t of the features, in [0, 1].
         token_features: per-token projection size. feature_dim: output size.
         freeze: keep the DiT fixed. init: image-model directory to start the DiT from, or None.
@@ -94,7 +94,7 @@ class DiTImageEncoder(nn.Module):
         self.num_tokens = (crop[0] // patch_size) ** 2
         side = crop[0] // patch_size
         self.dit = DiT(3 * patch_size ** 2, self.num_tokens, 0, hidden_dim, depth, num_heads, mlp_ratio,
-                       time_embed_dim, position=position, grid=(side, side) if position == "rotary" else None)
+                       time_embed_dim, position=position, grid=(side, side) if position in ROTARY else None)
         if init is not None and not _SKIP_INIT.get():
             weights = read_denoiser_weights(init)
             try:
