@@ -91,8 +91,8 @@ class DiTImageEncoder(nn.Module):
         if not isinstance(freeze, bool):
             raise NNConfigError(f"DiTImageEncoder: freeze must be a bool, got {freeze!r}")
         self.image_shape, self.crop_shape, self.patch_size, self.level = image_shape, crop, patch_size, float(level)
-        self.num_tokens = (crop[0] // patch_size) ** 2
         side = crop[0] // patch_size
+        self.num_tokens = side ** 2
         self.dit = DiT(3 * patch_size ** 2, self.num_tokens, 0, hidden_dim, depth, num_heads, mlp_ratio,
                        time_embed_dim, position=position, grid=(side, side) if position in ROTARY else None)
         if init is not None and not _SKIP_INIT.get():
@@ -102,8 +102,8 @@ class DiTImageEncoder(nn.Module):
             except RuntimeError as err:
                 raise NNConfigError(f"DiTImageEncoder: the image model in {init!r} does not match this encoder's "
                                     f"DiT (crop {crop}, patch_size {patch_size}, hidden_dim {hidden_dim}, depth "
-                                    f"{depth}, num_heads {num_heads}, time_embed_dim {time_embed_dim}, position {position!r}, "
-                                    f"unconditional): {err}") from None
+                                    f"{depth}, num_heads {num_heads}, time_embed_dim {time_embed_dim}, position "
+                                    f"{position!r}, unconditional): {err}") from None
         self.dit.requires_grad_(not freeze)
         self.token_projection = nn.Linear(hidden_dim, token_features)
         self.projection = nn.Linear(self.num_tokens * token_features, feature_dim)
