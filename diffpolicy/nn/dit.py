@@ -29,7 +29,6 @@ from diffpolicy.nn.embeddings import TimeEncoder
 from diffpolicy.nn.errors import NNConfigError
 from diffpolicy.nn.validation import check_denoiser_inputs
 
-
 POSITIONS = ("learned", "rotary", "both")
 ROTARY = ("rotary", "both")  # the positions that turn queries and keys
 
