@@ -241,7 +241,7 @@ def test_perception_backbone_bad_config(tmp_path):
     with pytest.raises(NNConfigError, match="does not match this encoder's DiT"):
         ChunkPolicy(replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "other"), True)),
                     make_normalizer(images=True))
-    pusht_like_model("rotary").save_pretrained(tmp_path / "rotary")  # an encoder of learned positions
+    pusht_like_model("rotary").save_pretrained(tmp_path / "rotary")  # read by an encoder of learned positions
     with pytest.raises(NNConfigError, match="does not match this encoder's DiT.*position 'learned'"):
         ChunkPolicy(replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "rotary"), True)),
                     make_normalizer(images=True))
