@@ -35,7 +35,7 @@ from diffpolicy.errors import ConfigError, InvalidTypeError, InvalidValueError
 from diffpolicy.generative.patches import check_patch_size, patchify, unpatchify
 from diffpolicy.nn import make_backbone
 from diffpolicy.nn.checkpoint import load_model, save_model
-from diffpolicy.nn.dit import ROTARY
+from diffpolicy.nn.dit import square_patch_grid
 
 KIND = "image_model"
 PROCESSES = ("diffusion", "flow")
@@ -119,9 +119,9 @@ class ImageModel(nn.Module):
             raise InvalidTypeError(f"ImageModel: config must be an ImageModelConfig, got {type(config).__name__}")
         self.config = config
         backbone = {"type": "dit", **config.backbone}
-        if backbone.get("position") in ROTARY:  # axial over the patch grid unless the config says otherwise
-            side = config.image_size // config.patch_size
-            backbone.setdefault("grid", (side, side))
+        grid = square_patch_grid(backbone.get("position", "learned"), config.image_size // config.patch_size)
+        if grid is not None:  # axial over the patch grid unless the config says otherwise
+            backbone.setdefault("grid", grid)
         self.denoiser = make_backbone(backbone, config.token_dim, config.num_tokens, config.num_classes)
         self.process = config.make_process()
 

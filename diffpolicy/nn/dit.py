@@ -33,6 +33,12 @@ POSITIONS = ("learned", "rotary", "both")
 ROTARY = ("rotary", "both")  # the positions that turn queries and keys
 
 
+def square_patch_grid(position: str, side: int) -> tuple[int, int] | None:
+    """The DiT `grid` for a side x side layout of image patches: axial rotary positions over it
+    when `position` turns queries and keys, None (positions along the sequence) otherwise."""
+    return (side, side) if position in ROTARY else None
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation, all `(B, L, H)`."""
     return x * (1 + scale) + shift

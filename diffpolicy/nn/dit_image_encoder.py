@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from diffpolicy.errors import InvalidTypeError, MissingFileError
-from diffpolicy.nn.dit import ROTARY, DiT
+from diffpolicy.nn.dit import DiT, square_patch_grid
 from diffpolicy.nn.errors import NNConfigError, NNInputError
 from diffpolicy.nn.image_encoder import crop_images
 
@@ -94,7 +94,7 @@ class DiTImageEncoder(nn.Module):
         side = crop[0] // patch_size
         self.num_tokens = side ** 2
         self.dit = DiT(3 * patch_size ** 2, self.num_tokens, 0, hidden_dim, depth, num_heads, mlp_ratio,
-                       time_embed_dim, position=position, grid=(side, side) if position in ROTARY else None)
+                       time_embed_dim, position=position, grid=square_patch_grid(position, side))
         if init is not None and not _SKIP_INIT.get():
             weights = read_denoiser_weights(init)
             try:
