@@ -29,6 +29,22 @@ def test_all_failures_and_all_successes_have_closed_forms(n):
     assert wilson_interval(n, n) == pytest.approx((n / (n + z2), 1.0), abs=1e-12)
 
 
+def test_the_bound_at_an_observed_rate_of_zero_or_one_is_exactly_that_rate():
+    """Never a bound on the wrong side of the rate (a negative error bar: matplotlib refuses it); in
+    floating point Wilson's lower bound at 0 successes came out as ~1e-17 for n = 7, 9, 12, ..."""
+    for n in range(1, 2001):
+        assert wilson_interval(0, n)[0] == 0.0
+        assert wilson_interval(n, n)[1] == 1.0
+
+
+def test_the_success_curve_plots_rates_of_zero_and_one(tmp_path):
+    from diffpolicy.evaluation.report import plot_success_curve
+
+    points = [(x, success_rate([False] * (100 - k) + [True] * k).to_dict()) for x, k in [(1.0, 0), (2.0, 57), (3.0, 100)]]
+    png = plot_success_curve(points, tmp_path / "curve.png", target=0.9)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("k, n", [(3, 7), (37, 50), (99, 100), (1, 1000)])
 def test_bounds_solve_the_score_equation(k, n):
     """Wilson's bounds are the p with |p_hat - p| = z sqrt(p (1 - p) / n)."""

@@ -46,7 +46,11 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # At p = 0 (p = 1) the lower (upper) bound is exactly 0 (1); in floating point center - half can
+    # round to a tiny positive number above the rate itself.
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
 
 
 def success_rate(successes: list[bool] | tuple[bool, ...]) -> SuccessRate:
