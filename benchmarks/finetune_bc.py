@@ -37,7 +37,8 @@ from diffpolicy.train.trainer import to_device, window_dataset
 SMALL = {"n_envs": 8, "n_steps": 6, "batch_size": 16, "epochs": 4, "eval_episodes": 2, "eval_every": 0}
 ALGOS = {  # the settings of tests/test_rl_finetune.py
     "dppo": (dppo, "diffusion", 5, dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, **SMALL)),
-    "flowppo": (flow_ppo, "flow", 4, flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3, **SMALL)),
+    "flowppo": (flow_ppo, "flow", 4, flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3,
+                                                            log_prob_per_dim=False, **SMALL)),
 }
 
 

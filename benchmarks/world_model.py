@@ -96,7 +96,8 @@ def toy(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     seeds = list(range(args.eval_seed, args.eval_seed + args.eval_episodes))
-    config = flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3, n_envs=8, n_steps=6, batch_size=16,
+    config = flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3,
+                                    log_prob_per_dim=False, n_envs=8, n_steps=6, batch_size=16,
                                     epochs=4, eval_episodes=16, eval_every=0)
 
     def held_out(policy) -> dict:

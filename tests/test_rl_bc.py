@@ -19,7 +19,8 @@ from diffpolicy.train.trainer import DatasetMismatchError, to_device, window_dat
 SMALL = {"n_envs": 8, "n_steps": 6, "batch_size": 16, "epochs": 4, "eval_episodes": 2, "eval_every": 0}
 ALGOS = {
     "dppo": (dppo, "diffusion", 5, dppo.DPPOConfig(lr=1e-3, finetune_steps=3, clip_start=0.05, clip_end=0.2, **SMALL)),
-    "flowppo": (flow_ppo, "flow", 4, flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3, **SMALL)),
+    "flowppo": (flow_ppo, "flow", 4, flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3,
+                                                            log_prob_per_dim=False, **SMALL)),
 }
 
 

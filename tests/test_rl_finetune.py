@@ -23,7 +23,11 @@ from diffpolicy.rl.session import Session
 SMALL = {"n_envs": 8, "n_steps": 6, "batch_size": 16, "epochs": 4, "eval_episodes": 16}
 ALGOS = {
     "dppo": (dppo, "diffusion", dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, **SMALL)),
-    "flowppo": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3, **SMALL)),
+    "flowppo": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3,
+                                                         log_prob_per_dim=False, **SMALL)),
+    # the default ratio: the chain's log-probability per dimension, with ReinFlow's clip
+    "flowppo_per_dim": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.01, std_min=0.05, std_max=0.3,
+                                                                 **SMALL)),
 }
 
 
@@ -69,6 +73,7 @@ def held_out_return(policy, seeds=range(100000, 100016)):
 @pytest.mark.parametrize("algo,env_steps", [
     pytest.param("dppo", 2400, marks=pytest.mark.slow),  # ~20 s: keeps the file's default run under a minute
     ("flowppo", 1500),
+    ("flowppo_per_dim", 1500),
 ])
 def test_finetuning_raises_the_return_where_imitation_is_poor(algo, env_steps, tmp_path):
     module, _, config = ALGOS[algo]

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 from rl_tasks import make_bc_policy
+from torch.distributions import Normal
 
 from diffpolicy.core.samplers import StepNoise
+from diffpolicy.rl import flow_ppo
 from diffpolicy.rl.errors import NonFiniteLogProbError
 from diffpolicy.rl.ppo import MAX_LOG_RATIO, clipped_surrogate, log_ratio, ratio_error
 
@@ -70,3 +72,22 @@ def test_a_near_zero_std_floor_gives_finite_ratios_on_a_recorded_chain():
     loss.backward()
     assert math.isfinite(float(loss)) and math.isfinite(stats["ratio"]) and math.isfinite(stats["approx_kl"])
     assert all(torch.isfinite(p.grad).all() for p in policy.finetuned_backbone.parameters() if p.grad is not None)
+
+
+def test_flow_ppo_scores_the_chain_per_gaussian_dimension():
+    """Flow PPO's ratio reads the chain's log-probability divided by its K' x Tp x Da dimensions
+    (the default) or summed; both from the transitions' torch.distributions log-densities."""
+    policy = make_bc_policy("flow", inference_steps=4)
+    policy.start_finetuning(3)
+    noise = StepNoise(std_fn=lambda x, t, s, c: 0.02 + 0.03 * torch.sigmoid(x))
+    obs = {"pos": torch.rand(8, 1, 2, generator=torch.Generator().manual_seed(1)) * 2 - 1}
+    with torch.no_grad():
+        cond = policy.encode_obs(obs)
+        chain = policy.sample_chain(cond, noise, torch.Generator().manual_seed(2)).chain
+        steps = policy.chain_log_prob(cond, chain, noise)  # (8, 3): the fine-tuned transitions
+    densities = Normal(chain.mean[:, 1:], chain.std[:, 1:]).log_prob(chain.x[:, 2:]).sum((1, 2, 3))
+    dims = 3 * policy.config.pred_horizon * policy.config.action_dim
+    assert flow_ppo.FlowPPOConfig().log_prob_per_dim
+    torch.testing.assert_close(flow_ppo.ratio_log_prob(steps, 8, per_dim=True), densities / dims, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flow_ppo.ratio_log_prob(steps, 8, per_dim=False), densities, rtol=1e-5, atol=1e-4)
+    assert dims == 24 and torch.equal(flow_ppo.ratio_log_prob(steps, 8, per_dim=False), steps.sum(1))

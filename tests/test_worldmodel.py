@@ -180,7 +180,8 @@ def reach_model(tmp_path_factory):
     return run, data
 
 
-FLOW = flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3, n_envs=8, n_steps=6, batch_size=16,
+FLOW = flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, std_min=0.05, std_max=0.3,
+                              log_prob_per_dim=False, n_envs=8, n_steps=6, batch_size=16,
                               epochs=4, eval_episodes=16, eval_every=0)
 
 
