@@ -3,7 +3,7 @@
 Each run directory holds the main job's `summary.json` (its `curve`: every kept checkpoint's success
 on the held-out seeds and the training CPU-minutes spent to reach it). Prints one table row per run
 (method, steps, the first checkpoint at or above the target and its CPU-minutes, the final one) and
-writes the curves with their 95 % Wilson intervals to `--out`:
+writes the curves with their 95 % Wilson intervals to `--out` (`evaluation.report.plot_success_curves`):
 
     python benchmarks/main_curves.py runs/main runs/main_flow --labels "diffusion 32k" "flow 32k" \
         --out docs/images/main_job_cpu_minutes.png
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from diffpolicy.evaluation.report import plot_success_curves
 
 
 def load_curve(run: Path) -> dict:
@@ -46,31 +48,6 @@ def table(runs: list[tuple[str, dict]], target: float) -> list[str]:
     return rows
 
 
-def plot(runs: list[tuple[str, dict]], target: float, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.0))
-    for label, summary in runs:
-        curve = summary["curve"]
-        xs = [point["cpu_minutes"] for point in curve]
-        rates = [point["success_rate"] for point in curve]
-        errors = [[r["rate"] - r["ci95_low"] for r in rates], [r["ci95_high"] - r["rate"] for r in rates]]
-        ax.errorbar(xs, [r["rate"] for r in rates], yerr=errors, fmt="o-", capsize=3, label=label)
-    ax.axhline(target, color="tab:red", ls="--", lw=1.0, label=f"target {target:.2f}")
-    ax.set_xlabel("training CPU-minutes")
-    ax.set_ylabel("held-out success rate (100 seeds)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="`diffpolicy main --out` directories")
@@ -83,7 +60,8 @@ def main() -> None:
         raise SystemExit(f"main_curves: {len(args.runs)} runs but {len(labels)} labels")
     runs = [(label, load_curve(run)) for label, run in zip(labels, args.runs)]
     print("\n".join(table(runs, args.target)))
-    plot(runs, args.target, args.out)
+    plot_success_curves([(label, [(point["cpu_minutes"], point["success_rate"]) for point in summary["curve"]])
+                         for label, summary in runs], args.out, target=args.target)
     print(f"plot: {args.out}")
 
 

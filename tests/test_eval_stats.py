@@ -38,11 +38,13 @@ def test_the_bound_at_an_observed_rate_of_zero_or_one_is_exactly_that_rate():
 
 
 def test_the_success_curve_plots_rates_of_zero_and_one(tmp_path):
-    from diffpolicy.evaluation.report import plot_success_curve
+    from diffpolicy.evaluation.report import plot_success_curve, plot_success_curves
 
     points = [(x, success_rate([False] * (100 - k) + [True] * k).to_dict()) for x, k in [(1.0, 0), (2.0, 57), (3.0, 100)]]
     png = plot_success_curve(points, tmp_path / "curve.png", target=0.9)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    several = plot_success_curves([("a", points), ("b", points[1:])], tmp_path / "curves.png", target=0.9)
+    assert several.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("k, n", [(3, 7), (37, 50), (99, 100), (1, 1000)])

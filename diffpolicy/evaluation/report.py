@@ -47,11 +47,21 @@ def plot_success_curve(points: Sequence[tuple[float, dict[str, Any]]], png_path:
                        xlabel: str = "training CPU-minutes", target: float | None = None) -> Path:
     """Success rate with its 95 % Wilson interval against `x`: `points` are `(x, success_rate)` with
     `success_rate` as `summarize` gives it (`rate`, `ci95_low`, `ci95_high`); `target` draws a line."""
-    xs = [x for x, _ in points]
-    rates = [r["rate"] for _, r in points]
-    errors = [[r["rate"] - r["ci95_low"] for _, r in points], [r["ci95_high"] - r["rate"] for _, r in points]]
+    return plot_success_curves([("success (95 % CI)", points)], png_path, xlabel, target)
+
+
+def plot_success_curves(series: Sequence[tuple[str, Sequence[tuple[float, dict[str, Any]]]]],
+                        png_path: str | os.PathLike, xlabel: str = "training CPU-minutes",
+                        target: float | None = None) -> Path:
+    """Several labelled success curves on one plot: `series` are `(label, points)`, each point as in
+    `plot_success_curve`."""
     fig, ax = _figure()
-    ax.errorbar(xs, rates, yerr=errors, fmt="o-", color="tab:green", capsize=3, label="success (95 % CI)")
+    for label, points in series:
+        xs = [x for x, _ in points]
+        rates = [r["rate"] for _, r in points]
+        errors = [[r["rate"] - r["ci95_low"] for _, r in points], [r["ci95_high"] - r["rate"] for _, r in points]]
+        color = "tab:green" if len(series) == 1 else None
+        ax.errorbar(xs, rates, yerr=errors, fmt="o-", color=color, capsize=3, label=label)
     if target is not None:
         ax.axhline(target, color="tab:red", ls="--", lw=1.0, label=f"target {target:.2f}")
     ax.set_xlabel(xlabel)
