@@ -86,8 +86,9 @@ def test_flow_ppo_scores_the_chain_per_gaussian_dimension():
         chain = policy.sample_chain(cond, noise, torch.Generator().manual_seed(2)).chain
         steps = policy.chain_log_prob(cond, chain, noise)  # (8, 3): the fine-tuned transitions
     densities = Normal(chain.mean[:, 1:], chain.std[:, 1:]).log_prob(chain.x[:, 2:]).sum((1, 2, 3))
-    dims = 3 * policy.config.pred_horizon * policy.config.action_dim
-    assert flow_ppo.FlowPPOConfig().log_prob_per_dim
-    torch.testing.assert_close(flow_ppo.ratio_log_prob(steps, 8, per_dim=True), densities / dims, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(flow_ppo.ratio_log_prob(steps, 8, per_dim=False), densities, rtol=1e-5, atol=1e-4)
-    assert dims == 24 and torch.equal(flow_ppo.ratio_log_prob(steps, 8, per_dim=False), steps.sum(1))
+    per_step = policy.config.pred_horizon * policy.config.action_dim
+    assert per_step == 8 and flow_ppo.FlowPPOConfig().log_prob_per_dim
+    torch.testing.assert_close(flow_ppo.ratio_log_prob(steps, per_step, per_dim=True), densities / (3 * per_step),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(flow_ppo.ratio_log_prob(steps, per_step, per_dim=False), densities, rtol=1e-5, atol=1e-4)
+    assert torch.equal(flow_ppo.ratio_log_prob(steps, per_step, per_dim=False), steps.sum(1))
