@@ -28,6 +28,10 @@ from diffpolicy.worldmodel.training import (
     TrainConfig,
     WorldModelConfig,
     resolve_world_model_dir,
+    sample_batch,
+    success_logit_offset,
+    success_rates,
+    success_starts,
     train_world_model,
 )
 
@@ -136,6 +140,75 @@ def test_training_resumes_bit_exactly(tmp_path):
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert (tmp_path / "straight" / "curves.csv").read_text() == (tmp_path / "resumed" / "curves.csv").read_text()
     assert (tmp_path / "resumed" / "error_vs_horizon.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- rare successes
+def rare_success_data(n_episodes=60, steps=40, every=4) -> Transitions:
+    """Point-mass episodes, every `every`-th one labelled a success (on its last step)."""
+    episodes = mass_episodes(n_episodes, steps, seed=3, action_scale=DATA_ACTIONS)
+    return Transitions.from_episodes([{**e, "success": i % every == 0} for i, e in enumerate(episodes)], ["pos"])
+
+
+def test_success_rates_are_those_of_the_loss_window_steps():
+    data = Transitions.from_episodes([{**e, "success": i in (0, 2)} for i, e in enumerate(mass_episodes(4, 5, 0))],
+                                     ["pos"])
+    horizon, fraction = 3, 0.25
+    steps, successes, positive = success_starts(data, horizon)
+    every = data.windows(np.arange(data.n_steps), history=2, horizon=horizon)  # brute force: every window
+    np.testing.assert_array_equal(steps, every["step_mask"].sum(1))
+    np.testing.assert_array_equal(successes, every["success"].sum(1))
+    assert positive.tolist() == [2, 3, 4, 12, 13, 14]  # the windows that reach episode 0's and 2's last step
+    rate, sampled = success_rates(data, horizon, fraction)
+    assert rate == pytest.approx(every["success"].sum() / every["step_mask"].sum(), rel=1e-12)
+    mixed = [(1 - fraction) * every[k].mean(0).sum() + fraction * every[k][positive].mean(0).sum()
+             for k in ("success", "step_mask")]
+    assert sampled == pytest.approx(mixed[0] / mixed[1], rel=1e-12)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert success_logit_offset(data, horizon, fraction) == pytest.approx(logit(rate) - logit(sampled), rel=1e-12)
+    assert success_logit_offset(data, horizon, 0.0) == 0.0 and success_rates(data, horizon, 0.0) == (rate, rate)
+
+
+def test_sample_batch_oversamples_success_windows_and_is_unchanged_without():
+    data = rare_success_data()
+    config = TrainConfig(batch_size=8, horizon=4, success_fraction=0.25)
+    positive = success_starts(data, config.horizon)[2]
+    batch = sample_batch(data, 3, config, 2, torch.Generator().manual_seed(0), positive)
+    assert batch["success"].shape == (3, 8, 4)
+    assert batch["success"][:, :2].any(-1).all()  # round(0.25 x 8) = 2 windows of each member hold a success
+    uniform = dataclasses.replace(config, success_fraction=0.0)
+    plain = sample_batch(data, 3, uniform, 2, torch.Generator().manual_seed(0), positive)
+    index = torch.randint(0, data.n_steps, (3 * 8,), generator=torch.Generator().manual_seed(0)).numpy()
+    expected = data.windows(index, 2, 4)  # the draw of a run without oversampling stays what it was
+    for key, value in expected.items():
+        np.testing.assert_array_equal(plain[key].reshape(value.shape).numpy(), value)
+
+
+def test_oversampled_success_is_calibrated_back_to_the_data_rate(tmp_path):
+    data = rare_success_data()
+    config = WorldModelConfig(ModelConfig(members=2, latent_dim=4, hidden_dim=32),
+                              TrainConfig(steps=300, batch_size=64, horizon=8, lr=3e-3, eval_every=300,
+                                          eval_horizon=8, success_fraction=0.5))
+    run = train_world_model(data, config, tmp_path / "wm", *BOUNDS, progress=False)
+    train, _ = data.split(config.train.val_fraction, config.train.seed)
+    rate, sampled = success_rates(train, 8, 0.5)
+    assert sampled > 5 * rate  # the batches hold far more successes than the data
+    w = data.windows(np.arange(data.n_steps), history=2, horizon=8)
+    with torch.no_grad():
+        latent = run.model.encode(torch.as_tensor(w["obs_history"]))
+        probability = torch.sigmoid(run.model.step(latent, torch.as_tensor(w["action"][:, 0])).success_logit).mean()
+    # Which step ends an episode is not in the state: a calibrated classifier says the data's rate.
+    assert 0.5 * rate < float(probability) < 2 * rate, (float(probability), rate, sampled)
+    loaded = LatentWorldModel.load(resolve_world_model_dir(tmp_path / "wm"))
+    assert loaded.success_logit_offset == run.model.success_logit_offset < 0
+
+
+def test_success_fraction_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"train.success_fraction.*\[0, 1\)"):
+        TrainConfig(success_fraction=1.0)
+    no_success = Transitions.from_episodes(mass_episodes(4, 10, 0), ["pos"])
+    config = WorldModelConfig(ModelConfig(members=2), TrainConfig(steps=1, success_fraction=0.25))
+    with pytest.raises(WorldModelError, match="hold no success to oversample"):
+        train_world_model(no_success, config, tmp_path / "wm", *BOUNDS, progress=False)
 
 
 # ----------------------------------------------------------------------------- imagination

@@ -49,7 +49,7 @@ from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.imagine import DreamVecEnv
 from diffpolicy.worldmodel.model import LatentWorldModel
 from diffpolicy.worldmodel.play import record_episodes
-from diffpolicy.worldmodel.training import TrainConfig, gradient_step, make_optimizer
+from diffpolicy.worldmodel.training import TrainConfig, gradient_step, make_optimizer, success_starts
 
 REFRESH_SEED_BASE = 1_000_000_000  # real refresh episodes use seeds from here: never the evaluation seeds
 
@@ -150,8 +150,11 @@ class DreamSession(Session):
         everything = Transitions.concat([self.data, self.real])
         optimizer = make_optimizer(self.model, self.train_config)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
-        losses = [sum(gradient_step(self.model, optimizer, self.real if u % 2 else everything, self.train_config,
-                                    generator).values()) for u in range(self.dream.refresh_updates)]
+        # with train.success_fraction, each set oversamples its own success windows (the model's
+        # logit offset stays the one of its first training: an approximation once the data grow)
+        sets = [(data, success_starts(data, self.train_config.horizon)[2]) for data in (everything, self.real)]
+        losses = [sum(gradient_step(self.model, optimizer, sets[u % 2][0], self.train_config, generator,
+                                    sets[u % 2][1]).values()) for u in range(self.dream.refresh_updates)]
         self.model.eval()
         self.envs.starts_from(everything)
         return float(np.mean(losses)) if losses else float("nan")

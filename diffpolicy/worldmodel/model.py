@@ -10,7 +10,7 @@ member dimension):
                                                    x = normalized o; D below
     s_{k+1} = s_k + D f_e(s_k, a_{t+k})            residual transition, one per executed action
     o_{t+k+1} = dec(s_{k+1}) = the x part, unnormalized
-    r_{t+k}, success logit = head_e(s_k, a_{t+k}, s_{k+1})
+    r_{t+k}, success logit = head_e(s_k, a_{t+k}, s_{k+1}) + b
 
 Carrying the observation in the latent makes the decoder exact (a read-out): what does not move
 (PushT's block while nothing touches it) stays put instead of jittering through a learned
@@ -18,7 +18,11 @@ reconstruction, and the transition learns changes, not states: D scales the obse
 f_e by the data's per-dimension std of one-step changes, and the encoder reads the history as the
 last observation and its recent changes in the same units (so inputs, outputs and the observation
 loss are of order 1 however slowly an observation moves: a velocity is not left to the difference
-of two nearly equal inputs). The latent is carried from step to
+of two nearly equal inputs). b, `success_logit_offset`, is 0 unless training oversampled the rare
+windows that hold a success (`TrainConfig.success_fraction`): then it is the log-odds shift
+from the training windows' success rate back to the data's (`training.success_rates`), so the
+success probability the model reports is calibrated to the data, not to the oversampled batches.
+The latent is carried from step to
 step in imagination. Uncertainty is the ensemble's disagreement: members trained from different
 initializations on different minibatches agree where the data pins the dynamics down and drift
 apart elsewhere. `disagreement` is the largest over observation dimensions of the members'
@@ -105,10 +109,12 @@ class Prediction:
 class LatentWorldModel(nn.Module):
     """See the module docstring. obs_keys / obs_dims: the low-dim observation keys (in this order
     along D) and their sizes; action_dim Da; action_low / action_high `(Da,)`: the action space;
-    reference_horizon R: the length of `reference_uncertainty` (NaN until calibrated)."""
+    reference_horizon R: the length of `reference_uncertainty` (NaN until calibrated);
+    success_logit_offset: b of the module docstring."""
 
     def __init__(self, config: ModelConfig, obs_keys: tuple[str, ...], obs_dims: tuple[int, ...], action_dim: int,
-                 action_low: np.ndarray, action_high: np.ndarray, reference_horizon: int = 1) -> None:
+                 action_low: np.ndarray, action_high: np.ndarray, reference_horizon: int = 1,
+                 success_logit_offset: float = 0.0) -> None:
         super().__init__()
         self.config, self.obs_keys, self.obs_dims = config, tuple(obs_keys), tuple(int(d) for d in obs_dims)
         self.action_dim = int(action_dim)
@@ -126,6 +132,7 @@ class LatentWorldModel(nn.Module):
         self.register_buffer("action_low", torch.as_tensor(np.asarray(action_low, np.float32).reshape(action_dim)))
         self.register_buffer("action_high", torch.as_tensor(np.asarray(action_high, np.float32).reshape(action_dim)))
         self.register_buffer("reference_uncertainty", torch.full((int(reference_horizon),), float("nan")))
+        self.success_logit_offset = float(success_logit_offset)
         self.metadata: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ units
@@ -181,7 +188,7 @@ class LatentWorldModel(nn.Module):
         next_latent = latent + torch.cat([change[..., :self.obs_dim] * self.delta_std, change[..., self.obs_dim:]], -1)
         out = self.heads(torch.cat([latent, a, next_latent], -1))
         reward = out[..., 0] * self.reward_std + self.reward_mean
-        return Prediction(next_latent, self.decode(next_latent), reward, out[..., 1])
+        return Prediction(next_latent, self.decode(next_latent), reward, out[..., 1] + self.success_logit_offset)
 
     def cut_thresholds(self, scale: float) -> np.ndarray:
         """`(R,)` scale x the reference disagreement at horizons 1..R (a horizon without held-out
@@ -210,7 +217,8 @@ class LatentWorldModel(nn.Module):
         `(E, B, K, Da)`, next_obs `(E, B, K, D)`, reward, success, step_mask, obs_mask `(E, B, K)`.
         Terms: observation MSE over the K predicted steps (where stored; in units of the one-step
         change std `delta_std`), reward MSE (normalized),
-        success cross-entropy (where the action exists). Returns (sum, {term: value}).
+        success cross-entropy of the head's own logit (without b: it fits the windows as sampled; where
+        the action exists). Returns (sum, {term: value}).
         """
         latent = self.encode(batch["obs_history"])
         target = self.normalize_obs(batch["next_obs"])
@@ -219,8 +227,8 @@ class LatentWorldModel(nn.Module):
             pred = self.step(latent, batch["action"][:, :, k])
             obs_err.append(((pred.obs - target[:, :, k]) / self.delta_std).pow(2).mean(-1))
             reward_err.append(((pred.reward - batch["reward"][:, :, k]) / self.reward_std).pow(2))
-            success_err.append(F.binary_cross_entropy_with_logits(pred.success_logit, batch["success"][:, :, k].float(),
-                                                                  reduction="none"))
+            success_err.append(F.binary_cross_entropy_with_logits(pred.success_logit - self.success_logit_offset,
+                                                                  batch["success"][:, :, k].float(), reduction="none"))
             latent = pred.latent
         obs_mask, step_mask = batch["obs_mask"].float(), batch["step_mask"].float()
 
@@ -236,7 +244,8 @@ class LatentWorldModel(nn.Module):
         """The JSON config `load` rebuilds the model from."""
         return {"model": to_dict(self.config), "obs_keys": list(self.obs_keys), "obs_dims": list(self.obs_dims),
                 "action_dim": self.action_dim, "action_low": self.action_low.tolist(),
-                "action_high": self.action_high.tolist(), "reference_horizon": len(self.reference_uncertainty)}
+                "action_high": self.action_high.tolist(), "reference_horizon": len(self.reference_uncertainty),
+                "success_logit_offset": self.success_logit_offset}
 
     def save(self, directory: str | os.PathLike) -> None:
         """`model.safetensors` + `config.json` (kind "world_model"), atomically; `metadata` included."""
@@ -248,7 +257,7 @@ class LatentWorldModel(nn.Module):
             return cls(from_dict(ModelConfig, described["model"], "model"), tuple(described["obs_keys"]),
                        tuple(described["obs_dims"]), int(described["action_dim"]),
                        np.asarray(described["action_low"]), np.asarray(described["action_high"]),
-                       int(described["reference_horizon"]))
+                       int(described["reference_horizon"]), float(described.get("success_logit_offset", 0.0)))
         except KeyError as err:
             raise WorldModelError(f"world model config.json: key {err} missing; expected model, obs_keys, obs_dims, "
                                   "action_dim, action_low, action_high, reference_horizon") from None
