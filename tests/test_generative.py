@@ -36,10 +36,11 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def tiny_image_model(kind="flow", num_classes=10, image_size=8, channels=1, patch_size=2, position="learned"):
+def tiny_image_model(kind="flow", num_classes=10, image_size=8, channels=1, patch_size=2, position="learned",
+                     prediction="v"):
     torch.manual_seed(0)
     return ImageModel(ImageModelConfig(image_size=image_size, channels=channels, patch_size=patch_size,
-                                       num_classes=num_classes, process=kind,
+                                       num_classes=num_classes, process=kind, prediction=prediction,
                                        backbone={**TINY_DIT, "position": position}))
 
 
@@ -189,8 +190,10 @@ def test_text_model_save_load_gives_identical_samples(tmp_path):
 
 
 def pusht_like_model(position="learned"):
-    """An unconditional image model over 12 x 12 crops of the policies' 16 x 16 test images."""
-    return tiny_image_model(num_classes=0, image_size=12, channels=3, patch_size=4, position=position)
+    """An unconditional image model over 12 x 12 crops of the policies' 16 x 16 test images (its
+    tokens hold 48 values, more than the DiT's 32 features: it predicts the clean image)."""
+    return tiny_image_model("diffusion", num_classes=0, image_size=12, channels=3, patch_size=4, position=position,
+                            prediction="sample")
 
 
 def dit_encoder_config(init, freeze, position="learned"):
@@ -236,7 +239,7 @@ def test_perception_backbone_bad_config(tmp_path):
     with pytest.raises(MissingFileError, match="has no model.safetensors"):
         ChunkPolicy(replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "none"), True)),
                     make_normalizer(images=True))
-    other = tiny_image_model(num_classes=0, image_size=12, channels=3, patch_size=6)
+    other = tiny_image_model("diffusion", num_classes=0, image_size=12, channels=3, patch_size=6, prediction="sample")
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(NNConfigError, match="does not match this encoder's DiT"):
         ChunkPolicy(replace(make_config(images=True), encoder=dit_encoder_config(str(tmp_path / "other"), True)),
@@ -267,6 +270,12 @@ def test_bad_input_raises_clear_errors():
         ImageModelConfig(image_size=16, patch_size=5)
     with pytest.raises(DiffpolicyError, match=r"config key 'process': expected one of \['diffusion', 'flow'\]"):
         ImageModelConfig(process="gan")
+    # a DiT narrower than its tokens (32 < 3 x 4 x 4) can output a clean image but not the noise
+    for process, prediction in (("flow", "v"), ("diffusion", "epsilon"), ("diffusion", "v")):
+        with pytest.raises(DiffpolicyError, match=r"'backbone.hidden_dim': 32 is below the token size 48 \(3 x 4 x 4\)"):
+            ImageModelConfig(image_size=12, channels=3, patch_size=4, process=process, prediction=prediction,
+                             backbone=TINY_DIT)
+    ImageModelConfig(image_size=12, channels=3, patch_size=4, process="diffusion", prediction="sample", backbone=TINY_DIT)
     text = TextModel(TextModelConfig(seq_len=8, backbone=TINY_DIT))
     with pytest.raises(DiffpolicyError, match="must be shorter than seq_len = 8"):
         text.generate(1, 2, prompt="x" * 8)
@@ -290,6 +299,9 @@ def test_generate_command_trains_writes_a_png_grid_and_samples_text(tmp_path, ca
     capsys.readouterr()
     assert main(["generate", "image", "--model", str(tmp_path / "img"), "--train-steps", "2"]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["generate", "image", "--model", str(tmp_path / "flow_x0"), "--train-steps", "2", "--process", "flow",
+                 "--prediction", "sample"]) == 2
+    assert "--prediction is for --process diffusion" in capsys.readouterr().err
     assert main(["generate", "text", "--model", str(tmp_path / "none")]) == 2
     assert "holds no model; train one with --train-steps N" in capsys.readouterr().err
     assert main(["generate", "text", "--model", str(tmp_path / "txt"), "--train-steps", "2", "--steps", "4",

@@ -23,6 +23,7 @@ from diffpolicy.fsutil import atomic_write_text
 from diffpolicy.generative import ImageModel, ImageModelConfig, TextModel, TextModelConfig, corpus, fit
 from diffpolicy.generative.data import digits, pusht_frames, random_crops
 from diffpolicy.generative.grid import write_png_grid
+from diffpolicy.generative.image_model import PREDICTIONS
 
 PUSHT_FRAMES = 2000  # rendered initial states the PushT image model trains on
 PUSHT_CROP = 84      # the policies' crop of the 96 x 96 PushT image
@@ -35,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="with --train-steps: replace an existing model")
     parser.add_argument("--data", choices=("digits", "pusht"), default="digits",
                         help="image data: scikit-learn digits (class-conditional) or PushT frames (unconditional)")
-    parser.add_argument("--process", choices=("diffusion", "flow"), default="flow", help="image process")
+    parser.add_argument("--process", choices=("diffusion", "flow"), default=None,
+                        help="image process (default: flow for digits; diffusion for PushT, whose 12 x 12 patches "
+                             "hold 432 values, more than the DiT's width)")
+    parser.add_argument("--prediction", choices=PREDICTIONS, default=None,
+                        help="diffusion: what the network predicts (default: v for digits, the clean image for "
+                             "PushT: a DiT narrower than its tokens can output the image but not the noise)")
     parser.add_argument("--hidden-dim", type=int, default=128)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -73,16 +79,20 @@ def _backbone(args: argparse.Namespace) -> dict:
 
 def _image(args: argparse.Namespace, model_dir: Path, generator: torch.Generator) -> int:
     if args.train_steps is not None:
+        process = args.process or ("flow" if args.data == "digits" else "diffusion")
+        prediction = args.prediction or ("v" if args.data == "digits" else "sample")
+        if args.prediction is not None and process == "flow":
+            raise UsageError("--prediction is for --process diffusion (flow predicts the velocity)")
         if args.data == "digits":
             images, labels = digits(16)
-            config = ImageModelConfig(process=args.process, backbone=_backbone(args))
+            config = ImageModelConfig(process=process, prediction=prediction, backbone=_backbone(args))
             model = ImageModel(config)
             result = fit(model, lambda i, g: model.loss(images[i], labels[i], g), len(images), args.train_steps,
                          args.batch_size, args.lr, seed=args.seed)
         else:
             frames = pusht_frames(PUSHT_FRAMES, 96, seed=args.seed)
             config = ImageModelConfig(image_size=PUSHT_CROP, channels=3, patch_size=12, num_classes=0,
-                                      process=args.process, backbone=_backbone(args))
+                                      process=process, prediction=prediction, backbone=_backbone(args))
             model = ImageModel(config)
             result = fit(model, lambda i, g: model.loss(random_crops(frames[i], PUSHT_CROP, g), None, g),
                          len(frames), args.train_steps, args.batch_size, args.lr, seed=args.seed)

@@ -84,6 +84,20 @@ class ImageModelConfig:
             raise ConfigError(f"config key 'backbone': expected a dict of DiT arguments (no 'type'), "
                               f"got {self.backbone!r}")
         check_float("cond_dropout", self.cond_dropout, 0.0, maximum=0.99)
+        self._check_output_rank()
+
+    def _check_output_rank(self) -> None:
+        """The DiT's last layer maps `hidden_dim` features to each token's C p p values, so its output
+        lies in a subspace of rank <= hidden_dim. Predicting the clean image fits (images are far from
+        full rank); flow's velocity and diffusion's epsilon / v carry the noise, which is full rank, so
+        a DiT narrower than its tokens leaves most of the noise in every sample."""
+        hidden = self.backbone.get("hidden_dim")
+        if isinstance(hidden, int) and hidden < self.token_dim and (self.process == "flow" or self.prediction != "sample"):
+            output = "velocity" if self.process == "flow" else f"{self.prediction!r} prediction"
+            raise ConfigError(f"config key 'backbone.hidden_dim': {hidden} is below the token size {self.token_dim} "
+                              f"({self.channels} x {self.patch_size} x {self.patch_size}); the DiT's output then has rank "
+                              f"<= {hidden} and cannot hold the noise that {output} needs, so samples stay noisy. Use "
+                              f"process 'diffusion' with prediction 'sample', or hidden_dim >= {self.token_dim}")
 
     @property
     def num_tokens(self) -> int:
