@@ -16,10 +16,11 @@ of Python's standard library (cached); on the held-out last 10 % of the windows,
 character, continuous-time and as the K-step bound of K-step random-order unmasking, and one
 confidence-ordered sample per K.
 
-Perception: reads the PushT-image runs of `benchmarks/generative_perception.sh` (the same policy
-trained for the same steps with the ResNet-18 encoder from scratch and with the PushT image model's
-DiT, frozen or fine-tuned): training CPU seconds per step from the run's `train_time.txt` (bash
-`time`), held-out success from the run's evaluation `summary.json`.
+Perception: reads the PushT-image runs `PERCEPTION_RUNS` of `benchmarks/generative_perception.sh`
+(the same policy trained for the same steps with the ResNet-18 encoder from scratch and with a
+PushT image model's DiT, frozen or fine-tuned): training CPU seconds per step from the bash `time`
+report in `runs/perception_NAME.log`, the last validation loss from its `log.jsonl`, held-out success
+from the run's evaluation `summary.json`.
 
     python benchmarks/generative.py [--train-steps 1500] [--text-steps 1500] [--out runs/gen/bench]
     python benchmarks/generative.py --only images --image-position rotary   # axial rotary image models
@@ -185,15 +186,31 @@ def cpu_seconds(path: Path) -> float | None:
     return sum(found.values()) if len(found) == 2 else None
 
 
+PERCEPTION_RUNS = ("resnet", "dit_velocity_frozen", "dit_sample_frozen", "dit_sample_finetuned")
+
+
+def image_model_column(encoder: dict) -> str:
+    """What the DiT backbone started from: the image model's process, output, steps and final loss."""
+    init = (encoder.get("image_backbone") or {}).get("init")
+    if not init:
+        return "-"
+    model = json.loads((Path(init) / "config.json").read_text())
+    config, meta = model["config"], model["metadata"]
+    output = "velocity" if config["process"] == "flow" else config["prediction"]
+    return f"{config['process']}, predicts {output}, {meta['train_steps']} steps, loss {meta['final_loss']:.3f}"
+
+
 def perception_table(args: argparse.Namespace) -> list[str]:
-    lines = ["| encoder | train steps | encoder params (trainable) | train CPU s/step | held-out success |",
-             "|---|---|---|---|---|"]
-    for name in ("resnet", "dit_frozen", "dit_finetuned"):
+    lines = ["| encoder | image model (DiT start) | train steps | encoder params (trainable) | train CPU s/step "
+             "| validation loss, end | held-out success |", "|---|---|---|---|---|---|---|"]
+    for name in PERCEPTION_RUNS:
         run = Path("runs/gen") / f"policy_{name}"
         if not (run / "config.json").is_file():
             continue
         config = json.loads((run / "config.json").read_text())
         steps = config["train"]["steps"]
+        start = image_model_column(config["policy"]["encoder"])
+        val = [row["val_loss"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val_loss" in row]
         cpu = cpu_seconds(Path(f"runs/perception_{name}.log"))
         summaries = sorted(run.glob("checkpoints/*/eval_*/summary.json"))
         success = "not evaluated"
@@ -212,7 +229,8 @@ def perception_table(args: argparse.Namespace) -> list[str]:
             trainable = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
             params = f"{total / 1e6:.2f} M ({trainable / 1e6:.2f} M)"
         per_step = f"{cpu / steps:.2f}" if cpu is not None else "?"
-        lines.append(f"| {name} | {steps} | {params} | {per_step} | {success} |")
+        val_loss = f"{val[-1]:.4f}" if val else "?"
+        lines.append(f"| {name} | {start} | {steps} | {params} | {per_step} | {val_loss} | {success} |")
     return lines
 
 

@@ -3,9 +3,10 @@
 # trained for STEPS steps with the given encoder overrides, then evaluated on EPISODES held-out seeds.
 # The training command's `time` report (CPU seconds) goes to runs/perception_NAME.log.
 #   benchmarks/generative_perception.sh NAME STEPS EPISODES [policy overrides...]
-# e.g. benchmarks/generative_perception.sh resnet 60 50
-#      benchmarks/generative_perception.sh dit_frozen 60 50 \
-#        'policy.encoder={"crop_shape": [84, 84], "image_backbone": {"type": "dit", "init": "runs/gen/pusht_dit", "freeze": true}}'
+# e.g. benchmarks/generative_perception.sh resnet 3000 50 train.cpu_bf16=true
+#      benchmarks/generative_perception.sh dit_sample_frozen 3000 50 train.cpu_bf16=true \
+#        'policy.encoder={"crop_shape": [84, 84], "image_backbone": {"type": "dit", "init": "runs/gen/pusht_dit_x0", "freeze": true}}'
+# (the names that `benchmarks/generative.py --only perception` tabulates: its PERCEPTION_RUNS)
 set -e
 NAME=$1; STEPS=$2; EPISODES=$3; shift 3
 PY=${PYTHON:-python}
