@@ -59,17 +59,20 @@ def test_the_readme_reports_the_main_jobs_own_settings():
     """The README's main-job row names what `diffpolicy main` runs, so its numbers measure the default."""
     from pathlib import Path
 
-    from diffpolicy.commands.main import BUDGET_OVERRIDES, DEMOS, STEPS
+    from diffpolicy.commands.main import DEMOS, STEPS, budget_overrides
     from diffpolicy.train.config import build_config
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| PushT, `./run main`"))
-    config = build_config("pusht", "diffusion", BUDGET_OVERRIDES)
+    config = build_config("pusht", "diffusion", budget_overrides("diffusion"))
     backbone = config.policy.backbone
     assert f"{DEMOS} demos" in row and f"{STEPS // 1000}k steps of {config.train.batch_size}" in row
     assert f"MLP {backbone['hidden_dim']}×{backbone['num_blocks']}, {backbone['activation']}" in row
     assert config.policy.process.prediction == "sample" and "predicts the clean chunk" in row  # the card's setting
     assert f"{config.train.num_threads} threads" in row
+    # diffusion trains on exactly the levels its sampler visits
+    assert config.policy.process.train_steps == config.policy.inference_steps
+    assert f"trained on its sampler's {config.policy.inference_steps} levels" in row
     # bf16 where the CPU multiplies it natively (the README's runs had it), float32 elsewhere
     from diffpolicy.train.precision import native_cpu_bf16
 
@@ -78,9 +81,9 @@ def test_the_readme_reports_the_main_jobs_own_settings():
 
 
 def test_main_job_budget_keeps_both_methods_on_the_512_wide_network():
-    from diffpolicy.commands.main import BUDGET_OVERRIDES
+    from diffpolicy.commands.main import budget_overrides
     from diffpolicy.train.config import build_config
 
     for method in ("diffusion", "flow"):
-        assert build_config("pusht", method, BUDGET_OVERRIDES).policy.backbone["hidden_dim"] == 512
+        assert build_config("pusht", method, budget_overrides(method)).policy.backbone["hidden_dim"] == 512
     assert build_config("pusht", "flow").policy.backbone["hidden_dim"] == 768  # the card's flow recipe
