@@ -80,10 +80,12 @@ def test_the_readme_reports_the_main_jobs_own_settings():
     assert f"collects {DEMOS} PushT demonstrations" in readme and f"for {STEPS // 1000}k steps" in readme
 
 
-def test_main_job_budget_keeps_both_methods_on_the_512_wide_network():
+def test_main_job_budget_keeps_both_methods_512_wide_and_on_their_samplers_levels():
     from diffpolicy.commands.main import budget_overrides
     from diffpolicy.train.config import build_config
 
     for method in ("diffusion", "flow"):
-        assert build_config("pusht", method, budget_overrides(method)).policy.backbone["hidden_dim"] == 512
+        policy = build_config("pusht", method, budget_overrides(method)).policy
+        assert policy.backbone["hidden_dim"] == 512
+        assert policy.process.train_steps == policy.inference_steps  # trained on its sampler's levels
     assert build_config("pusht", "flow").policy.backbone["hidden_dim"] == 768  # the card's flow recipe
