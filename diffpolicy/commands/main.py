@@ -61,8 +61,9 @@ BUDGET_OVERRIDES = [f"train.steps={STEPS}", "train.batch_size=256", "optim.lr=1e
                     "policy.backbone.activation=silu", *(["train.cpu_bf16=true"] if native_cpu_bf16() else [])]
 # Each method trains only on the levels its sampler visits (t = k / N for its N inference steps:
 # diffusion's 10 DDPM steps, flow's 20 Euler steps) instead of the card's 100-level grid (diffusion)
-# or continuous time (flow). On 200 validation seeds (docs/RESULTS.md, "Main job"): diffusion 90.6 %
-# vs 88.1 % over three runs each (a small gain inside the spread between runs), flow 150 vs 104.
+# or continuous time (flow). docs/RESULTS.md, "Main job": diffusion 90.6 % vs 88.1 % over three runs
+# each, held-out and validation seeds pooled (a small gain inside the spread between runs); flow
+# 150 vs 104 of 200 validation episodes (one run each).
 METHOD_OVERRIDES = {"diffusion": ["policy.process.train_steps=10"], "flow": ["policy.process.train_steps=20"]}
 
 
