@@ -14,6 +14,8 @@ and report the speed-up against that first row:
     + bf16        bf16 autocast of the forward pass (`train.cpu_bf16=true`), 1 and 2 threads; only on a
                   CPU with native bf16 matrix multiplies (`diffpolicy.train.precision`)
     + compile     `torch.compile` of the denoiser (`--compile`; the compile time is reported apart)
+    + lean step   no gradient clipping (`optim.grad_clip=null`) and the EMA folded in every 4 steps
+                  (`train.ema_every=4`): the main job's step
     DP UNet       Diffusion Policy's default ConditionalUnet1D (down dims 256, 512, 1024), 1 and 2 threads
 
 FLOPs of a step are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix multiplies and
@@ -60,6 +62,8 @@ class Variant:
     compile: bool = False
     bf16: bool = False
     steps: int | None = None  # timed steps (None: --steps)
+    clip: bool = True  # gradient clipping at norm 1
+    ema_every: int = 1  # steps between EMA updates
 
     @property
     def dtype(self) -> torch.dtype:
@@ -90,9 +94,11 @@ def make_batch(policy: ChunkPolicy, batch: int) -> dict:
 
 
 def step_parts(policy: ChunkPolicy, optimizer: torch.optim.Optimizer, ema: EMA, batch: dict,
-               loss_fn: Callable[[dict], torch.Tensor]) -> dict[str, Callable[[], object]]:
-    """The trainer's step as named parts, run in order."""
-    state: dict = {}
+               loss_fn: Callable[[dict], torch.Tensor], clip: bool = True,
+               ema_every: int = 1) -> dict[str, Callable[[], object]]:
+    """The trainer's step as named parts, run in order (the EMA part updates every `ema_every`-th call,
+    folding in the skipped steps, as the trainer does)."""
+    state: dict = {"calls": 0}
 
     def forward() -> None:
         state["loss"] = loss_fn(batch)
@@ -101,26 +107,38 @@ def step_parts(policy: ChunkPolicy, optimizer: torch.optim.Optimizer, ema: EMA, 
         optimizer.zero_grad(set_to_none=True)
         state["loss"].backward()
 
-    return {"forward": forward, "backward": backward,
-            "clip": lambda: clip_gradients(policy.parameters(), 1.0),
-            "optimizer": optimizer.step, "ema": lambda: ema.update(policy)}
+    def update_ema() -> None:
+        state["calls"] += 1
+        if state["calls"] % ema_every == 0:
+            ema.update(policy, steps=ema_every)
+
+    parts = {"forward": forward, "backward": backward,
+             "clip": lambda: clip_gradients(policy.parameters(), 1.0),
+             "optimizer": optimizer.step, "ema": update_ema}
+    return parts if clip else {name: part for name, part in parts.items() if name != "clip"}
 
 
-def time_step(parts: dict[str, Callable[[], object]], steps: int) -> tuple[float, dict[str, float]]:
+def time_step(parts: dict[str, Callable[[], object]], steps: int, period: int = 1) -> tuple[float, dict[str, float]]:
     """Median seconds of a whole step over `steps` timed steps (after 3 warm-up steps, 1 when
-    `steps` < 5: Diffusion Policy's UNet takes seconds per step), and the median seconds of each part."""
+    `steps` < 5: Diffusion Policy's UNet takes seconds per step), and the median seconds of each part.
+    With `period` > 1 the medians are over rounds of `period` steps, divided by `period` (a part that
+    runs every `period`-th step counts at its average)."""
     warmup = 3 if steps >= 5 else 1
     times: dict[str, list[float]] = {name: [] for name in parts}
     totals = []
     for i in range(steps + warmup):
         began = time.perf_counter()
-        for name, part in parts.items():
-            mark = time.perf_counter()
-            part()
-            times[name].append(time.perf_counter() - mark)
+        spent = dict.fromkeys(parts, 0.0)
+        for _ in range(period):
+            for name, part in parts.items():
+                mark = time.perf_counter()
+                part()
+                spent[name] += time.perf_counter() - mark
         if i >= warmup:
-            totals.append(time.perf_counter() - began)
-    return statistics.median(totals), {name: statistics.median(v[warmup:]) for name, v in times.items()}
+            totals.append((time.perf_counter() - began) / period)
+            for name, value in spent.items():
+                times[name].append(value / period)
+    return statistics.median(totals), {name: statistics.median(v) for name, v in times.items()}
 
 
 def step_flops(policy: ChunkPolicy, batch: dict) -> float:
@@ -160,6 +178,8 @@ def variants(args: argparse.Namespace) -> list[Variant]:
                  Variant("+ bf16 autocast (2 threads)", silu, 2, bf16=True)]
     else:
         print("# no native bf16 matrix multiply on this CPU: bf16 rows skipped")
+    rows.append(Variant("+ lean step (no clip, EMA every 4)", silu, 2, bf16=native_cpu_bf16(), clip=False,
+                        ema_every=4))
     if args.compile:
         rows.append(Variant("+ torch.compile", silu, 2, compile=True, bf16=native_cpu_bf16()))
     if not args.no_unet:
@@ -195,7 +215,8 @@ def main() -> None:
             began = time.perf_counter()
             loss_fn(batch).backward()
             compile_s = time.perf_counter() - began
-        seconds, parts = time_step(step_parts(policy, optimizer, ema, batch, loss_fn), variant.steps or args.steps)
+        seconds, parts = time_step(step_parts(policy, optimizer, ema, batch, loss_fn, variant.clip, variant.ema_every),
+                                   variant.steps or args.steps, period=variant.ema_every)
         if (variant.threads, variant.dtype) not in peaks:
             peaks[variant.threads, variant.dtype] = matmul_peak(make_policy(MAIN_JOB_NETWORK)[0], args.batch,
                                                                 variant.threads, variant.dtype)

@@ -64,6 +64,36 @@ def test_update_is_the_ema_recurrence_and_copies_the_rest():
     assert not torch.allclose(ema.shadow["linear.weight"], model.linear.weight)  # averaged, lags behind
 
 
+@pytest.mark.parametrize("start", [0, 1, 5, 400])
+def test_update_of_several_steps_is_that_many_updates_with_the_same_weights(start):
+    gen = torch.Generator().manual_seed(2)
+    model = Net()
+    one_by_one, folded = EMA(model), EMA(model)
+    for _ in range(start):  # both at step `start` with the same shadow
+        perturb(model, gen)
+        one_by_one.update(model)
+        folded.update(model)
+    perturb(model, gen)
+    for _ in range(4):
+        one_by_one.update(model)
+    folded.update(model, steps=4)
+    product = 1.0
+    for step in range(start, start + 4):
+        product *= folded.decay_at(step)
+    assert folded.step == one_by_one.step == start + 4 and folded.decay == pytest.approx(product, rel=1e-12)
+    for name, tensor in one_by_one.shadow.items():
+        torch.testing.assert_close(folded.shadow[name], tensor, atol=1e-6, rtol=1e-6)
+    assert folded.shadow["count"].item() == model.count.item()
+
+
+@pytest.mark.parametrize("steps", [0, -2, 1.5, True])
+def test_update_refuses_a_step_count_that_is_not_a_positive_integer(steps):
+    ema = EMA(Net())
+    with pytest.raises(NNInputError, match=rf"steps must be an integer >= 1, got {steps!r}"):
+        ema.update(Net(), steps=steps)
+    assert ema.step == 0
+
+
 def test_ema_of_constant_model_is_the_model_and_copy_to_writes_it():
     model = Net()
     ema = EMA(model)

@@ -79,7 +79,7 @@ def test_wrong_type_names_key_type_and_value(override, expected):
 
 
 @pytest.mark.parametrize("override", ["task=lift", "method=flow", "policy.process.type=flow", "noequals",
-                                      "policy.obs_horizon=0", "train.steps=0", "policy=1"])
+                                      "policy.obs_horizon=0", "train.steps=0", "train.ema_every=0", "policy=1"])
 def test_invalid_overrides_are_refused(override):
     with pytest.raises(ConfigError):
         build_config("pusht", "diffusion", [override])

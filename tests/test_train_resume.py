@@ -49,12 +49,14 @@ def kill_after_first_checkpoint(run_dir, args):
     return int(latest.split("_")[1])
 
 
-def test_kill_and_resume_is_bit_exact(tmp_path, dataset):
-    config = build_config("pusht", "diffusion", [*OVERRIDES, f"data.path={dataset}"])
+@pytest.mark.parametrize("ema_every", [1, 3])  # 3: checkpoints at multiples of 20 fall between EMA updates
+def test_kill_and_resume_is_bit_exact(tmp_path, dataset, ema_every):
+    overrides = [*OVERRIDES, f"train.ema_every={ema_every}", f"data.path={dataset}"]
+    config = build_config("pusht", "diffusion", overrides)
     train(config, tmp_path / "straight", progress=False)
 
     killed = tmp_path / "killed"
-    args = ["--task", "pusht", "--out", str(killed), "--no-progress", *OVERRIDES, f"data.path={dataset}"]
+    args = ["--task", "pusht", "--out", str(killed), "--no-progress", *overrides]
     stopped_at = kill_after_first_checkpoint(killed, args)
     assert 0 < stopped_at < STEPS
     with pytest.raises(RunDirectoryError, match="--resume"):
@@ -69,6 +71,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path, dataset):
     assert not different, f"resumed run differs from the straight run in {different[:5]}"
     for key in ("epoch", "batch_in_epoch", "scheduler", "ema"):
         assert got_meta[key] == expected_meta[key]
+    assert got_meta["ema"]["step"] == STEPS  # the EMA is caught up at every checkpoint
     # the log of the resumed run has each step once
     rows = [row for row in map(json.loads, (killed / "log.jsonl").read_text().splitlines()) if "loss" in row]
     assert [row["step"] for row in rows] == list(range(10, STEPS + 1, 10))

@@ -1,6 +1,6 @@
 """Exponential moving average of a model's weights with Diffusion Policy's warm-up.
 
-Decay at optimization step k (the k-th call of `update`, counting from 0), as DP's `EMAModel`:
+Decay at optimization step k (counting from 0; `update` advances one step or several), as DP's `EMAModel`:
 
     s = max(0, k - update_after_step - 1)
     decay = 0                                                  if s == 0
@@ -14,6 +14,7 @@ parameters that do not require grad and non-float buffers (counters, indices) ar
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -82,10 +83,17 @@ class EMA:
         return tensors
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold the current weights of `model` into the average and advance the step."""
+    def update(self, model: nn.Module, steps: int = 1) -> None:
+        """Fold the current weights of `model` into the average and advance `steps` optimization steps.
+
+        `steps` > 1 stands for that many updates with the same weights, folded into one pass: the decay
+        is the product of theirs (updating every k steps with `steps=k` costs a k-th of the passes over
+        the weights and averages the weights seen every k-th step).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise NNInputError(f"EMA.update: steps must be an integer >= 1, got {steps!r}")
         tensors = self._matching_tensors(model)
-        self.decay = self.decay_at(self.step)
+        self.decay = math.prod(self.decay_at(step) for step in range(self.step, self.step + steps))
         averaged, targets = [], []
         for name, tensor in tensors.items():
             shadow = self.shadow[name]
@@ -97,7 +105,7 @@ class EMA:
                 shadow.copy_(tensor)
         if averaged:
             torch._foreach_lerp_(averaged, targets, 1.0 - self.decay)
-        self.step += 1
+        self.step += steps
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -339,8 +339,9 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
             clip_gradients(policy.parameters(), config.optim.grad_clip)
         optimizer.step()
         learner.scheduler.step()
-        learner.ema.update(policy)
         step += 1
+        if step % tc.ema_every == 0 or step % tc.checkpoint_every == 0 or step == tc.steps:
+            learner.ema.update(policy, steps=step - learner.ema.step)  # caught up at every checkpoint
         loss_sum += loss.detach()
         loss_count += 1
         bar.update(1)
