@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first seed; episodes use seed, seed+1, ... (default: the card's eval.seed_start)")
     parser.add_argument("--videos", type=int, default=0, help="write mp4 videos of the first K episodes")
     parser.add_argument("--out", default=None, help="output directory (default: <checkpoint>/eval_seed<S>_n<N>)")
-    parser.add_argument("--n-envs", type=int, default=10, help="environments stepped together")
+    parser.add_argument("--n-envs", type=int, default=10,
+                        help="environments stepped together (default 10; all episodes at once replan in one batch: "
+                             "PushT's 100 episodes take a quarter of the time with --n-envs 100)")
     parser.add_argument("--inference-steps", type=int, default=None, help="denoising steps (default: the policy's)")
     parser.add_argument("--eta", type=float, default=None,
                         help="diffusion only: DDIM stochasticity in [0, 1], 1 = DDPM steps (default: the policy's)")
