@@ -130,8 +130,8 @@ class LoopConfig:
     num_threads: int = 0
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 1), ("batch_size", 1), ("loss_shards", 0), ("ema_every", 1), ("log_every", 1),
-                              ("checkpoint_every", 1), ("keep_top_k", 0), ("num_threads", 0)):
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("loss_shards", 0), ("ema_every", 1),
+                              ("log_every", 1), ("checkpoint_every", 1), ("keep_top_k", 0), ("num_threads", 0)):
             check_int(f"train.{name}", getattr(self, name), minimum)
 
 

@@ -340,13 +340,14 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
         optimizer.step()
         learner.scheduler.step()
         step += 1
-        if step % tc.ema_every == 0 or step % tc.checkpoint_every == 0 or step == tc.steps:
+        at_checkpoint = step % tc.checkpoint_every == 0 or step == tc.steps
+        if step % tc.ema_every == 0 or at_checkpoint:
             learner.ema.update(policy, steps=step - learner.ema.step)  # caught up at every checkpoint
         loss_sum += loss.detach()
         loss_count += 1
         bar.update(1)
 
-        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.steps:
+        if step % tc.log_every == 0 or at_checkpoint:
             mean_loss = float(all_reduce_mean(loss_sum / loss_count, ctx))
             steps_per_s = loss_count / max(1e-9, clock.end_interval(interval_start))
             loss_sum.zero_()
@@ -357,7 +358,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
                                           "wall_s": clock.wall_s, "cpu_s": clock.cpu_s})
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
 
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
+        if at_checkpoint:
             if ctx.is_main:
                 bar.clear()
                 last = checkpoint(run_dir, config, card, manager, (step, epoch, batch_in_epoch), learner,
