@@ -210,7 +210,7 @@ def _evaluate_checkpoint(policy_dir: str, episodes: int, seed: int, videos: int,
     torch.set_num_threads(1)
     policy = ChunkPolicy.from_pretrained(policy_dir)
     evaluation = evaluate(policy, load_task(TASK), episodes=episodes, seed_start=seed,
-                          n_envs=min(episodes, EVAL_ENVS), videos=videos, out_dir=out_dir)
+                          n_envs=EVAL_ENVS, videos=videos, out_dir=out_dir)
     return evaluation.summary, [str(v) for v in evaluation.videos]
 
 
