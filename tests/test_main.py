@@ -43,9 +43,10 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path, capsys):
 
 def test_main_job_trains_on_its_own_demonstrations_from_a_larger_store(tmp_path, capsys):
     from diffpolicy.collection.collect import collect
+    from diffpolicy.commands.main import ACTION_NOISE
 
     out, dataset = tmp_path / "main", tmp_path / "pusht.zarr"
-    collect("pusht", episodes=4, out=dataset, only_success=True)
+    collect("pusht", episodes=4, out=dataset, only_success=True, action_noise=ACTION_NOISE)
     argv = ["main", "--out", str(out), "--dataset", str(dataset), "--demos", "3", "--eval-episodes", "1",
             "--videos", "0", "--no-progress", *TINY]
     assert main(argv) == 0
@@ -53,6 +54,38 @@ def test_main_job_trains_on_its_own_demonstrations_from_a_larger_store(tmp_path,
     assert summary["demonstrations"] == 3
     assert summary["expert success (demonstration seeds)"] == "3/3"  # not the store's 4/4
     assert json.loads((out / "train" / "config.json").read_text())["data"]["max_episodes"] == 3
+
+
+def test_main_job_collects_dart_demonstrations_and_names_a_store_made_otherwise(tmp_path, capsys):
+    """The job's store records the expert's clean actions next to the noisy executed ones; a store
+    collected with other noise is refused by name before anything is trained."""
+    import numpy as np
+
+    from diffpolicy.collection.collect import collect
+    from diffpolicy.commands.main import ACTION_NOISE
+    from diffpolicy.data.replay_buffer import ReplayBuffer
+
+    out, dataset = tmp_path / "main", tmp_path / "pusht_dart.zarr"
+    argv = ["main", "--out", str(out), "--dataset", str(dataset), "--demos", "2", "--eval-episodes", "1",
+            "--videos", "0", "--no-progress", *TINY]
+    assert main(argv) == 0
+    store = ReplayBuffer.open(dataset)
+    assert store.attrs["collection"]["action_noise"] == ACTION_NOISE > 0
+    action, executed = np.asarray(store["action"]), np.asarray(store["executed_action"])
+    assert action.shape == executed.shape and not np.allclose(action, executed)
+    assert json.loads((out / "summary.json").read_text())["demonstration action noise (DART)"] == ACTION_NOISE
+
+    clean = tmp_path / "clean.zarr"
+    collect("pusht", episodes=1, out=clean, only_success=True)
+    other = ["main", "--out", str(tmp_path / "other"), "--dataset", str(clean), "--demos", "1", "--no-progress", *TINY]
+    assert main(other) != 0
+    err = capsys.readouterr().err
+    assert f"collection.action_noise = 0.0, this run asks for {ACTION_NOISE}" in err
+    assert not (tmp_path / "other" / "train").exists()
+    assert main(["main", "--action-noise", "-1", "--out", str(tmp_path / "bad"), "--dataset", str(tmp_path / "bad.zarr"),
+                 "--demos", "1", "--no-progress", *TINY]) != 0
+    assert "action_noise must be one finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad.zarr").exists()
 
 
 def test_the_readme_reports_the_main_jobs_own_settings():
