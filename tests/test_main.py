@@ -92,14 +92,15 @@ def test_the_readme_reports_the_main_jobs_own_settings():
     """The README's main-job row names what `diffpolicy main` runs, so its numbers measure the default."""
     from pathlib import Path
 
-    from diffpolicy.commands.main import DEMOS, STEPS, budget_overrides
+    from diffpolicy.commands.main import ACTION_NOISE, DEMOS, STEPS, budget_overrides
     from diffpolicy.train.config import build_config
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| PushT, `./run main`"))
     config = build_config("pusht", "diffusion", budget_overrides("diffusion"))
     backbone = config.policy.backbone
-    assert f"{DEMOS} demos" in row and f"{STEPS // 1000}k steps of {config.train.batch_size}" in row
+    assert f"{DEMOS} demos (DART σ {ACTION_NOISE})" in row
+    assert f"{STEPS // 1000}k steps of {config.train.batch_size}" in row
     assert f"MLP {backbone['hidden_dim']}×{backbone['num_blocks']}, {backbone['activation']}" in row
     assert config.policy.process.prediction == "sample" and "predicts the clean chunk" in row  # the card's setting
     assert f"{config.train.num_threads} threads" in row
