@@ -19,7 +19,9 @@ Da = 2, MLP 256 wide, 10 steps), untrained: the numbers time the path, not the p
     codec      encode + decode of one observation request (msgpack, raw array bytes, schema
                checks) against pickle.dumps + pickle.loads of the same dict of arrays, in this
                process: a low-dim PushT observation and a 2 x 96 x 96 x 3 uint8 image one.
-    bridge     with a roscore (ROS 1) and on Cyclone DDS (ROS 2 types): `diffpolicy bridge` and
+    bridge     with a roscore (ROS 1), on Cyclone DDS (ROS 2 types), and with the bridge as an rclpy
+               node (Fast DDS) driving a Cyclone DDS robot (where .venv-rclpy or
+               DIFFPOLICY_RCLPY_PYTHON has rclpy): `diffpolicy bridge` and
                `diffpolicy sim-robot` as processes for `--bridge-seconds`; from the bridge's
                heartbeats, `tick_ms` (the bridge's tick: controller tick + publication),
                `latency_ms` (newest observation's arrival -> command published) and
@@ -63,10 +65,8 @@ from diffpolicy.policies.locate import resolve_policy_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"agent_pos": (2,), "keypoints": (18,)}
-CYCLONE_LOOPBACK = ("<CycloneDDS><Domain><General><Interfaces><NetworkInterface address=\"127.0.0.1\"/></Interfaces>"
-                    "<AllowMulticast>false</AllowMulticast></General><Discovery><ParticipantIndex>auto"
-                    "</ParticipantIndex><MaxAutoParticipantIndex>50</MaxAutoParticipantIndex><Peers>"
-                    "<Peer address=\"127.0.0.1\"/></Peers></Discovery></Domain></CycloneDDS>")
+CYCLONE_LOOPBACK = ROOT / "deploy" / "cyclonedds_loopback.xml"
+RCLPY_PYTHON = os.environ.get("DIFFPOLICY_RCLPY_PYTHON") or str(ROOT / ".venv-rclpy" / "bin" / "python")
 
 
 def make_policy() -> ChunkPolicy:
@@ -94,8 +94,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "diffpolicy.cli", *args], stdout=subprocess.PIPE,
+def start(args: list[str], env: dict | None = None, python: str = sys.executable) -> subprocess.Popen:
+    return subprocess.Popen([python, "-m", "diffpolicy.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
@@ -232,13 +232,16 @@ def bench_bridge(policy: ChunkPolicy, directory: Path, seconds: float) -> list[s
     policy.save_pretrained(directory / "policy")
     rows = ["| transport | ticks | tick_ms p50 | p99 | latency_ms p50 | p99 | stamp_to_command_ms p50 | p99 |",
             "|---|---|---|---|---|---|---|---|"]
-    setups = []
-    if shutil.which("roscore"):
-        setups.append("ros1")
+    setups = ["ros1"] if shutil.which("roscore") else []
     setups.append("ros2")
+    if Path(RCLPY_PYTHON).exists():
+        setups.append("rclpy")
+    labels = {"ros1": "ROS 1 (rospy, roscore on loopback)", "ros2": "ROS 2 types on Cyclone DDS",
+              "rclpy": "ROS 2: bridge on rclpy (Fast DDS), robot on Cyclone DDS"}
     for name in setups:
         env: dict[str, str] = {}
         roscore = None
+        bridge_python, bridge_args = sys.executable, None
         try:
             if name == "ros1":
                 port = free_port()
@@ -249,20 +252,23 @@ def bench_bridge(policy: ChunkPolicy, directory: Path, seconds: float) -> list[s
                                            stderr=subprocess.DEVNULL)
                 time.sleep(3)
                 transport_args = ["--transport", "ros1"]
-            else:
-                config = directory / "cyclonedds.xml"
-                config.write_text(CYCLONE_LOOPBACK)
-                env = {"CYCLONEDDS_URI": config.as_uri()}
+            else:  # the robot and this listener on Cyclone DDS; with rclpy, the bridge is a ROS 2 node on Fast DDS
+                env = {"CYCLONEDDS_URI": CYCLONE_LOOPBACK.as_uri(), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
                 os.environ.update(env)
-                transport_args = ["--transport", "ros2", "--domain-id", str(150 + os.getpid() % 50)]
-            domain = int(transport_args[-1]) if name == "ros2" else 0
-            transport = make_transport(name, node="diffpolicy_benchmark", domain_id=domain)
+                domain_args = ["--domain-id", str(150 + os.getpid() % 50)]
+                transport_args = ["--transport", "ros2", *domain_args]
+                if name == "rclpy":
+                    bridge_python, bridge_args = RCLPY_PYTHON, ["--transport", "rclpy", *domain_args]
+            domain = int(transport_args[-1]) if name != "ros1" else 0
+            transport = make_transport("ros1" if name == "ros1" else "ros2", node="diffpolicy_benchmark",
+                                       domain_id=domain)
         except BridgeError as err:
             rows.append(f"| {name} | skipped: {err} | | | | | | |")
             continue
         beats: list[dict] = []
         transport.subscribe_text("/diffpolicy/heartbeat", lambda text: beats.append(json.loads(text)))
-        bridge = start(["bridge", "--config", "pusht", *transport_args, "--checkpoint", str(directory / "policy")], env)
+        bridge = start(["bridge", "--config", "pusht", *(bridge_args or transport_args), "--checkpoint",
+                        str(directory / "policy")], env, bridge_python)
         robot = start(["sim-robot", "--config", "pusht", *transport_args, "--seeds", "0", "--max-steps", "100000"], env)
         deadline = time.monotonic() + 120
         while not any(b["state"] == "running" for b in beats) and time.monotonic() < deadline:
@@ -272,14 +278,14 @@ def bench_bridge(policy: ChunkPolicy, directory: Path, seconds: float) -> list[s
         running = [b for b in beats[first:] if b["state"] == "running" and b["latency_ms"] is not None]
         stop(robot)
         stop(bridge)
-        if name == "ros2":
+        if name != "ros1":
             transport.close()
         if roscore is not None:
             stop(roscore, signal.SIGINT)
         lat = percentiles([b["latency_ms"] for b in running])
         tick = percentiles([b["tick_ms"] for b in running])
         stamp = percentiles([b["stamp_to_command_ms"] for b in running])
-        rows.append(f"| {'ROS 1 (rospy, roscore on loopback)' if name == 'ros1' else 'ROS 2 types on Cyclone DDS'} | "
+        rows.append(f"| {labels[name]} | "
                     f"{len(running)} | {tick[0]:.2f} | {tick[1]:.2f} | {lat[0]:.1f} | {lat[1]:.1f} | {stamp[0]:.1f} | "
                     f"{stamp[1]:.1f} |")
     return rows

@@ -23,10 +23,7 @@ from diffpolicy.policies import ChunkPolicy, Normalizer, PolicyConfig, flow_proc
 
 ROOT = Path(__file__).resolve().parents[1]
 PUSHT_SHAPES = {"agent_pos": (2,), "keypoints": (18,)}
-CYCLONE_LOOPBACK = ("<CycloneDDS><Domain><General><Interfaces><NetworkInterface address=\"127.0.0.1\"/></Interfaces>"
-                    "<AllowMulticast>false</AllowMulticast></General><Discovery><ParticipantIndex>auto"
-                    "</ParticipantIndex><MaxAutoParticipantIndex>50</MaxAutoParticipantIndex><Peers>"
-                    "<Peer address=\"127.0.0.1\"/></Peers></Discovery></Domain></CycloneDDS>")
+CYCLONE_LOOPBACK = ROOT / "deploy" / "cyclonedds_loopback.xml"  # loopback only; also matches Fast DDS peers
 
 
 def save_pusht_policy(path: Path) -> Path:
@@ -133,8 +130,8 @@ class Listener:
         raise AssertionError(f"no heartbeat with {what} within {timeout} s; last ones: {last}")
 
 
-def start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "diffpolicy.cli", *args], env=env, stdout=subprocess.PIPE,
+def start(args: list[str], env: dict, python: str = sys.executable) -> subprocess.Popen:
+    return subprocess.Popen([python, "-m", "diffpolicy.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -144,10 +141,13 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(10)
 
 
-def run_episode_scenario(transport_args: list[str], env: dict, listener: Listener, policy_args: list[str]) -> None:
+def run_episode_scenario(transport_args: list[str], env: dict, listener: Listener, policy_args: list[str],
+                         bridge_on: tuple[str, list[str]] | None = None) -> None:
     """Bridge + robot; kill the robot (hold); a new robot (recover, episode completes); SIGTERM (hold, stop).
-    `policy_args`: ["--checkpoint", DIR] or ["--server", ADDRESS]."""
-    bridge = start(["bridge", "--config", "pusht", *transport_args, *policy_args], env)
+    `policy_args`: ["--checkpoint", DIR] or ["--server", ADDRESS]. `bridge_on`: (python, transport args) when
+    the bridge runs in another interpreter or on another transport than the robots (`transport_args`)."""
+    python, bridge_args = bridge_on or (sys.executable, transport_args)
+    bridge = start(["bridge", "--config", "pusht", *bridge_args, *policy_args], env, python)
     first = second = None
     try:
         first = start(["sim-robot", "--config", "pusht", *transport_args, "--seeds", "0", "--max-steps", "1000"], env)

@@ -47,9 +47,7 @@ def test_ros2_dds_bridge_end_to_end(tmp_path, monkeypatch):
         import diffpolicy.deploy.ros.dds  # noqa: F401
     except BridgeError as err:
         pytest.skip(str(err))
-    config = tmp_path / "cyclonedds.xml"
-    config.write_text(CYCLONE_LOOPBACK)
-    monkeypatch.setenv("CYCLONEDDS_URI", config.as_uri())
+    monkeypatch.setenv("CYCLONEDDS_URI", CYCLONE_LOOPBACK.as_uri())
     domain = 100 + os.getpid() % 100
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     port = free_port()

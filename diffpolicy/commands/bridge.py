@@ -32,7 +32,8 @@ from diffpolicy.policies.locate import resolve_policy_dir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="bridge config: a name in deploy/bridge/ or a YAML path")
-    parser.add_argument("--transport", required=True, choices=TRANSPORTS, help="ros1 (rospy) or ros2 (Cyclone DDS)")
+    parser.add_argument("--transport", required=True, choices=TRANSPORTS,
+                        help="ros1 (rospy), ros2 (Cyclone DDS) or rclpy (a ROS 2 installation's rclpy)")
     parser.add_argument("--domain-id", type=int, default=0, help="ROS 2 / DDS domain id")
     parser.add_argument("--checkpoint", default=None, help="a local policy (run, checkpoint or save_pretrained dir)")
     parser.add_argument("--server", default=None, help="a policy server address, tcp://host:port")

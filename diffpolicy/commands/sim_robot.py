@@ -21,7 +21,8 @@ from diffpolicy.envs.tasks import load_task
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="bridge config: a name in deploy/bridge/ or a YAML path")
-    parser.add_argument("--transport", required=True, choices=TRANSPORTS, help="ros1 (rospy) or ros2 (Cyclone DDS)")
+    parser.add_argument("--transport", required=True, choices=TRANSPORTS,
+                        help="ros1 (rospy), ros2 (Cyclone DDS) or rclpy (a ROS 2 installation's rclpy)")
     parser.add_argument("--domain-id", type=int, default=0, help="ROS 2 / DDS domain id")
     parser.add_argument("--task", default="pusht", help="the simulated task (its observation keys must match)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one episode per seed")

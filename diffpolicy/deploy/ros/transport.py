@@ -5,7 +5,7 @@ velocity, effort) and `Image` sensor_msgs/Image (rgb8 only); each transport conv
 own message classes. Text topics carry std_msgs/String (the heartbeat's JSON). Callbacks run on
 the middleware's threads.
 
-    transport = make_transport("ros1", node="diffpolicy_bridge")      # or "ros2" (Cyclone DDS)
+    transport = make_transport("ros1", node="diffpolicy_bridge")      # or "ros2" (Cyclone DDS), "rclpy"
     publish = transport.joint_state_publisher("/pusht/command")
     transport.subscribe_joint_state("/pusht/agent_pos", on_message)
     publish(JointState(stamp=time.time(), names=("x", "y"), position=np.array([1.0, 2.0])))
@@ -22,7 +22,7 @@ import numpy as np
 
 from diffpolicy.deploy.errors import BridgeError
 
-TRANSPORTS = ("ros1", "ros2")
+TRANSPORTS = ("ros1", "ros2", "rclpy")
 
 
 @dataclass
@@ -98,12 +98,16 @@ class Transport:
 
 
 def make_transport(name: str, node: str, domain_id: int = 0) -> Transport:
-    """The transport called `name`: "ros1" (rospy, ROS_MASTER_URI from the environment) or "ros2"
-    (Cyclone DDS on `domain_id`, ROS 2 wire types). Raises `BridgeError` if its middleware is missing."""
+    """The transport called `name`: "ros1" (rospy, ROS_MASTER_URI from the environment), "ros2"
+    (Cyclone DDS on `domain_id`, ROS 2 wire types) or "rclpy" (a ROS 2 node on `domain_id`).
+    Raises `BridgeError` if its middleware is missing."""
     if name == "ros1":
         from diffpolicy.deploy.ros.ros1 import Ros1Transport
         return Ros1Transport(node)
     if name == "ros2":
         from diffpolicy.deploy.ros.dds import DdsTransport
         return DdsTransport(domain_id)
+    if name == "rclpy":
+        from diffpolicy.deploy.ros.rclpy_ros2 import RclpyTransport
+        return RclpyTransport(node, domain_id)
     raise BridgeError(f"unknown transport {name!r}; expected one of {list(TRANSPORTS)}")
