@@ -98,3 +98,13 @@ def test_rclpy_bridge_drives_a_cyclone_robot_end_to_end(tmp_path, ros2_env):
                                                                                     "--domain-id", domain]))
     finally:
         transport.close()
+
+
+def test_rclpy_transport_without_rclpy_names_what_to_install():
+    try:
+        import rclpy  # noqa: F401
+        pytest.skip("this interpreter has rclpy")
+    except ImportError:
+        pass
+    with pytest.raises(BridgeError, match=r"rclpy transport needs a ROS 2 installation's rclpy .*ros-rclpy\[fastrtps\]"):
+        make_transport("rclpy", node="x", domain_id=0)

@@ -29,6 +29,7 @@ try:
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import Image as RosImage
     from sensor_msgs.msg import JointState as RosJointState
     from std_msgs.msg import String as RosString
@@ -74,7 +75,8 @@ class RclpyTransport(Transport):
 
     def __init__(self, node: str, domain_id: int = 0):
         self._context = Context()
-        rclpy.init(context=self._context, domain_id=domain_id)
+        # no rclpy signal handlers: the bridge handles SIGTERM itself (hold, then stop)
+        rclpy.init(context=self._context, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
         self.node = rclpy.create_node(node, context=self._context)
         self._executor = SingleThreadedExecutor(context=self._context)
         self._executor.add_node(self.node)
