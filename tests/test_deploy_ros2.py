@@ -37,7 +37,7 @@ def test_ros2_wire_types_and_round_trip():
     sample = dds.to_dds(message)
     assert (sample.header.stamp.sec, sample.header.stamp.nanosec) == (5, 750_000_000)
     decoded = JointState_.deserialize(sample.serialize())  # through the CDR bytes that go on the wire
-    back = dds.from_dds(decoded)
+    back = JointState.from_ros2(decoded)
     assert back.stamp == 5.75 and back.names == ("j",) and back.position.tolist() == [3.0]
 
 

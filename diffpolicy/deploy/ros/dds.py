@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
 from diffpolicy.deploy.errors import BridgeError
 from diffpolicy.deploy.ros.transport import Image, JointState, Transport
 
@@ -38,24 +36,10 @@ def to_dds(message: JointState) -> JointState_:
                        effort=[float(v) for v in message.effort])
 
 
-def from_dds(sample: JointState_) -> JointState:
-    stamp = sample.header.stamp
-    return JointState(stamp=stamp.sec + stamp.nanosec * 1e-9, names=tuple(sample.name),
-                      position=np.asarray(sample.position, dtype=np.float64),
-                      velocity=np.asarray(sample.velocity, dtype=np.float64),
-                      effort=np.asarray(sample.effort, dtype=np.float64))
-
-
 def image_to_dds(image: Image) -> Image_:
     sec, nanosec = image.stamp_parts()
     return Image_(header=Header_(stamp=Time_(sec=sec, nanosec=nanosec), frame_id=""), height=image.height,
                   width=image.width, encoding=image.encoding, is_bigendian=0, step=image.step, data=image.data)
-
-
-def image_from_dds(sample: Image_) -> Image:
-    stamp = sample.header.stamp
-    return Image(stamp.sec + stamp.nanosec * 1e-9, sample.height, sample.width, sample.encoding, bytes(sample.data),
-                 sample.step)
 
 
 class DdsTransport(Transport):
@@ -92,14 +76,14 @@ class DdsTransport(Transport):
         return lambda message: writer.write(to_dds(message))
 
     def subscribe_joint_state(self, topic: str, callback: Callable[[JointState], None]) -> None:
-        self._reader(topic, JointState_, lambda sample: callback(from_dds(sample)))
+        self._reader(topic, JointState_, lambda sample: callback(JointState.from_ros2(sample)))
 
     def image_publisher(self, topic: str) -> Callable[[Image], None]:
         writer = self._writer(topic, Image_)
         return lambda image: writer.write(image_to_dds(image))
 
     def subscribe_image(self, topic: str, callback: Callable[[Image], None]) -> None:
-        self._reader(topic, Image_, lambda sample: callback(image_from_dds(sample)))
+        self._reader(topic, Image_, lambda sample: callback(Image.from_ros2(sample)))
 
     def text_publisher(self, topic: str) -> Callable[[str], None]:
         writer = self._writer(topic, String_)

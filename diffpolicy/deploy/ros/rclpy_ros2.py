@@ -50,24 +50,11 @@ def to_ros(message: JointState) -> RosJointState:
     return ros
 
 
-def from_ros(ros: RosJointState) -> JointState:
-    stamp = ros.header.stamp
-    return JointState(stamp=stamp.sec + stamp.nanosec * 1e-9, names=tuple(ros.name),
-                      position=np.asarray(ros.position, dtype=np.float64),
-                      velocity=np.asarray(ros.velocity, dtype=np.float64),
-                      effort=np.asarray(ros.effort, dtype=np.float64))
-
-
 def image_to_ros(image: Image) -> RosImage:
     ros = RosImage(height=image.height, width=image.width, encoding=image.encoding, is_bigendian=0, step=image.step,
                    data=array.array("B", image.data))
     ros.header.stamp.sec, ros.header.stamp.nanosec = image.stamp_parts()
     return ros
-
-
-def image_from_ros(ros: RosImage) -> Image:
-    stamp = ros.header.stamp
-    return Image(stamp.sec + stamp.nanosec * 1e-9, ros.height, ros.width, ros.encoding, bytes(ros.data), ros.step)
 
 
 class RclpyTransport(Transport):
@@ -101,13 +88,13 @@ class RclpyTransport(Transport):
         return self._publisher(RosJointState, topic, to_ros)
 
     def subscribe_joint_state(self, topic: str, callback: Callable[[JointState], None]) -> None:
-        self._subscribe(RosJointState, topic, from_ros, callback)
+        self._subscribe(RosJointState, topic, JointState.from_ros2, callback)
 
     def image_publisher(self, topic: str) -> Callable[[Image], None]:
         return self._publisher(RosImage, topic, image_to_ros)
 
     def subscribe_image(self, topic: str, callback: Callable[[Image], None]) -> None:
-        self._subscribe(RosImage, topic, image_from_ros, callback)
+        self._subscribe(RosImage, topic, Image.from_ros2, callback)
 
     def text_publisher(self, topic: str) -> Callable[[str], None]:
         return self._publisher(RosString, topic, lambda text: RosString(data=text))

@@ -40,6 +40,14 @@ class JointState:
         sec = math.floor(self.stamp)
         return sec, min(round((self.stamp - sec) * 1e9), 999_999_999)
 
+    @classmethod
+    def from_ros2(cls, message) -> JointState:
+        """From a ROS 2 sensor_msgs/JointState: rclpy's message or the DDS type (the same fields)."""
+        return cls(stamp=ros2_stamp(message), names=tuple(message.name),
+                   position=np.asarray(message.position, dtype=np.float64),
+                   velocity=np.asarray(message.velocity, dtype=np.float64),
+                   effort=np.asarray(message.effort, dtype=np.float64))
+
 
 @dataclass
 class Image:
@@ -62,6 +70,18 @@ class Image:
 
     def stamp_parts(self) -> tuple[int, int]:
         return JointState(self.stamp).stamp_parts()
+
+    @classmethod
+    def from_ros2(cls, message) -> Image:
+        """From a ROS 2 sensor_msgs/Image: rclpy's message or the DDS type (the same fields)."""
+        return cls(ros2_stamp(message), message.height, message.width, message.encoding, bytes(message.data),
+                   message.step)
+
+
+def ros2_stamp(message) -> float:
+    """A ROS 2 message's header stamp (`sec`, `nanosec`) in seconds."""
+    stamp = message.header.stamp
+    return stamp.sec + stamp.nanosec * 1e-9
 
 
 class Transport:
