@@ -241,6 +241,7 @@ def bench_bridge(policy: ChunkPolicy, directory: Path, seconds: float) -> list[s
     for name in setups:
         env: dict[str, str] = {}
         roscore = None
+        domain = 0  # ROS 1 has no domain
         bridge_python, bridge_args = sys.executable, None
         try:
             if name == "ros1":
@@ -255,11 +256,10 @@ def bench_bridge(policy: ChunkPolicy, directory: Path, seconds: float) -> list[s
             else:  # the robot and this listener on Cyclone DDS; with rclpy, the bridge is a ROS 2 node on Fast DDS
                 env = {"CYCLONEDDS_URI": CYCLONE_LOOPBACK.as_uri(), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
                 os.environ.update(env)
-                domain_args = ["--domain-id", str(150 + os.getpid() % 50)]
-                transport_args = ["--transport", "ros2", *domain_args]
+                domain = 150 + os.getpid() % 50
+                transport_args = ["--transport", "ros2", "--domain-id", str(domain)]
                 if name == "rclpy":
-                    bridge_python, bridge_args = RCLPY_PYTHON, ["--transport", "rclpy", *domain_args]
-            domain = int(transport_args[-1]) if name != "ros1" else 0
+                    bridge_python, bridge_args = RCLPY_PYTHON, ["--transport", "rclpy", "--domain-id", str(domain)]
             transport = make_transport("ros1" if name == "ros1" else "ros2", node="diffpolicy_benchmark",
                                        domain_id=domain)
         except BridgeError as err:
