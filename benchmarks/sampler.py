@@ -8,6 +8,9 @@ Paths, all with To=2, Tp=16 and the same random window indices:
   baseline  for each window, slice every key from the zarr arrays and edge-pad in numpy
   per-item  sampler[i] (low-dim arrays cached in memory, images lazy)
   batched   sampler.sample_batch(indices) in batches of 256
+  batched, images in memory  the same with the image arrays read into memory once at open
+            (`ReplayBuffer.open(image_cache_bytes=...)`, the trainer's `data.image_cache_gb`); the
+            one-time read is printed
 Memory: tracemalloc peak during each path (a separate pass with tracing on) and the process RSS.
 
     python benchmarks/sampler.py            # default: about 1 min of CPU time on an idle core
@@ -154,6 +157,16 @@ def bench(name: str, path: Path, obs_keys: list[str], n_windows: int, n_baseline
         f"batched B={BATCH}": (lambda idx: consume(sampler.sample_batch(b)
                                                    for b in idx.reshape(-1, BATCH)), n_windows),
     }
+    if buffer.image_bytes():
+        begin = time.perf_counter()
+        in_memory = SequenceSampler(ReplayBuffer.open(path, cache_low_dim=True, image_cache_bytes=2**40),
+                                    obs_keys, OBS_HORIZON, PRED_HORIZON)
+        print(f"{name}: read {buffer.image_bytes() / 2**20:.0f} MiB of images into memory in "
+              f"{time.perf_counter() - begin:.1f} s")
+        np.testing.assert_array_equal(in_memory.sample_batch(indices[:8])["obs"][obs_keys[0]],
+                                      check["obs"][obs_keys[0]])
+        paths["batched, images in memory"] = (lambda idx: consume(in_memory.sample_batch(b)
+                                                                  for b in idx.reshape(-1, BATCH)), n_windows)
     size = sum(np.prod(a.shape) * a.dtype.itemsize for a in arrays.values()) / 2**20
     label = f"{name} ({buffer.n_steps} steps, {size:.0f} MiB raw)"
     rows = []
@@ -184,10 +197,10 @@ def main() -> None:
                       n_baseline // 2, rng)
     print(f"\nTo={OBS_HORIZON}, Tp={PRED_HORIZON}; ratios are over the baseline loop on the same "
           "dataset; CPU rates count every thread of this process")
-    print(f"{'dataset':<36} {'path':<14} {'windows/s':>10} {'ratio':>8} {'win/CPU-s':>10} "
+    print(f"{'dataset':<36} {'path':<26} {'windows/s':>10} {'ratio':>8} {'win/CPU-s':>10} "
           f"{'ratio':>8} {'peak traced MiB':>16}")
     for label, path, rate, ratio, cpu_rate, cpu_ratio, peak in rows:
-        print(f"{label:<36} {path:<14} {rate:>10.0f} {ratio:>7.1f}x {cpu_rate:>10.0f} "
+        print(f"{label:<36} {path:<26} {rate:>10.0f} {ratio:>7.1f}x {cpu_rate:>10.0f} "
               f"{cpu_ratio:>7.1f}x {peak:>16.2f}")
     current, peak = rss_mib()
     print(f"\nprocess RSS now {current:.0f} MiB, peak {peak:.0f} MiB")

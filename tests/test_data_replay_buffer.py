@@ -174,6 +174,32 @@ def test_cached_low_dim_follows_appends(tmp_path):
     np.testing.assert_array_equal(buffer["action"][-2:], extra["action"])
 
 
+def test_images_are_read_into_memory_only_when_they_fit_the_budget(tmp_path):
+    rng = np.random.default_rng(7)
+    path = tmp_path / "buf.zarr"
+    _, episodes = filled_buffer(path, rng)
+    frames = np.concatenate([episode["img"] for episode in episodes])
+    lazy = ReplayBuffer.open(path, cache_low_dim=True)
+    assert lazy.image_bytes() == frames.nbytes == 12 * 12 * 10 * 3
+    fits = ReplayBuffer.open(path, cache_low_dim=True, image_cache_bytes=frames.nbytes)
+    too_small = ReplayBuffer.open(path, cache_low_dim=True, image_cache_bytes=frames.nbytes - 1)
+    assert isinstance(fits["img"], np.ndarray) and isinstance(too_small["img"], StepArray)
+    assert isinstance(lazy["img"], StepArray) and isinstance(too_small["state"], np.ndarray)
+    indices = np.array([11, 0, 5, 5])
+    np.testing.assert_array_equal(fits["img"][indices], frames[indices])
+    np.testing.assert_array_equal(fits["img"][indices], lazy["img"][indices])
+    images_only = ReplayBuffer.open(path, image_cache_bytes=frames.nbytes)  # low-dim arrays stay lazy
+    assert isinstance(images_only["img"], np.ndarray) and isinstance(images_only["state"], StepArray)
+
+    appending = ReplayBuffer.open(path, mode="a", image_cache_bytes=10 * frames.nbytes)
+    extra = make_episode(rng, 2)
+    appending.add_episode(extra, {"seed": 9, "success": True, "model_file": "x"})
+    np.testing.assert_array_equal(appending["img"][-2:], extra["img"])  # the cache follows appends
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="image_cache_bytes must be an int >= 0"):
+            ReplayBuffer.open(path, image_cache_bytes=bad)
+
+
 def test_create_refuses_existing_path_and_open_needs_a_store(tmp_path):
     ReplayBuffer.create(tmp_path / "a.zarr")
     with pytest.raises(FileExistsError, match="a.zarr"):

@@ -302,6 +302,12 @@ def test_generate_command_trains_writes_a_png_grid_and_samples_text(tmp_path, ca
     assert main(["generate", "image", "--model", str(tmp_path / "flow_x0"), "--train-steps", "2", "--process", "flow",
                  "--prediction", "sample"]) == 2
     assert "--prediction is for --process diffusion" in capsys.readouterr().err
+    assert main(["generate", "image", "--model", str(tmp_path / "dev"), "--train-steps", "2", "--device", "gpu0"]) == 2
+    assert "expected 'auto', 'cpu', 'cuda'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "image", "--model", str(tmp_path / "dev"), "--train-steps", "2",
+                     "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
     assert main(["generate", "text", "--model", str(tmp_path / "none")]) == 2
     assert "holds no model; train one with --train-steps N" in capsys.readouterr().err
     assert main(["generate", "text", "--model", str(tmp_path / "txt"), "--train-steps", "2", "--steps", "4",

@@ -61,6 +61,7 @@ def test_dataset_of_another_task(tmp_path, dataset, capsys):
     ("optim.lrr=1e-3", "did you mean optim.lr"),
     ("train.steps=ten", "config key 'train.steps': expected an integer, got 'ten' (str)"),
     ("train.bf16=2", "config key 'train.bf16': expected a bool, got 2 (int)"),
+    ("data.image_cache_gb=-1", "data.image_cache_gb"),
 ])
 def test_bad_overrides(tmp_path, dataset, capsys, override, message):
     code, _, err = run_cli(capsys, "train", "--task", "pusht", "--out", str(tmp_path / "run"), override)

@@ -3,6 +3,7 @@
     diffpolicy generate image --model runs/gen/digits_flow --train-steps 3000 --process flow
     diffpolicy generate image --model runs/gen/digits_flow --steps 4 --guidance 3 --out digits.png
     diffpolicy generate image --model runs/gen/pusht_dit --data pusht --train-steps 3000 --out pusht.png
+    diffpolicy generate image --model runs/gen/pusht_dit --data pusht --train-steps 20000 --device cuda
     diffpolicy generate text --model runs/gen/text --train-steps 4000
     diffpolicy generate text --model runs/gen/text --steps 16 --prompt "Return the " --count 4
 
@@ -24,6 +25,7 @@ from diffpolicy.generative import ImageModel, ImageModelConfig, TextModel, TextM
 from diffpolicy.generative.data import digits, pusht_frames, random_crops
 from diffpolicy.generative.grid import write_png_grid
 from diffpolicy.generative.image_model import PREDICTIONS
+from diffpolicy.nn.device import resolve_device
 
 PUSHT_FRAMES = 2000  # rendered initial states the PushT image model trains on
 PUSHT_CROP = 84      # the policies' crop of the 96 x 96 PushT image
@@ -54,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="text: 0 unmasks to the most likely character, 1 draws from the model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu",
+                        help="image: where training runs (cpu, cuda, auto); random draws stay on the CPU generator "
+                             "and sampling runs on the CPU")
     parser.add_argument("--out", default=None, help="image: PNG grid (default <model>/samples.png); "
                                                     "text: also write the samples to this file")
 
@@ -79,6 +84,7 @@ def _backbone(args: argparse.Namespace) -> dict:
 
 def _image(args: argparse.Namespace, model_dir: Path, generator: torch.Generator) -> int:
     if args.train_steps is not None:
+        device = resolve_device(args.device)
         process = args.process or ("flow" if args.data == "digits" else "diffusion")
         prediction = args.prediction or ("v" if args.data == "digits" else "sample")
         if args.prediction is not None and process == "flow":
@@ -86,19 +92,19 @@ def _image(args: argparse.Namespace, model_dir: Path, generator: torch.Generator
         if args.data == "digits":
             images, labels = digits(16)
             config = ImageModelConfig(process=process, prediction=prediction, backbone=_backbone(args))
-            model = ImageModel(config)
-            result = fit(model, lambda i, g: model.loss(images[i], labels[i], g), len(images), args.train_steps,
-                         args.batch_size, args.lr, seed=args.seed)
+            model = ImageModel(config).to(device)
+            result = fit(model, lambda i, g: model.loss(images[i].to(device), labels[i], g), len(images),
+                         args.train_steps, args.batch_size, args.lr, seed=args.seed)
         else:
             frames = pusht_frames(PUSHT_FRAMES, 96, seed=args.seed)
             config = ImageModelConfig(image_size=PUSHT_CROP, channels=3, patch_size=12, num_classes=0,
                                       process=process, prediction=prediction, backbone=_backbone(args))
-            model = ImageModel(config)
-            result = fit(model, lambda i, g: model.loss(random_crops(frames[i], PUSHT_CROP, g), None, g),
+            model = ImageModel(config).to(device)
+            result = fit(model, lambda i, g: model.loss(random_crops(frames[i], PUSHT_CROP, g).to(device), None, g),
                          len(frames), args.train_steps, args.batch_size, args.lr, seed=args.seed)
-        model.save_pretrained(model_dir, {"data": args.data, "train_steps": args.train_steps, "seed": args.seed,
+        model.cpu().save_pretrained(model_dir, {"data": args.data, "train_steps": args.train_steps, "seed": args.seed,
                                           "train_seconds": round(result.seconds, 1),
-                                          "final_loss": sum(result.losses[-50:]) / len(result.losses[-50:])})
+                                          "device": str(device), "final_loss": sum(result.losses[-50:]) / len(result.losses[-50:])})
         print(f"{model_dir}: trained {args.train_steps} steps in {result.seconds:.0f} s, final loss "
               f"{sum(result.losses[-50:]) / len(result.losses[-50:]):.4f}")
     model = ImageModel.from_pretrained(model_dir)

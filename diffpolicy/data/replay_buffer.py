@@ -155,7 +155,8 @@ class ReplayBuffer:
     for more than one writer.
     """
 
-    def __init__(self, group: zarr.Group, path: Path, store=None, cache_low_dim: bool = False):
+    def __init__(self, group: zarr.Group, path: Path, store=None, cache_low_dim: bool = False,
+                 image_cache_bytes: int = 0):
         self._group = group
         self.path = path
         self._store = store
@@ -163,7 +164,8 @@ class ReplayBuffer:
         self._cache: dict[str, np.ndarray] = {}
         self._ends = self._read_committed_ends()
         self._check_lengths()
-        if cache_low_dim:
+        self._cache_images = 0 < self.image_bytes() <= image_cache_bytes
+        if cache_low_dim or self._cache_images:
             for key in self.keys():
                 self[key]
 
@@ -193,13 +195,17 @@ class ReplayBuffer:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, mode: str = "r", cache_low_dim: bool = False
+        cls, path: str | os.PathLike, mode: str = "r", cache_low_dim: bool = False, image_cache_bytes: int = 0
     ) -> "ReplayBuffer":
         """Open an existing store (zarr v2 or v3; a `.zip` file read-only).
 
         mode: "r" read-only, "a" read and append. cache_low_dim: keep every non-image data array
-        (see `is_image_array`) in memory; images always stay lazy on disk.
+        (see `is_image_array`) in memory. image_cache_bytes: read the image arrays into memory too
+        when all of them together (`image_bytes()`, decompressed) fit in this many bytes; otherwise
+        (and by default) images stay on disk and each read decompresses its frames.
         """
+        if isinstance(image_cache_bytes, bool) or not isinstance(image_cache_bytes, int) or image_cache_bytes < 0:
+            raise InvalidValueError(f"image_cache_bytes must be an int >= 0, got {image_cache_bytes!r}")
         path = Path(path)
         if mode not in ("r", "a"):
             raise InvalidValueError(f"mode must be 'r' or 'a', got {mode!r}")
@@ -221,7 +227,7 @@ class ReplayBuffer:
                     f"{path} is missing '{required}' (Diffusion Policy layout: data/<key> arrays "
                     f"and meta/{EPISODE_ENDS})"
                 )
-        return cls(group, path, store=store, cache_low_dim=cache_low_dim)
+        return cls(group, path, store=store, cache_low_dim=cache_low_dim, image_cache_bytes=image_cache_bytes)
 
     def close(self) -> None:
         """Release the store (needed only for zip stores)."""
@@ -271,10 +277,16 @@ class ReplayBuffer:
         if key in self._cache:
             return self._cache[key]
         array = self._data_array(key)
-        if self._cache_low_dim and not is_image_array(array.dtype, array.ndim):
+        if self._cache_images if is_image_array(array.dtype, array.ndim) else self._cache_low_dim:
             self._cache[key] = array[: self.n_steps]
             return self._cache[key]
         return StepArray(array, self.n_steps, key)
+
+    def image_bytes(self) -> int:
+        """Decompressed size in bytes of the committed steps of every image array (`is_image_array`)."""
+        arrays = [self._data_array(key) for key in self.keys()]
+        return sum(self.n_steps * int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+                   for a in arrays if is_image_array(a.dtype, a.ndim))
 
     def episode_slice(self, index: int) -> slice:
         """Steps of episode `index` (negative counts from the end) as a slice of axis 0."""

@@ -169,18 +169,19 @@ class ImageModel(nn.Module):
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Denoising loss (a scalar) of images `(B, C, H, W)` in [-1, 1] with class ids `(B,)`.
 
-        Random draws from `generator`, in order: t `(B,)` (one level per image), the noise, and the
-        condition dropout `(B,)`.
+        Random draws from `generator` (a CPU generator, whatever device the images are on), in order:
+        t `(B,)` (one level per image), the noise, and the condition dropout `(B,)`.
         """
         self._check_images(images)
         batch = images.shape[0]
         cond = self.condition(labels, batch)
         x0 = patchify(images, self.config.patch_size)
-        t = torch.rand(batch, generator=generator).unsqueeze(1).expand(batch, x0.shape[1]).contiguous()
-        noise = torch.randn(x0.shape, generator=generator)
+        device = x0.device  # draws come from the CPU generator on every device, then move
+        t = torch.rand(batch, generator=generator).to(device).unsqueeze(1).expand(batch, x0.shape[1]).contiguous()
+        noise = torch.randn(x0.shape, generator=generator).to(device)
         if cond is not None:
             keep = torch.rand(batch, generator=generator) >= self.config.cond_dropout
-            cond = cond * keep.unsqueeze(1).to(cond.dtype)
+            cond = cond.to(device) * keep.to(device).unsqueeze(1).to(cond.dtype)
         x_t = self.process.corrupt(x0, t, noise)
         return denoising_loss(self.denoiser(x_t, t, cond), self.process.target(x0, noise, t))
 

@@ -113,13 +113,14 @@ def collect_command(card: TaskCard, path: Path) -> str:
     return f"diffpolicy collect --task {card.name}" + ("" if path == default else f" --out {path}")
 
 
-def open_dataset(path: str | os.PathLike, card: TaskCard) -> ReplayBuffer:
-    """Open the demonstrations at `path` and check them against the task card."""
+def open_dataset(path: str | os.PathLike, card: TaskCard, image_cache_gb: float = 0.0) -> ReplayBuffer:
+    """Open the demonstrations at `path` and check them against the task card; their image arrays
+    are read into memory when they fit in `image_cache_gb` GiB (`ReplayBuffer.open`)."""
     path = Path(path)
     if not path.exists():
         raise DatasetMissingError(f"no dataset for task {card.name!r} at {path}; "
                                   f"make it with: {collect_command(card, path)}")
-    buffer = ReplayBuffer.open(path, mode="r", cache_low_dim=True)
+    buffer = ReplayBuffer.open(path, mode="r", cache_low_dim=True, image_cache_bytes=int(image_cache_gb * 2**30))
     check_store(buffer, card.obs_shapes, card.action_dim, f"dataset {path} (task card {card.source})", "the task",
                 f"Recollect with: {collect_command(card, path)} --overwrite")
     return buffer
@@ -268,7 +269,7 @@ def _train(config: TrainConfig, card: TaskCard, run_dir: Path, resume: bool, pro
                                 f"pass --resume to continue it or choose another --out")
 
     # --- data: the card's dataset, split by episode; normalizer fitted on the training split
-    buffer = open_dataset(config.data.path, card)
+    buffer = open_dataset(config.data.path, card, config.data.image_cache_gb)
     train_mask, val_mask = episode_masks(buffer, config)
     dataset = window_dataset(buffer, train_mask, config.policy)
     val_dataset = window_dataset(buffer, val_mask, config.policy) if val_mask.any() else None

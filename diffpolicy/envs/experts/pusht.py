@@ -76,7 +76,8 @@ def build_contacts(spacing: float, corner_margin: float, clearance: float, orbit
     lengths = np.linalg.norm(dirs, axis=1)
     dirs = dirs / lengths[:, None]
     # A corner is concave when the outline turns against its orientation there.
-    turn = np.cross(np.roll(dirs, 1, axis=0), dirs) * orientation
+    previous = np.roll(dirs, 1, axis=0)  # the 2-D cross product (numpy 2 dropped np.cross of 2-vectors)
+    turn = (previous[:, 0] * dirs[:, 1] - previous[:, 1] * dirs[:, 0]) * orientation
     concave = turn < 0
     edge, s_all, touch, normal, edge_normal = [], [], [], [], []
     for i in range(n_edges):
