@@ -19,6 +19,7 @@ from diffpolicy.envs.pusht import (
     T_AREA,
     coverage_of,
     local_to_world,
+    pose_from_keypoints,
 )
 from diffpolicy.envs.tasks import load_task, make_env, make_expert
 
@@ -118,6 +119,38 @@ def test_keypoints_follow_the_block_pose():
     np.testing.assert_allclose(keypoints[0], np.asarray(body.local_to_world(tuple(KEYPOINTS_LOCAL[0]))), atol=1e-4)
     np.testing.assert_allclose(keypoints[8], np.asarray(body.local_to_world(body.center_of_gravity)), atol=1e-4)
     np.testing.assert_allclose(keypoints[8], local_to_world(BLOCK_COG_LOCAL, pose), atol=1e-4)
+
+
+def test_pose_from_keypoints_inverts_them_and_fits_noisy_ones():
+    rng = np.random.default_rng(0)
+    poses = np.column_stack([rng.uniform(0, 512, (200, 2)), rng.uniform(-math.pi, math.pi, 200)])
+    keypoints = np.stack([local_to_world(KEYPOINTS_LOCAL, pose) for pose in poses])
+    np.testing.assert_allclose(pose_from_keypoints(keypoints.reshape(200, 18)), poses, atol=1e-9)
+    noisy = pose_from_keypoints(keypoints + rng.normal(0, 0.5, keypoints.shape))  # (N, 9, 2) too
+    assert np.abs(noisy[:, :2] - poses[:, :2]).max() < 1.0 and np.abs(noisy[:, 2] - poses[:, 2]).max() < 0.02
+
+
+def test_reward_from_observation_is_the_steps_reward_along_an_expert_episode():
+    env = PushTEnv()
+    expert = PushTExpert(env)
+    obs, _ = env.reset(seed=4)
+    expert.reset(4)
+    observations, rewards, successes = [], [], []
+    for _ in range(300):
+        obs, reward, terminated, _, info = env.step(expert.act(obs))
+        observations.append(obs)
+        rewards.append(reward)
+        successes.append(info["is_success"])
+        if terminated:
+            break
+    assert successes[-1] and not any(successes[:-1])
+    batch = {key: np.stack([o[key] for o in observations]) for key in observations[0]}
+    reward, success = PushTEnv.reward_from_observation(batch)
+    # float32 keypoints: the fitted pose is within ~1e-4 px, so the coverage within ~1e-5
+    np.testing.assert_allclose(reward, rewards, atol=1e-4)
+    np.testing.assert_array_equal(success, successes)
+    with pytest.raises(ValueError, match="needs state observations with 'keypoints'"):
+        PushTEnv.reward_from_observation({"agent_pos": batch["agent_pos"]})
 
 
 def test_block_has_diffusion_policy_mass_properties():

@@ -74,5 +74,5 @@ def test_the_command_line_takes_one_reward(tmp_path, capsys):
     common = ["finetune", "--checkpoint", str(tmp_path / "none"), "--task", "pusht"]
     assert main([*common, "--algo", "dppo", "--absorbing-success", "--sparse-success"]) == 2
     assert "--absorbing-success and --sparse-success: choose one reward" in capsys.readouterr().err
-    assert main([*common, "--algo", "dream", "--sparse-success"]) == 2
-    assert "--sparse-success: --algo dream learns the task's own reward" in capsys.readouterr().err
+    assert main([*common, "--algo", "dream", "--absorbing-success", "--sparse-success"]) == 2
+    assert "--absorbing-success and --sparse-success: choose one reward" in capsys.readouterr().err

@@ -246,6 +246,52 @@ def test_uncertainty_cut_triggers_on_out_of_distribution_actions(mass_model):
     assert cut.all() and truncated.all() and (steps < 2).all()  # the chunk stopped before the untrusted action
 
 
+def test_task_reward_rule_replaces_the_learned_heads(mass_model):
+    run, data = mass_model
+    seen = []
+
+    def distance_paid(obs):  # the task's rule: reward -|pos|, never a success
+        seen.append(obs["pos"].copy())
+        return -np.linalg.norm(obs["pos"], axis=1), np.zeros(len(obs["pos"]), bool)
+
+    rng = np.random.default_rng(2)
+    chunk = rng.uniform(-DATA_ACTIONS, DATA_ACTIONS, (6, 4, 2)).astype(np.float32)
+    envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), task_reward=distance_paid)
+    envs.reset(seed=list(range(6)))
+    obs, reward, terminated, truncated, info = envs.step(chunk)
+    assert len(seen) == MASS_POLICY.action_horizon and not terminated.any() and not info["cut"].any()
+    # the rule saw each step's predicted observation, and the reward is its sum over the chunk
+    np.testing.assert_allclose(seen[-1], obs["pos"][:, -1], rtol=0, atol=0)
+    np.testing.assert_array_equal(reward, sum(-np.linalg.norm(pos, axis=1).astype(np.float64) for pos in seen))
+
+    def always_success(obs):
+        return np.full(len(obs["pos"]), 0.5), np.ones(len(obs["pos"]), bool)
+
+    envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), success_reward=1.0,
+                       task_reward=always_success)
+    envs.reset(seed=list(range(6)))
+    _, reward, terminated, truncated, info = envs.step(chunk)
+    assert terminated.all() and not truncated.any() and (info["env_steps"] == 1).all()
+    assert (reward > 0.5).all()  # the step's 0.5 plus the absorbing-success bonus for the steps left
+
+    for rule, paid in ((always_success, 1.0), (distance_paid, 0.0)):  # sparse: success alone pays
+        envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), task_reward=rule,
+                           sparse_success=True)
+        envs.reset(seed=list(range(6)))
+        assert (envs.step(chunk)[1] == paid).all()
+    with pytest.raises(WorldModelError, match="sparse_success pays success alone"):
+        DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), success_reward=1.0,
+                    sparse_success=True)
+
+
+def test_task_reward_needs_a_rule_of_the_environment():
+    env = make_env()
+    with pytest.raises(WorldModelError, match="defines no reward_from_observation"):
+        dream.task_reward_rule(env)
+    with pytest.raises(ValueError, match="dream.task_reward"):
+        dream.DreamConfig(task_reward=1)
+
+
 # ----------------------------------------------------------------------------- dreams
 @pytest.fixture(scope="module")
 def reach_model(tmp_path_factory):

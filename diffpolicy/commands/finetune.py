@@ -103,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     card = load_task(args.task)
     if args.absorbing_success and args.sparse_success:
         raise UsageError("--absorbing-success and --sparse-success: choose one reward")
-    if args.sparse_success and args.algo == DREAM:
-        raise UsageError(f"--sparse-success: --algo {DREAM} learns the task's own reward (use --absorbing-success)")
     if args.algo != DREAM and (args.world_model or args.world_model_data):
         raise UsageError(f"--world-model / --world-model-data: only for --algo {DREAM}, not {args.algo}")
     if args.algo != DREAM:  # settings are checked before anything is loaded
@@ -161,5 +159,5 @@ def dream_finetune(policy: ChunkPolicy, env_fn, config: Any, card: TaskCard, arg
     dream_config = apply_overrides(dream.DreamConfig(),
                                    [o[len("dream."):] for o in args.overrides if o.startswith("dream.")])
     return dream.finetune(policy, env_fn, config, dream_config, model, data, run_dir, card.max_episode_steps,
-                          success_reward=1.0 if args.absorbing_success else None, resume=args.resume,
-                          progress=not args.no_progress)
+                          success_reward=1.0 if args.absorbing_success else None,
+                          sparse_success=args.sparse_success, resume=args.resume, progress=not args.no_progress)

@@ -86,6 +86,20 @@ def coverage_of(pose) -> float:
     return float(GOAL_POLYGON.intersection(t_polygon(pose)).area / GOAL_POLYGON.area)
 
 
+def pose_from_keypoints(keypoints: np.ndarray) -> np.ndarray:
+    """The block poses `(N, 3)` (x, y, angle in (-pi, pi]) whose keypoints are closest in least squares
+    to `keypoints` `(N, 18)` or `(N, 9, 2)` (a 2-D Kabsch fit against `KEYPOINTS_LOCAL`; exact for the
+    keypoints of a pose, the best rigid fit for predicted ones)."""
+    world = np.asarray(keypoints, dtype=np.float64).reshape(-1, len(KEYPOINTS_LOCAL), 2)
+    local_mean = KEYPOINTS_LOCAL.mean(0)
+    local, centred = KEYPOINTS_LOCAL - local_mean, world - world.mean(1, keepdims=True)
+    cross = np.einsum("ki,nkj->nij", local, centred)  # (N, 2, 2): sum_k local_k centred_k^T
+    angle = np.arctan2(cross[:, 0, 1] - cross[:, 1, 0], cross[:, 0, 0] + cross[:, 1, 1])
+    c, s = np.cos(angle), np.sin(angle)
+    turned = np.stack([c * local_mean[0] - s * local_mean[1], s * local_mean[0] + c * local_mean[1]], axis=1)
+    return np.concatenate([world.mean(1) - turned, angle[:, None]], axis=1)
+
+
 CONTACT_SIDES = ("bar edge", "stem tip", "left", "right")
 
 
@@ -271,6 +285,17 @@ class PushTEnv(gym.Env):
 
     def close(self):
         self.space = self.agent = self.block = None
+
+    @staticmethod
+    def reward_from_observation(obs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The task's reward and success `(N,)`, `(N,)` bool of state observations `{"keypoints":
+        (N, 18), ...}` (the block pose fitted to the keypoints, then `step`'s rule): what a world
+        model's dream pays for the observations it predicts (`worldmodel.DreamConfig.task_reward`)."""
+        if "keypoints" not in obs:
+            raise InvalidValueError(f"PushTEnv.reward_from_observation: needs state observations with 'keypoints' "
+                                    f"(N, 18), got keys {sorted(obs)}")
+        coverage = np.array([coverage_of(pose) for pose in pose_from_keypoints(obs["keypoints"])])
+        return np.clip(coverage / SUCCESS_COVERAGE, 0.0, 1.0), coverage > SUCCESS_COVERAGE
 
     # ---------------------------------------------------------------- helpers
     def keypoints(self) -> np.ndarray:

@@ -39,7 +39,7 @@ from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl import dppo, flow_ppo
 from diffpolicy.rl.chunk_env import check_env_matches_policy
 from diffpolicy.rl.distributed import SINGLE
-from diffpolicy.rl.rewards import absorbing_success_env
+from diffpolicy.rl.rewards import absorbing_success_env, sparse_success_env
 from diffpolicy.rl.rollout import Rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 from diffpolicy.train.checkpoints import state_dict_tensors
@@ -61,7 +61,10 @@ class DreamConfig:
     the data's episode starts (else from any stored state); real_steps: real-environment budget of
     mixed mode (0: pure dream); refresh_every: dream iterations between refreshes;
     refresh_episodes, refresh_envs: real episodes per refresh and how many run together;
-    refresh_updates: world-model gradient steps per refresh."""
+    refresh_updates: world-model gradient steps per refresh; task_reward: reward and success of
+    imagined steps by the task's own rule on the predicted observations (the environment class's
+    `reward_from_observation`, e.g. PushT's coverage from the block keypoints) instead of the
+    model's learned reward and success heads."""
 
     cut_scale: float = 2.0
     initial_only: bool = False
@@ -70,6 +73,7 @@ class DreamConfig:
     refresh_episodes: int = 8
     refresh_envs: int = 8
     refresh_updates: int = 200
+    task_reward: bool = False
 
     def __post_init__(self) -> None:
         check_float("dream.cut_scale", self.cut_scale, 0, strictly=True)
@@ -78,6 +82,17 @@ class DreamConfig:
         for name in ("refresh_every", "refresh_episodes", "refresh_envs"):
             check_int(f"dream.{name}", getattr(self, name), 1)
         check_int("dream.refresh_updates", self.refresh_updates, 0)
+        check_bool("dream.task_reward", self.task_reward)
+
+
+def task_reward_rule(env: gym.Env) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """The environment class's `reward_from_observation` (`dream.task_reward`), or a clear error."""
+    rule = getattr(type(env.unwrapped), "reward_from_observation", None)
+    if rule is None:
+        raise WorldModelError(f"dream.task_reward: {type(env.unwrapped).__name__} defines no "
+                              f"reward_from_observation(obs) -> (reward, success); leave dream.task_reward false "
+                              f"to use the world model's learned reward and success")
+    return rule
 
 
 class DreamSession(Session):
@@ -86,7 +101,8 @@ class DreamSession(Session):
     Extra keyword arguments: model (the world model, refreshed in place in mixed mode), data (the
     transitions it was trained on: start states and refresh data), dream (`DreamConfig`),
     max_episode_steps (the task's time limit), success_reward (None, or the absorbing-success
-    reward: `make_env` then builds the shaped environment the evaluation uses), raw_env (the
+    reward: `make_env` then builds the shaped environment the evaluation uses), sparse_success (pay
+    success alone, in the imagination and in evaluation: `rl.rewards.SparseSuccess`), raw_env (the
     unshaped environment the refreshes record, whose rewards are the ones the model learns).
     """
 
@@ -95,7 +111,8 @@ class DreamSession(Session):
     def __init__(self, run_dir: str | Path, algo: str, config: OnPolicyConfig, policy: ChunkPolicy,
                  make_env: Callable[[], gym.Env], resume: bool, ctx: DistContext = SINGLE, *,
                  model: LatentWorldModel, data: Transitions, dream: DreamConfig, max_episode_steps: int,
-                 success_reward: float | None = None, raw_env: Callable[[], gym.Env]) -> None:
+                 success_reward: float | None = None, sparse_success: bool = False,
+                 raw_env: Callable[[], gym.Env]) -> None:
         if ctx.enabled:
             raise WorldModelError(f"a dream runs in one process (its world model and refreshes are not shared "
                                   f"between ranks); run it without torchrun, not with {ctx.world_size} processes")
@@ -105,11 +122,13 @@ class DreamSession(Session):
         self.model, self.data, self.dream = model, data, dream
         self.real = Transitions.empty(data.keys, data.dims, data.action.shape[1])
         self.max_episode_steps, self.success_reward, self.raw_env = int(max_episode_steps), success_reward, raw_env
+        self.sparse_success = sparse_success
         self.train_config = from_dict(TrainConfig, model.metadata["train"], "train")
         self.dream_steps = 0
         probe = make_env()
         try:
             check_env_matches_policy(probe, policy.config, "dream evaluation")
+            self.task_reward = task_reward_rule(probe) if dream.task_reward else None
         finally:
             probe.close()
         super().__init__(run_dir, f"dream_{algo}", config, policy, make_env, resume)
@@ -117,7 +136,7 @@ class DreamSession(Session):
     def make_envs(self, make_env: Callable[[], gym.Env], policy: ChunkPolicy) -> DreamVecEnv:
         return DreamVecEnv(self.model, self.data, policy.config, self.config.n_envs, self.max_episode_steps,
                            self.model.cut_thresholds(self.dream.cut_scale), self.success_reward,
-                           self.dream.initial_only)
+                           self.dream.initial_only, self.task_reward, self.sparse_success)
 
     # ------------------------------------------------------------------ counting
     def count(self, rollout: Rollout) -> None:
@@ -182,18 +201,25 @@ class DreamSession(Session):
 
 def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: dppo.DPPOConfig | flow_ppo.FlowPPOConfig,
              dream: DreamConfig, model: LatentWorldModel, data: Transitions, run_dir: str | Path,
-             max_episode_steps: int, success_reward: float | None = None, resume: bool = False,
-             progress: bool = True) -> FinetuneResult:
+             max_episode_steps: int, success_reward: float | None = None, sparse_success: bool = False,
+             resume: bool = False, progress: bool = True) -> FinetuneResult:
     """Fine-tune `policy` in `model`'s imagination: DPPO for a `DPPOConfig`, flow PPO for a
     `FlowPPOConfig` (config.env_steps: the imagined budget). `make_env` builds the real,
     unshaped environment (mixed-mode refreshes; wrapped in `rl.rewards.AbsorbingSuccess` with
-    `success_reward` for evaluation, the reward the imagination pays too)."""
+    `success_reward`, or in `SparseSuccess` with `sparse_success`, for evaluation: the reward the
+    imagination pays too)."""
     algorithms = {dppo.DPPOConfig: dppo, flow_ppo.FlowPPOConfig: flow_ppo}
     if type(config) not in algorithms:
         raise WorldModelError(f"dream fine-tuning runs DPPO or flow PPO; got a {type(config).__name__}")
-    shaped = make_env if success_reward is None else functools.partial(absorbing_success_env, make_env,
-                                                                        max_episode_steps, success_reward)
+    if sparse_success and success_reward is not None:
+        raise WorldModelError("dream: sparse_success pays success alone; it takes no success_reward")
+    shaped = make_env
+    if success_reward is not None:
+        shaped = functools.partial(absorbing_success_env, make_env, max_episode_steps, success_reward)
+    if sparse_success:
+        shaped = functools.partial(sparse_success_env, make_env)
     make_session = functools.partial(DreamSession, model=model, data=data, dream=dream, raw_env=make_env,
-                                     max_episode_steps=max_episode_steps, success_reward=success_reward)
+                                     max_episode_steps=max_episode_steps, success_reward=success_reward,
+                                     sparse_success=sparse_success)
     return algorithms[type(config)].finetune(policy, shaped, config, run_dir, resume=resume, progress=progress,
                                              make_session=make_session)

@@ -4,9 +4,12 @@ steps (`rl.vec_env.make_chunk_vec_env`'s): so DPPO and flow PPO collect rollouts
 
 One step executes a chunk as `rl.chunk_env.ChunkEnv` does: the Ta actions from index To - 1,
 clipped to the action space, one latent transition each; the reward is the sum of the members'
-mean rewards. An imagined episode ends
-- *terminated* with success where the members' mean success probability exceeds 0.5 (with
-  `success_reward`, the real env's `AbsorbingSuccess` bonus is added: the same shaping);
+mean rewards (or, with `task_reward`, of the task's own rule applied to the members' mean predicted
+observation). An imagined episode ends
+- *terminated* with success where the members' mean success probability exceeds 0.5, or where
+  `task_reward` says so (with
+  `success_reward`, the real env's `AbsorbingSuccess` bonus is added: the same shaping; with
+  `sparse_success`, that step pays 1 and no step pays anything else, as `SparseSuccess`);
 - *truncated* at the task's time limit, counted from the start state's time in its episode;
 - *truncated* where the model is unsure: the k-th action of an imagined episode whose ensemble
   disagreement exceeds `cut_thresholds[k - 1]` (the last one beyond them) is not taken; the chunk
@@ -21,7 +24,7 @@ reproducible under a seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -33,6 +36,9 @@ from diffpolicy.rl.rewards import success_bonus
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.model import LatentWorldModel
+
+
+TaskReward = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
 def check_model_matches_policy(model: LatentWorldModel, config: PolicyConfig) -> None:
@@ -63,14 +69,22 @@ class DreamVecEnv(gym.vector.VectorEnv):
             of an imagined episode is not taken (`LatentWorldModel.cut_thresholds`).
         success_reward: None, or the absorbing-success reward per step left (`rl.rewards`).
         initial_only: start only from the first state of each episode.
+        sparse_success: pay 1 on the step that succeeds, 0 on every other (`rl.rewards.SparseSuccess`;
+            not with `success_reward`).
+        task_reward: None (the model's learned reward and success heads), or the task's rule
+            `{key: (N, d) observations} -> (reward (N,), success (N,) bool)` applied to the predicted
+            next observations (e.g. `envs.pusht.PushTEnv.reward_from_observation`).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
 
     def __init__(self, model: LatentWorldModel, starts: Transitions, config: PolicyConfig, n_envs: int,
                  max_episode_steps: int, cut_thresholds: np.ndarray, success_reward: float | None = None,
-                 initial_only: bool = False) -> None:
+                 initial_only: bool = False, task_reward: TaskReward | None = None,
+                 sparse_success: bool = False) -> None:
         check_model_matches_policy(model, config)
+        if sparse_success and success_reward is not None:
+            raise WorldModelError("DreamVecEnv: sparse_success pays success alone; it takes no success_reward")
         cut_thresholds = np.asarray(cut_thresholds, dtype=np.float64).reshape(-1)
         if not len(cut_thresholds) or not (cut_thresholds > 0).all():
             raise WorldModelError(f"DreamVecEnv: cut_thresholds must be numbers > 0, got {cut_thresholds!r}")
@@ -78,11 +92,12 @@ class DreamVecEnv(gym.vector.VectorEnv):
         self.obs_horizon, self.action_horizon = config.obs_horizon, config.action_horizon
         self.history = max(config.obs_horizon, model.config.history)
         self.max_episode_steps, self.cut_thresholds = int(max_episode_steps), cut_thresholds
-        self.success_reward, self.initial_only = success_reward, initial_only
+        self.success_reward, self.initial_only, self.task_reward = success_reward, initial_only, task_reward
+        self.sparse_success = sparse_success
         self.starts_from(starts)
         offsets = np.cumsum([0, *model.obs_dims])
-        self.slices = {key: slice(offsets[i], offsets[i + 1]) for i, key in enumerate(model.obs_keys)
-                       if key in config.obs_shapes}
+        self.model_slices = {key: slice(offsets[i], offsets[i + 1]) for i, key in enumerate(model.obs_keys)}
+        self.slices = {key: part for key, part in self.model_slices.items() if key in config.obs_shapes}
         self.single_observation_space = gym.spaces.Dict({
             key: gym.spaces.Box(-np.inf, np.inf, (config.obs_horizon, config.obs_shapes[key][0]), np.float32)
             for key in config.obs_shapes})
@@ -162,8 +177,10 @@ class DreamVecEnv(gym.vector.VectorEnv):
             self.t += active
             self.imagined += active
             steps += active
-            reward += torch.where(take, pred.reward.mean(0), 0.0).double()
-            done_here = active & (torch.sigmoid(pred.success_logit).mean(0) > 0.5).numpy()
+            step_reward, step_success = self._reward(pred, next_obs)
+            done_here = active & step_success
+            reward += torch.as_tensor(done_here, dtype=torch.float64) if self.sparse_success \
+                else torch.where(take, step_reward, 0.0)
             success |= done_here
             if self.success_reward is not None:
                 reward += torch.as_tensor(np.where(done_here, success_bonus(self.t, self.max_episode_steps,
@@ -184,6 +201,15 @@ class DreamVecEnv(gym.vector.VectorEnv):
             info["final_info"] = {"env_steps": steps.copy(), "is_success": success.copy(), "cut": cut.copy()}
             self._start(envs)
         return self._observation(), reward.numpy(), terminated, truncated, info
+
+    def _reward(self, pred, next_obs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Reward `(N,)` float64 and success `(N,)` bool of one imagined step: the model's heads
+        (members' means), or the task's rule on the mean predicted observation `next_obs` `(N, D)`."""
+        if self.task_reward is None:
+            return pred.reward.mean(0).double(), (torch.sigmoid(pred.success_logit).mean(0) > 0.5).numpy()
+        flat = next_obs.numpy()
+        reward, success = self.task_reward({key: flat[:, part] for key, part in self.model_slices.items()})
+        return torch.as_tensor(np.asarray(reward, dtype=np.float64)), np.asarray(success, dtype=bool)
 
     def pop_stats(self) -> dict[str, float]:
         """Share of imagined chunk steps cut by the uncertainty since the last call."""
