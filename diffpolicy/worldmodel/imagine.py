@@ -37,7 +37,6 @@ from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.model import LatentWorldModel
 
-
 TaskReward = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
