@@ -259,10 +259,14 @@ def test_task_reward_rule_replaces_the_learned_heads(mass_model):
     envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), task_reward=distance_paid)
     envs.reset(seed=list(range(6)))
     obs, reward, terminated, truncated, info = envs.step(chunk)
+    members = run.model.config.members
     assert len(seen) == MASS_POLICY.action_horizon and not terminated.any() and not info["cut"].any()
-    # the rule saw each step's predicted observation, and the reward is its sum over the chunk
-    np.testing.assert_allclose(seen[-1], obs["pos"][:, -1], rtol=0, atol=0)
-    np.testing.assert_array_equal(reward, sum(-np.linalg.norm(pos, axis=1).astype(np.float64) for pos in seen))
+    # the rule saw every member's predicted observation (their mean is the observation returned), and
+    # the reward is the lowest member's, summed over the chunk
+    assert seen[-1].shape == (members * 6, 2)
+    np.testing.assert_allclose(seen[-1].reshape(members, 6, 2).mean(0), obs["pos"][:, -1], atol=1e-5)
+    np.testing.assert_array_equal(reward, sum(-np.linalg.norm(pos, axis=1).astype(np.float64).reshape(members, 6)
+                                              .max(0) for pos in seen))
 
     def always_success(obs):
         return np.full(len(obs["pos"]), 0.5), np.ones(len(obs["pos"]), bool)
@@ -273,6 +277,16 @@ def test_task_reward_rule_replaces_the_learned_heads(mass_model):
     _, reward, terminated, truncated, info = envs.step(chunk)
     assert terminated.all() and not truncated.any() and (info["env_steps"] == 1).all()
     assert (reward > 0.5).all()  # the step's 0.5 plus the absorbing-success bonus for the steps left
+
+    def first_member_succeeds(obs):  # members disagree: no success
+        success = np.zeros(len(obs["pos"]), bool)
+        success[:6] = True
+        return np.zeros(len(obs["pos"])), success
+
+    envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0),
+                       task_reward=first_member_succeeds)
+    envs.reset(seed=list(range(6)))
+    assert not envs.step(chunk)[2].any()
 
     for rule, paid in ((always_success, 1.0), (distance_paid, 0.0)):  # sparse: success alone pays
         envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), task_reward=rule,

@@ -4,10 +4,10 @@ steps (`rl.vec_env.make_chunk_vec_env`'s): so DPPO and flow PPO collect rollouts
 
 One step executes a chunk as `rl.chunk_env.ChunkEnv` does: the Ta actions from index To - 1,
 clipped to the action space, one latent transition each; the reward is the sum of the members'
-mean rewards (or, with `task_reward`, of the task's own rule applied to the members' mean predicted
-observation). An imagined episode ends
+mean rewards (or, with `task_reward`, of the task's own rule applied to each member's predicted
+observation: the lowest of the members' rewards). An imagined episode ends
 - *terminated* with success where the members' mean success probability exceeds 0.5, or where
-  `task_reward` says so (with
+  `task_reward` says so for every member (with
   `success_reward`, the real env's `AbsorbingSuccess` bonus is added: the same shaping; with
   `sparse_success`, that step pays 1 and no step pays anything else, as `SparseSuccess`);
 - *truncated* at the task's time limit, counted from the start state's time in its episode;
@@ -71,8 +71,8 @@ class DreamVecEnv(gym.vector.VectorEnv):
         sparse_success: pay 1 on the step that succeeds, 0 on every other (`rl.rewards.SparseSuccess`;
             not with `success_reward`).
         task_reward: None (the model's learned reward and success heads), or the task's rule
-            `{key: (N, d) observations} -> (reward (N,), success (N,) bool)` applied to the predicted
-            next observations (e.g. `envs.pusht.PushTEnv.reward_from_observation`).
+            `{key: (N, d) observations} -> (reward (N,), success (N,) bool)` applied to each member's
+            predicted next observations (e.g. `envs.pusht.PushTEnv.reward_from_observation`).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -176,7 +176,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
             self.t += active
             self.imagined += active
             steps += active
-            step_reward, step_success = self._reward(pred, next_obs)
+            step_reward, step_success = self._reward(pred)
             done_here = active & step_success
             reward += torch.as_tensor(done_here, dtype=torch.float64) if self.sparse_success \
                 else torch.where(take, step_reward, 0.0)
@@ -201,14 +201,18 @@ class DreamVecEnv(gym.vector.VectorEnv):
             self._start(envs)
         return self._observation(), reward.numpy(), terminated, truncated, info
 
-    def _reward(self, pred, next_obs: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    def _reward(self, pred) -> tuple[torch.Tensor, np.ndarray]:
         """Reward `(N,)` float64 and success `(N,)` bool of one imagined step: the model's heads
-        (members' means), or the task's rule on the mean predicted observation `next_obs` `(N, D)`."""
+        (members' means), or the task's rule applied to every member's predicted observation, taken
+        pessimistically: the members' lowest reward, and success only where every member predicts it
+        (a success the members disagree on is the kind a policy learns to exploit)."""
         if self.task_reward is None:
             return pred.reward.mean(0).double(), (torch.sigmoid(pred.success_logit).mean(0) > 0.5).numpy()
-        flat = next_obs.numpy()
+        members, n = pred.obs.shape[:2]
+        flat = self.model.unnormalize_obs(pred.obs.reshape(members * n, -1)).numpy()
         reward, success = self.task_reward({key: flat[:, part] for key, part in self.model_slices.items()})
-        return torch.as_tensor(np.asarray(reward, dtype=np.float64)), np.asarray(success, dtype=bool)
+        reward = np.asarray(reward, dtype=np.float64).reshape(members, n).min(0)
+        return torch.as_tensor(reward), np.asarray(success, dtype=bool).reshape(members, n).all(0)
 
     def pop_stats(self) -> dict[str, float]:
         """Share of imagined chunk steps cut by the uncertainty since the last call."""
