@@ -151,9 +151,7 @@ def main() -> int:
     train_end = time.monotonic()
     reached = {name: checkpoint_steps(args.out / name) for name in arms}
     print(f"[{time.strftime('%H:%M:%S')}] checkpoints: {reached}", flush=True)
-    common = min((max(steps) for steps in reached.values() if steps), default=None)
-    if common is None or any(not steps for steps in reached.values()):
-        common = None
+    common = min(max(steps) for steps in reached.values()) if reached and all(reached.values()) else None
 
     evaluations: dict[str, subprocess.Popen] = {}
     if common is not None:

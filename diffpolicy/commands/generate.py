@@ -102,11 +102,11 @@ def _image(args: argparse.Namespace, model_dir: Path, generator: torch.Generator
             model = ImageModel(config).to(device)
             result = fit(model, lambda i, g: model.loss(random_crops(frames[i], PUSHT_CROP, g).to(device), None, g),
                          len(frames), args.train_steps, args.batch_size, args.lr, seed=args.seed)
+        final_loss = sum(result.losses[-50:]) / len(result.losses[-50:])
         model.cpu().save_pretrained(model_dir, {"data": args.data, "train_steps": args.train_steps, "seed": args.seed,
-                                          "train_seconds": round(result.seconds, 1),
-                                          "device": str(device), "final_loss": sum(result.losses[-50:]) / len(result.losses[-50:])})
-        print(f"{model_dir}: trained {args.train_steps} steps in {result.seconds:.0f} s, final loss "
-              f"{sum(result.losses[-50:]) / len(result.losses[-50:]):.4f}")
+                                                "train_seconds": round(result.seconds, 1), "device": str(device),
+                                                "final_loss": final_loss})
+        print(f"{model_dir}: trained {args.train_steps} steps in {result.seconds:.0f} s, final loss {final_loss:.4f}")
     model = ImageModel.from_pretrained(model_dir)
     if model.config.num_classes:
         labels = torch.arange(model.config.num_classes).repeat_interleave(args.per_class)

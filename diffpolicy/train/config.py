@@ -49,8 +49,8 @@ class DataConfig:
     num_workers: DataLoader worker processes (0: load in the training process).
     image_cache_gb: read the image arrays into memory at the start when all of them together
         (decompressed) fit in this many GiB; else every batch decompresses its frames from the
-        store (one zarr chunk per frame), which limits training to ~10 steps / s of 64 PushT-image
-        windows per loader process. 0: never.
+        store, one zarr chunk per frame (about 1000 PushT-image windows / s per process, which held
+        GPU training to ~10 steps / s: docs/RESULTS.md). 0: never.
     """
 
     path: str = ""

@@ -46,7 +46,7 @@ from diffpolicy.train.checkpoints import state_dict_tensors
 from diffpolicy.train.distributed import DistContext
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
-from diffpolicy.worldmodel.imagine import DreamVecEnv
+from diffpolicy.worldmodel.imagine import DreamVecEnv, TaskReward
 from diffpolicy.worldmodel.model import LatentWorldModel
 from diffpolicy.worldmodel.play import record_episodes
 from diffpolicy.worldmodel.training import TrainConfig, gradient_step, make_optimizer, success_starts
@@ -85,7 +85,7 @@ class DreamConfig:
         check_bool("dream.task_reward", self.task_reward)
 
 
-def task_reward_rule(env: gym.Env) -> Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+def task_reward_rule(env: gym.Env) -> TaskReward:
     """The environment class's `reward_from_observation` (`dream.task_reward`), or a clear error."""
     rule = getattr(type(env.unwrapped), "reward_from_observation", None)
     if rule is None:
