@@ -164,7 +164,7 @@ class ReplayBuffer:
         self._cache: dict[str, np.ndarray] = {}
         self._ends = self._read_committed_ends()
         self._check_lengths()
-        self._cache_images = 0 < self.image_bytes() <= image_cache_bytes
+        self._cache_images = image_cache_bytes > 0 and 0 < self.image_bytes() <= image_cache_bytes
         if cache_low_dim or self._cache_images:
             for key in self.keys():
                 self[key]
