@@ -213,7 +213,7 @@ def test_ctrl_c_on_the_cli_with_workers_leaves_a_resumable_store_and_no_workers(
             process.wait()
     assert process.returncode == 130, stderr
     assert "interrupted; rerun the same command to resume" in stderr and "Traceback" not in stderr
-    assert _group_members(process.pid) == []  # no worker outlives the command
+    assert _group_members_after_exit(process.pid) == []  # no worker outlives the command
     stored = ReplayBuffer.open(out).episode_meta("seed").tolist()
     assert 0 < len(stored) < 2000
     resume = [*command[:7], str(len(stored) + 2), "--out", str(out), "--workers", "1", "--no-progress"]
@@ -228,6 +228,16 @@ def _stored(path: Path) -> int:
         return ReplayBuffer.open(path).n_episodes
     except (FileNotFoundError, ValueError):
         return 0
+
+
+def _group_members_after_exit(pgid: int, grace_s: float = 10.0) -> list[int]:
+    """The live processes of group `pgid`, once they had `grace_s` to finish exiting: a process closes
+    its pipes before it leaves /proc, and the multiprocessing resource tracker exits only after it
+    reads its caller's exit, so a check right after the caller's exit can catch one of them leaving."""
+    deadline = time.monotonic() + grace_s
+    while (members := _group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return members
 
 
 def _group_members(pgid: int) -> list[int]:
