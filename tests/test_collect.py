@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+import zarr
 
 import diffpolicy.collection.collect as collect_module
 import diffpolicy.collection.episodes as episodes_module
@@ -50,6 +51,8 @@ def test_collect_writes_whole_episodes_that_replay(tmp_path):
             obs, reward, terminated, _, info = env.step(action)
             assert episode["reward"][t] == np.float32(reward)
         assert terminated and info["is_success"]  # a stored episode ends at its success
+        for key in ("agent_pos", "keypoints"):  # the observation after the last action, which no step holds
+            np.testing.assert_array_equal(buffer.episode_meta(f"final_obs.{key}")[index], obs[key])
 
 
 def test_collect_resumes_after_an_interruption_without_repeating_seeds(tmp_path, monkeypatch):
@@ -224,6 +227,16 @@ def test_stores_made_before_action_noise_existed_still_resume(tmp_path):
     del collection["action_noise"]  # as stores written before the setting existed
     buffer.attrs["collection"] = collection
     assert collect("pusht", episodes=2, out=out, progress=False).episodes == 2
+
+
+def test_stores_made_before_final_observations_were_kept_still_resume_without_them(tmp_path):
+    out = tmp_path / "old.zarr"
+    collect("pusht", episodes=1, out=out, progress=False)
+    meta = zarr.open_group(out / "meta", mode="a")
+    for name in ("final_obs.agent_pos", "final_obs.keypoints"):
+        del meta[name]  # as stores written before the meta existed
+    assert collect("pusht", episodes=2, out=out, progress=False).episodes == 2
+    assert ReplayBuffer.open(out).meta_keys() == ["seed", "success"]
 
 
 def test_cli_takes_action_noise(tmp_path, capsys):

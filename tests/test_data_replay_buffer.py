@@ -293,7 +293,10 @@ def test_bad_episodes_are_rejected_before_any_write(tmp_path):
     assert "must be numeric" in _episode_error(buffer, dict(good, state=np.array(["a"] * 6)), meta)
     assert "meta names" in _episode_error(buffer, good, {"seed": 1})
     assert "episode meta 'seed' has dtype <U1" in _episode_error(buffer, good, dict(meta, seed="x"))
-    assert "must be a scalar" in _episode_error(buffer, good, dict(meta, seed=[1, 2]))
+    assert "episode meta 'seed' has shape (2,), the store holds ()" in _episode_error(buffer, good, dict(meta, seed=[1, 2]))
+    assert "must be a scalar" in _episode_error(buffer, good, dict(meta, seed=[[1, 2]]))
+    assert "or a numeric vector (d,)" in _episode_error(buffer, good, dict(meta, seed=["a", "b"]))
+    assert "'seed' has a non-finite value: [1.0, nan]" in _episode_error(buffer, good, dict(meta, seed=[1.0, np.nan]))
     assert "reserved" in _episode_error(buffer, good, dict(meta, episode_ends=3))
     assert "without '/'" in _episode_error(buffer, {"a/b": np.zeros(2)})
 
@@ -337,6 +340,23 @@ def test_add_episodes_writes_what_one_at_a_time_writes(tmp_path, zarr_format):
     for index, (data, _) in enumerate(episodes):
         for key, value in data.items():
             np.testing.assert_array_equal(reopened.get_episode(index)[key], value)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_per_episode_vectors_round_trip_append_and_keep_their_length(tmp_path, zarr_format):
+    """`final_obs.<key>` meta: one `(d,)` vector per episode, read back `(E, d)` exactly after a reopen
+    and an append; a vector of another length is refused, and nothing of that episode is written."""
+    rng = np.random.default_rng(3)
+    finals = [rng.normal(size=5) for _ in range(4)]
+    path = tmp_path / "v.zarr"
+    buffer = ReplayBuffer.create(path, zarr_format=zarr_format)
+    buffer.add_episodes([(make_episode(rng, 3, image=False), {"seed": i, "final_obs.state": finals[i]}) for i in range(3)])
+    buffer = ReplayBuffer.open(path, mode="a")
+    buffer.add_episode(make_episode(rng, 2, image=False), {"seed": 3, "final_obs.state": finals[3]})
+    np.testing.assert_array_equal(ReplayBuffer.open(path).episode_meta("final_obs.state"), np.stack(finals))
+    with pytest.raises(EpisodeError, match=r"'final_obs.state' has shape \(4,\), the store holds \(5,\)"):
+        buffer.add_episode(make_episode(rng, 2, image=False), {"seed": 4, "final_obs.state": np.zeros(4)})
+    assert ReplayBuffer.open(path).n_episodes == 4 and ReplayBuffer.open(path).n_steps == 11
 
 
 def test_add_episodes_casts_losslessly_and_follows_the_cache(tmp_path):

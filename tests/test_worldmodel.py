@@ -23,7 +23,7 @@ from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.imagine import DreamVecEnv
 from diffpolicy.worldmodel.model import LatentWorldModel, ModelConfig
-from diffpolicy.worldmodel.play import save_episodes
+from diffpolicy.worldmodel.play import StepRecorder, save_episodes
 from diffpolicy.worldmodel.training import (
     TrainConfig,
     WorldModelConfig,
@@ -64,6 +64,51 @@ def test_windows_pad_the_episode_start_and_mask_past_its_end():
     assert w["reward"][1, :2].tolist() == [1.0, 2.0] and w["success"].tolist()[1] == [False, True, False]
     train, val = data.split(0.5, seed=0)
     assert {train.n_steps, val.n_steps} == {3, 2}
+
+
+def test_the_final_observation_is_the_last_actions_target_where_an_episode_has_it(tmp_path):
+    """The first episode carries the observation after its last action: the window ending there
+    predicts it (obs_mask true); the second has none and stays masked. Stores and the in-memory
+    episodes of a mixed run give the same Transitions, and `select` / `concat` / tensors keep it."""
+    episodes = [{"pos": np.arange(3)[:, None] * [1.0, 10.0], "action": np.ones((3, 2)), "reward": np.zeros(3),
+                 "success": True, "final_obs": {"pos": np.array([3.0, 30.0])}},
+                {"pos": 100 + np.arange(2)[:, None] * [1.0, 10.0], "action": np.ones((2, 2)),
+                 "reward": np.zeros(2), "success": False}]
+    data = Transitions.from_episodes(episodes, ["pos"])
+    w = data.windows(np.array([1, 3]), history=1, horizon=3)
+    assert w["obs_mask"].tolist() == [[True, True, False], [True, False, False]]
+    np.testing.assert_array_equal(w["next_obs"][0, :2], [[2, 20], [3, 30]])
+    assert w["success"][0].tolist() == [False, True, False]  # the transition that succeeds now has its target
+
+    buffer = ReplayBuffer.create(tmp_path / "final.zarr")
+    for i, episode in enumerate(episodes[:1]):
+        buffer.add_episode({"pos": episode["pos"], "action": episode["action"], "reward": episode["reward"]},
+                           {"seed": i, "success": True, "final_obs.pos": episode["final_obs"]["pos"]})
+    stored = Transitions.load([tmp_path / "final.zarr"], ["pos"])
+    assert stored.final_stored.tolist() == [True]
+    np.testing.assert_array_equal(stored.final_obs, [[3.0, 30.0]])
+    both = Transitions.concat([data.select(np.array([1])), stored])
+    assert both.final_stored.tolist() == [False, True]
+    back = Transitions.from_tensors(both.tensors(), both.keys, both.dims)
+    np.testing.assert_array_equal(back.windows(np.arange(5), 1, 2)["next_obs"], both.windows(np.arange(5), 1, 2)["next_obs"])
+    legacy = {k: v for k, v in both.tensors().items() if not k.startswith("final")}  # a checkpoint from before
+    assert Transitions.from_tensors(legacy, both.keys, both.dims).final_stored.tolist() == [False, False]
+
+
+def test_recorded_episodes_keep_the_observation_after_the_last_action(tmp_path):
+    recorder = StepRecorder(make_env())
+    obs, _ = recorder.reset(seed=3)
+    done = False
+    while not done:
+        obs, _, terminated, truncated, _ = recorder.step(recorder.action_space.sample() * 0)
+        done = terminated or truncated
+    episode = {**recorder.episode(), "seed": 3}
+    assert set(episode["final_obs"]) == set(obs)
+    for key in obs:
+        np.testing.assert_array_equal(episode["final_obs"][key], obs[key])
+    buffer = save_episodes([episode], tmp_path / "rec.zarr", {})
+    key = next(iter(obs))
+    np.testing.assert_array_equal(buffer.episode_meta(f"final_obs.{key}")[0], obs[key])
 
 
 def _store(path, data: dict, noise=0.0, meta=True):

@@ -31,7 +31,8 @@ def mass_episodes(n: int, steps: int, seed: int, action_scale: float = 1.0) -> l
             v = 0.8 * v + 0.2 * a
             x = x + 0.2 * v
             rewards.append(-np.linalg.norm(x))
-        episodes.append({"pos": np.array(obs), "action": np.array(actions), "reward": np.array(rewards), "success": False})
+        episodes.append({"pos": np.array(obs), "action": np.array(actions), "reward": np.array(rewards), "success": False,
+                         "final_obs": {"pos": x.copy()}})
     return episodes
 
 
@@ -51,7 +52,8 @@ def reach_play_episodes(n: int, seed: int) -> list[dict]:
             success |= bool(info["is_success"])
             obs, done = next_obs, terminated or truncated
         episodes.append({"pos": np.array([r[0] for r in rows]), "action": np.array([r[1] for r in rows]),
-                         "reward": np.array([r[2] for r in rows]), "success": success})
+                         "reward": np.array([r[2] for r in rows]), "success": success,
+                         "final_obs": {"pos": obs["pos"]}})
     env.close()
     return episodes
 

@@ -11,8 +11,10 @@ episode is appended whole (data keys, all `(T, ...)` with T = number of actions)
     states      (T, S) float64, `env.unwrapped.get_state()` at that observation, where the env
                 offers `get_state` (PushT: agent xy, block xy, angle; MuJoCo: its flat state)
 
-with episode meta `seed` and `success` (`info["is_success"]` at any step), plus `model_file`
-(MJCF XML) where the env offers `model_xml()`. The store's attrs record the task (`task`, the whole
+with episode meta `seed` and `success` (`info["is_success"]` at any step), `final_obs.<key>` (the
+observation after the last action, which no step holds, for each low-dim key; not added to a store
+whose episodes were collected without it), plus `model_file` (MJCF XML) where the env offers
+`model_xml()`. The store's attrs record the task (`task`, the whole
 card as `task_card`), the collection settings (`collection`), and robomimic `env_args` for
 robosuite tasks.
 
@@ -56,7 +58,7 @@ from tqdm import tqdm
 from diffpolicy.collection.episodes import NOISE_STREAM, RESERVED_KEYS, EpisodeJob, episode_results, run_episode
 from diffpolicy.collection.errors import CollectError
 from diffpolicy.collection.writer import EpisodeWriter
-from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.data.replay_buffer import FINAL_OBS, ReplayBuffer, stores_final_obs
 from diffpolicy.envs.tasks import (
     TaskCard,
     TaskCardError,
@@ -144,6 +146,7 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
         successes = int(_meta_ints(buffer, "success").sum())
         attempted = set(stored_seeds.tolist()) | set(collection["discarded_seeds"])
         stored_before, attempts = buffer.n_episodes, 0
+        final_obs = stores_final_obs(buffer)  # a store collected before final observations were kept stays as it is
         short = max(0, int(episodes) - buffer.n_episodes)
         # Seeds this call may play: every stored one needs a seed, and no more than max_attempts.
         budget = 0 if not short else max_attempts if only_success else min(max_attempts, short)
@@ -158,6 +161,8 @@ def collect(card: TaskCard | str, episodes: int, out: str | os.PathLike, seed_st
                 attempts += 1
                 attempted.add(seed)
                 if success or not only_success:
+                    if not final_obs:
+                        meta = {name: value for name, value in meta.items() if not name.startswith(FINAL_OBS)}
                     writer.add(seed, data, {"seed": seed, "success": success, **meta})
                     successes += int(success)
                     bar.update(1)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from diffpolicy.collection.errors import CollectError
+from diffpolicy.data.replay_buffer import final_obs_meta
 from diffpolicy.envs.tasks import TaskCard, make_env, make_expert
 
 RESERVED_KEYS = ("action", "executed_action", "reward", "states")
@@ -66,7 +67,8 @@ def available_cpus() -> int:
 
 
 def run_episode(env, expert, seed: int, noise_scale: np.ndarray | None = None) -> Episode:
-    """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta).
+    """One expert episode from `seed`: (data arrays `(T, ...)`, success, extra episode meta: the
+    observation after the last action as `final_obs.<key>` for low-dim keys, robosuite's `model_file`).
 
     With `noise_scale (Da,)` (action units) the env executes the expert's action plus Gaussian
     noise of that std, clipped to the action space; the data records the expert's action as
@@ -102,7 +104,7 @@ def run_episode(env, expert, seed: int, noise_scale: np.ndarray | None = None) -
         success = success or bool(info.get("is_success", False))
         if terminated or truncated:
             break
-    return {key: np.stack(values) for key, values in columns.items()}, success, meta
+    return {key: np.stack(values) for key, values in columns.items()}, success, {**meta, **final_obs_meta(obs)}
 
 
 def episode_results(job: EpisodeJob, seeds: Iterable[int], workers: int = 1, env=None, expert=None

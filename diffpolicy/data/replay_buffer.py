@@ -6,8 +6,11 @@ Layout (identical to Diffusion Policy's `ReplayBuffer`, so its datasets open unc
     <root>/data/<key>   (N, ...)  every episode concatenated along axis 0 (N = total steps)
     <root>/meta/episode_ends (E,) int64, cumulative exclusive end of each episode
     <root>/meta/<name>  (E,)      per-episode values (`seed`, `success`, `model_file`, ...)
+    <root>/meta/<name>  (E, d)    per-episode vectors (`final_obs.<key>`: the observation after the
+                                  episode's last action, which no step of `data/<key>` holds)
 
-Per-episode meta arrays hold int64 / float64 / bool (or the numpy dtype the caller passed);
+Per-episode meta arrays hold int64 / float64 / bool (or the numpy dtype the caller passed), one
+value or one fixed-length vector per episode;
 strings (e.g. a robosuite MJCF `model_file`) are a zarr variable-length UTF-8 string array with
 one episode per chunk, so appending an episode never rewrites earlier strings.
 
@@ -61,10 +64,24 @@ FORMAT_INFO = {
     "meta_strings": "variable-length UTF-8 string array, one episode per chunk",
 }
 EPISODE_ENDS = "episode_ends"
+FINAL_OBS = "final_obs."
+"""Prefix of the episode meta `final_obs.<key>`: an episode's observation after its last action."""
 _ENDS_FILL = -1
 _META_CHUNK = 1024
 _LOW_DIM_CHUNK_BYTES = 256 * 1024
 _ZSTD_LEVEL = 3
+
+
+def final_obs_meta(obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Episode meta `final_obs.<key>` for the low-dim `(d,)` entries of an observation (images are
+    not kept: a frame per episode would not fit a meta chunk)."""
+    return {FINAL_OBS + key: np.asarray(value) for key, value in obs.items() if np.ndim(value) == 1}
+
+
+def stores_final_obs(buffer: "ReplayBuffer") -> bool:
+    """Whether episodes appended to `buffer` carry `final_obs.*` meta: always in a new store, never in
+    one whose episodes were stored without it (every episode of a store has the same meta names)."""
+    return buffer.n_episodes == 0 or any(name.startswith(FINAL_OBS) for name in buffer.meta_keys())
 
 
 def is_image_array(dtype: np.dtype, ndim: int) -> bool:
@@ -302,7 +319,8 @@ class ReplayBuffer:
         return {key: np.asarray(self[key][steps]) for key in self.keys()}
 
     def episode_meta(self, name: str) -> np.ndarray:
-        """(E,) per-episode values of `meta/<name>` (strings come as an object array of str)."""
+        """`(E,)` per-episode values of `meta/<name>`, `(E, d)` for vectors (strings come as an object
+        array of str)."""
         if name not in self.meta_keys():
             raise MissingKeyError(f"{self.path}: no episode meta {name!r}; present: {self.meta_keys()}")
         return self._group["meta"][name][: self.n_episodes]
@@ -321,7 +339,8 @@ class ReplayBuffer:
 
         data: key -> `(T, ...)` numeric array, same T >= 1 for every key, the same key set,
         trailing shape and (losslessly castable) dtype as the store; float data must be finite.
-        meta: name -> scalar (int, float, bool, str), the same names as earlier episodes.
+        meta: name -> scalar (int, float, bool, str) or numeric vector `(d,)` (finite when float),
+        the same names, dtypes and lengths as earlier episodes.
         Nothing is written unless everything validates.
         """
         self.add_episodes([(data, meta)])
@@ -357,7 +376,7 @@ class ReplayBuffer:
         index, count = self.n_episodes, len(checked)
         for name, value in first_values.items():
             target = self._require_meta_array(name, value)
-            target.resize((index + count,))
+            target.resize((index + count, *value.shape))
             stored = object if value.dtype.kind == "U" else target.dtype
             target[index:] = np.stack([values[name] for _, values, _ in checked]).astype(stored)
         ends = self._group["meta"][EPISODE_ENDS]
@@ -480,11 +499,13 @@ class ReplayBuffer:
             if name == EPISODE_ENDS:
                 raise EpisodeError(f"{where}: meta name {EPISODE_ENDS!r} is reserved")
             array = np.asarray(value)
-            if array.ndim != 0 or array.dtype.kind not in "biufU":
+            if array.ndim > 1 or array.dtype.kind not in ("biufU" if array.ndim == 0 else "biuf"):
                 raise EpisodeError(
                     f"{where}: episode meta {name!r} must be a scalar int, float, bool or "
-                    f"str, got {type(value).__name__} {array.dtype} shape {array.shape}"
+                    f"str, or a numeric vector (d,), got {type(value).__name__} {array.dtype} shape {array.shape}"
                 )
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise EpisodeError(f"{where}: episode meta {name!r} has a non-finite value: {array.tolist()}")
             values[name] = array
         if layout is not None:
             layout.check_meta(values, where)
@@ -518,28 +539,29 @@ class ReplayBuffer:
             return meta[name]
         if value.dtype.kind == "U":
             return meta.create_array(name, shape=(0,), dtype=str, chunks=(1,))
-        return meta.create_array(name, shape=(0,), dtype=value.dtype, chunks=(_META_CHUNK,))
+        return meta.create_array(name, shape=(0, *value.shape), dtype=value.dtype, chunks=(_META_CHUNK, *value.shape))
 
 
 @dataclass(frozen=True)
 class _Layout:
-    """What an appended episode must match: per-step shape and dtype of each data key, dtype of
-    each meta name (object for strings), and whose layout it is (for messages)."""
+    """What an appended episode must match: per-step shape and dtype of each data key, per-episode
+    shape and dtype of each meta name (object for strings), and whose layout it is (for messages)."""
 
     frames: dict[str, tuple[tuple[int, ...], np.dtype]]
-    meta: dict[str, np.dtype]
+    meta: dict[str, tuple[tuple[int, ...], np.dtype]]
     owner: str
 
     @classmethod
     def of_store(cls, buffer: "ReplayBuffer") -> "_Layout":
         data, meta = buffer._group["data"], buffer._group["meta"]
         return cls({key: (tuple(data[key].shape[1:]), data[key].dtype) for key in buffer.keys()},
-                   {name: meta[name].dtype for name in buffer.meta_keys()}, "the store")
+                   {name: (tuple(meta[name].shape[1:]), meta[name].dtype) for name in buffer.meta_keys()},
+                   "the store")
 
     @classmethod
     def of_episode(cls, arrays: dict[str, np.ndarray], values: dict[str, np.ndarray], owner: str) -> "_Layout":
         return cls({key: (value.shape[1:], value.dtype) for key, value in arrays.items()},
-                   {name: np.dtype(object) if value.dtype.kind == "U" else value.dtype
+                   {name: (value.shape, np.dtype(object) if value.dtype.kind == "U" else value.dtype)
                     for name, value in values.items()}, owner)
 
     def check_data(self, key: str, value: np.ndarray, where: str) -> None:
@@ -562,7 +584,9 @@ class _Layout:
                 f"{sorted(self.meta)}"
             )
         for name, array in values.items():
-            stored = self.meta[name]
+            shape, stored = self.meta[name]
+            if array.shape != shape:
+                raise EpisodeError(f"{where}: episode meta {name!r} has shape {array.shape}, {self.owner} holds {shape}")
             is_str = array.dtype.kind == "U"
             if is_str != (stored == object) or (
                 not is_str and not np.can_cast(array.dtype, stored, casting="safe")

@@ -10,7 +10,7 @@ Robomimic's layout (h5py)::
     data/demo_<i>/dones     (N,)        <- buffer key "dones" (1 at the last step if none)
     data/demo_<i>/states    (N, S)      <- buffer key "states" (only if the buffer has it)
     data/demo_<i>/obs/<key>             <- every other buffer key
-    data/demo_<i>/next_obs/<key>        obs shifted by one step, the last step repeated
+    data/demo_<i>/next_obs/<key>        obs shifted by one step, then the episode meta final_obs.<key> (or the last step repeated)
     mask/<filter>           (M,) bytes  demo names of a filter (e.g. train / valid)
 
 Every per-episode meta value becomes a demo attribute; the buffer's other root attrs travel as
@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError
-from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array, staged_store
+from diffpolicy.data.replay_buffer import FINAL_OBS, ReplayBuffer, is_image_array, staged_store
 from diffpolicy.errors import ExistingFileError, InvalidValueError, MissingFileError
 
 ACTION_KEY = "action"
@@ -163,7 +163,8 @@ def _write_demo(demo: h5py.Group, episode: dict[str, np.ndarray], meta: dict) ->
     for key, value in episode.items():
         if key == ACTION_KEY or key in DEMO_DATASETS:
             continue
-        following = np.concatenate([value[1:], value[-1:]])
+        final = meta.get(FINAL_OBS + key, value[-1])  # the observation after the last action, where kept
+        following = np.concatenate([value[1:], np.asarray(final, value.dtype)[None]])
         for group, array in (("obs", value), ("next_obs", following)):
             options = {}
             if is_image_array(array.dtype, array.ndim):
@@ -192,9 +193,9 @@ def _read_demo(demo: h5py.Group, where: str) -> tuple[dict[str, np.ndarray], dic
             continue
         if isinstance(value, bytes):
             value = value.decode("utf-8")
-        if np.ndim(value) != 0:
-            raise DataFormatError(f"{where}: demo attribute {name!r} is not a scalar "
-                                  f"(shape {np.shape(value)})")
+        if np.ndim(value) > 1 or (np.ndim(value) == 1 and np.asarray(value).dtype.kind not in "biuf"):
+            raise DataFormatError(f"{where}: demo attribute {name!r} is not a scalar or a numeric vector "
+                                  f"(shape {np.shape(value)}, {np.asarray(value).dtype})")
         meta[name] = value
     return episode, meta
 

@@ -3,8 +3,10 @@ environment executed, rewards, and where an episode ended in success.
 
 Sources are replay buffers (`diffpolicy collect`, with or without action noise; `diffpolicy
 worldmodel collect`, a policy's own rollouts) and rollouts held in memory (the real steps of a
-mixed dream run). A buffer's step i holds the observation the action was chosen from, so the
-observation after an episode's last action is not stored: windows mark it missing (`obs_mask`).
+mixed dream run). A buffer's step i holds the observation the action was chosen from; the
+observation after an episode's last action is the episode meta `final_obs.<key>` where the buffer
+has it (stores collected by this version), so the last transition, the one that succeeds, is a
+training target too. Where it is missing (older stores, imports), windows mark it (`obs_mask`).
 The success label of a step is true on the last step of an episode whose `success` meta is true:
 the tasks here end the episode at success (PushT, robosuite, the test tasks).
 
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.data.replay_buffer import FINAL_OBS, ReplayBuffer
 from diffpolicy.worldmodel.errors import WorldModelError
 
 EXECUTED_ACTION = "executed_action"
@@ -31,7 +33,9 @@ EXECUTED_ACTION = "executed_action"
 @dataclass
 class Transitions:
     """Episodes laid end to end. obs `(S, D)` (the `keys` concatenated, `dims` each), action
-    `(S, Da)` as executed, reward `(S,)`, success `(S,)` bool, episode_ends `(E,)` (exclusive)."""
+    `(S, Da)` as executed, reward `(S,)`, success `(S,)` bool, episode_ends `(E,)` (exclusive),
+    final_obs `(E, D)`: each episode's observation after its last action, where final_stored
+    `(E,)` says it is known (zeros elsewhere)."""
 
     keys: tuple[str, ...]
     dims: tuple[int, ...]
@@ -40,13 +44,17 @@ class Transitions:
     reward: np.ndarray
     success: np.ndarray
     episode_ends: np.ndarray
+    final_obs: np.ndarray
+    final_stored: np.ndarray
+
+    ARRAYS = ("obs", "action", "reward", "success", "episode_ends", "final_obs", "final_stored")
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_episodes(cls, episodes: Sequence[dict[str, Any]], keys: Sequence[str],
                       dims: Sequence[int] | None = None) -> Transitions:
-        """From episodes `{key: (T, d), "action": (T, Da), "reward": (T,), "success": bool}`
-        (`dims` is needed only when `episodes` is empty)."""
+        """From episodes `{key: (T, d), "action": (T, Da), "reward": (T,), "success": bool}`, each
+        with an optional "final_obs" `{key: (d,)}` (`dims` is needed only when `episodes` is empty)."""
         keys = tuple(keys)
         if not episodes:
             if dims is None:
@@ -59,18 +67,25 @@ class Transitions:
         ends = np.cumsum(lengths).astype(np.int64)
         success[ends - 1] = [bool(e["success"]) for e in episodes]
         found = tuple(int(np.asarray(episodes[0][k]).reshape(lengths[0], -1).shape[1]) for k in keys)
+        final_stored = np.array(["final_obs" in e for e in episodes], dtype=bool)
+        final_obs = np.zeros((len(episodes), sum(found)), np.float32)
+        for i, episode in enumerate(episodes):
+            if final_stored[i]:
+                final_obs[i] = np.concatenate([np.asarray(episode["final_obs"][k], np.float32).reshape(-1) for k in keys])
         return cls(keys, found, obs, np.concatenate([np.asarray(e["action"], np.float32) for e in episodes]),
-                   np.concatenate([np.asarray(e["reward"], np.float32).reshape(-1) for e in episodes]), success, ends)
+                   np.concatenate([np.asarray(e["reward"], np.float32).reshape(-1) for e in episodes]), success, ends,
+                   final_obs, final_stored)
 
     @classmethod
     def empty(cls, keys: Sequence[str], dims: Sequence[int], action_dim: int) -> Transitions:
         return cls(tuple(keys), tuple(int(d) for d in dims), np.zeros((0, int(sum(dims))), np.float32),
                    np.zeros((0, action_dim), np.float32), np.zeros(0, np.float32), np.zeros(0, bool),
-                   np.zeros(0, np.int64))
+                   np.zeros(0, np.int64), np.zeros((0, int(sum(dims))), np.float32), np.zeros(0, bool))
 
     @classmethod
     def from_buffer(cls, buffer: ReplayBuffer, keys: Sequence[str]) -> Transitions:
-        """Read `keys`, the executed actions, rewards and per-episode success from a replay buffer."""
+        """Read `keys`, the executed actions, rewards, per-episode success and final observations
+        (`final_obs.<key>` meta, where the buffer has it for every key) from a replay buffer."""
         where = str(buffer.path)
         stored = buffer.keys()
         missing = [k for k in (*keys, "reward") if k not in stored]
@@ -96,9 +111,17 @@ class Transitions:
         if "success" in buffer.meta_keys() and len(ends):
             success[ends - 1] = np.asarray(buffer.episode_meta("success"), dtype=bool)
         obs = np.concatenate([arrays[k] for k in keys], 1)
-        return cls(tuple(keys), tuple(arrays[k].shape[1] for k in keys), obs,
+        dims = tuple(arrays[k].shape[1] for k in keys)
+        final_names = [FINAL_OBS + k for k in keys]
+        if len(ends) and all(name in buffer.meta_keys() for name in final_names):
+            final_obs = np.concatenate([np.asarray(buffer.episode_meta(n), np.float32).reshape(len(ends), -1)
+                                        for n in final_names], 1)
+            final_stored = np.ones(len(ends), bool)
+        else:
+            final_obs, final_stored = np.zeros((len(ends), sum(dims)), np.float32), np.zeros(len(ends), bool)
+        return cls(tuple(keys), dims, obs,
                    np.asarray(buffer[action_key], dtype=np.float32), np.asarray(buffer["reward"], np.float32).reshape(-1),
-                   success, ends)
+                   success, ends, final_obs, final_stored)
 
     @classmethod
     def load(cls, paths: Sequence[str | os.PathLike], keys: Sequence[str]) -> Transitions:
@@ -122,7 +145,8 @@ class Transitions:
         return cls(first.keys, first.dims, np.concatenate([p.obs for p in parts]),
                    np.concatenate([p.action for p in parts]), np.concatenate([p.reward for p in parts]),
                    np.concatenate([p.success for p in parts]),
-                   np.concatenate([p.episode_ends + o for p, o in zip(parts, offsets)]).astype(np.int64))
+                   np.concatenate([p.episode_ends + o for p, o in zip(parts, offsets)]).astype(np.int64),
+                   np.concatenate([p.final_obs for p in parts]), np.concatenate([p.final_stored for p in parts]))
 
     # ------------------------------------------------------------------ shape
     @property
@@ -152,7 +176,8 @@ class Transitions:
         starts, ends = self.episode_starts[episodes], self.episode_ends[episodes]
         rows = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(episodes) else np.zeros(0, int)
         return Transitions(self.keys, self.dims, self.obs[rows], self.action[rows], self.reward[rows],
-                           self.success[rows], np.cumsum(ends - starts).astype(np.int64))
+                           self.success[rows], np.cumsum(ends - starts).astype(np.int64), self.final_obs[episodes],
+                           self.final_stored[episodes])
 
     def split(self, val_fraction: float, seed: int) -> tuple[Transitions, Transitions]:
         """(train, validation) by whole episodes; at least one episode each when there are two."""
@@ -165,9 +190,10 @@ class Transitions:
         """Training windows at step indices `index (B,)`:
 
         obs_history `(B, H, D)`: observations i-H+1..i (the episode's first repeated before it);
-        action `(B, K, Da)`: a_i..a_{i+K-1}; next_obs `(B, K, D)`: o_{i+1}..o_{i+K}; reward, success
-        `(B, K)`; step_mask `(B, K)`: the action exists (i+k is in the episode); obs_mask `(B, K)`:
-        o_{i+k+1} is stored (not after the episode's last action). Masked entries repeat valid ones.
+        action `(B, K, Da)`: a_i..a_{i+K-1}; next_obs `(B, K, D)`: o_{i+1}..o_{i+K} (after the last
+        action: the episode's final observation); reward, success `(B, K)`; step_mask `(B, K)`: the
+        action exists (i+k is in the episode); obs_mask `(B, K)`: o_{i+k+1} is known (stored, or the
+        final observation where the episode has it). Masked entries repeat valid ones.
         """
         index = np.asarray(index, dtype=np.int64)
         episode = self.episode_of(index)
@@ -175,19 +201,23 @@ class Transitions:
         past = np.clip(index[:, None] + np.arange(1 - history, 1), start, last)
         steps = index[:, None] + np.arange(horizon)
         step_mask = steps <= last
-        obs_mask = steps + 1 <= last
+        final = (steps == last) & self.final_stored[episode][:, None]
+        obs_mask = (steps + 1 <= last) | final
         steps = np.minimum(steps, last)
-        return {"obs_history": self.obs[past], "action": self.action[steps], "next_obs": self.obs[np.minimum(steps + 1, last)],
+        next_obs = np.where(final[..., None], self.final_obs[episode][:, None], self.obs[np.minimum(steps + 1, last)])
+        return {"obs_history": self.obs[past], "action": self.action[steps], "next_obs": next_obs,
                 "reward": self.reward[steps], "success": self.success[steps] & step_mask,
                 "step_mask": step_mask, "obs_mask": obs_mask}
 
     # ------------------------------------------------------------------ checkpoints
     def tensors(self) -> dict[str, torch.Tensor]:
         """The arrays as tensors (safetensors), `from_tensors` inverts it."""
-        return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name)))
-                for name in ("obs", "action", "reward", "success", "episode_ends")}
+        return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in self.ARRAYS}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], keys: Sequence[str], dims: Sequence[int]) -> Transitions:
-        arrays = {name: tensors[name].numpy() for name in ("obs", "action", "reward", "success", "episode_ends")}
+        arrays = {name: tensors[name].numpy() for name in cls.ARRAYS if name in tensors}
+        if "final_obs" not in arrays:  # a checkpoint written before final observations were kept
+            arrays.update(final_obs=np.zeros((len(arrays["episode_ends"]), int(sum(dims))), np.float32),
+                          final_stored=np.zeros(len(arrays["episode_ends"]), bool))
         return cls(tuple(keys), tuple(int(d) for d in dims), **arrays)

@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.data.replay_buffer import ReplayBuffer, final_obs_meta, stores_final_obs
 from diffpolicy.policies.config import PolicyConfig
 from diffpolicy.rl.chunk_env import ChunkEnv
 from diffpolicy.rl.vec_env import obs_to_tensors
@@ -43,11 +43,12 @@ class StepRecorder(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
     def episode(self) -> dict[str, Any]:
-        """`{key: (T, ...), "action": (T, Da), "reward": (T,), "success": bool}`."""
+        """`{key: (T, ...), "action": (T, Da), "reward": (T,), "success": bool, "final_obs": {key: ...}}`
+        (final_obs: the observation after the last action)."""
         keys = self.steps[0][0].keys()
         return {**{k: np.stack([s[0][k] for s in self.steps]) for k in keys},
                 "action": np.stack([s[1] for s in self.steps]), "reward": np.array([s[2] for s in self.steps], np.float32),
-                "success": self.success}
+                "success": self.success, "final_obs": dict(self.current)}
 
 
 def record_episodes(act: Act, config: PolicyConfig, make_env: Callable[[], gym.Env], seeds: Sequence[int],
@@ -84,10 +85,12 @@ def record_episodes(act: Act, config: PolicyConfig, make_env: Callable[[], gym.E
 
 def save_episodes(episodes: Sequence[dict[str, Any]], out: str | os.PathLike, attrs: dict[str, Any]) -> ReplayBuffer:
     """Append recorded episodes whole to the replay buffer at `out` (created with `attrs` if new):
-    data keys = observation keys, `action` (executed), `reward`; episode meta `seed`, `success`."""
+    data keys = observation keys, `action` (executed), `reward`; episode meta `seed`, `success` and
+    `final_obs.<key>` (low-dim keys; not added to a store whose episodes were saved without it)."""
     out = Path(out)
     buffer = ReplayBuffer.open(out, mode="a") if out.exists() else ReplayBuffer.create(out, attrs=attrs)
     for episode in episodes:
-        data = {k: v for k, v in episode.items() if k not in ("success", "seed")}
-        buffer.add_episode(data, {"seed": int(episode["seed"]), "success": bool(episode["success"])})
+        data = {k: v for k, v in episode.items() if k not in ("success", "seed", "final_obs")}
+        final = final_obs_meta(episode["final_obs"]) if "final_obs" in episode and stores_final_obs(buffer) else {}
+        buffer.add_episode(data, {"seed": int(episode["seed"]), "success": bool(episode["success"]), **final})
     return buffer

@@ -328,6 +328,11 @@ def _write_episodes(path: Path, rows: Sequence[dict], buffer: ReplayBuffer, meta
               for name, values in columns.items()}
     for name in meta_names:
         values = buffer.episode_meta(name)
-        arrays[name] = pa.array(list(values), pa.string()) if values.dtype == object else pa.array(values)
+        if values.dtype == object:
+            arrays[name] = pa.array(list(values), pa.string())
+        elif values.ndim == 2:  # a per-episode vector (`final_obs.<key>`): a fixed-size list column
+            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+        else:
+            arrays[name] = pa.array(values)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(arrays), path)

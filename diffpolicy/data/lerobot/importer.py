@@ -100,15 +100,21 @@ def _restore_shape(value: np.ndarray, shape: list[int] | None, src: Path) -> np.
 
 
 def _meta_column(episodes: pa.Table, name: str, src: Path) -> np.ndarray:
-    """(E,) values of the episode column `name` in their parquet dtype (strings as str)."""
+    """(E,) values of the episode column `name` in their parquet dtype (strings as str); `(E, d)` for
+    a fixed-size list column (a per-episode vector such as `final_obs.<key>`)."""
     if name not in episodes.column_names:
         raise DataFormatError(f"{src / layout.EPISODES_DIR}: no episode column {name!r} (info.json's "
                               f"diffpolicy.episode_meta lists it)")
     column = episodes[name].combine_chunks()
-    if column.null_count or not (pa.types.is_string(column.type) or pa.types.is_boolean(column.type)
-                                 or pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+    vector = pa.types.is_fixed_size_list(column.type)
+    value_type = column.type.value_type if vector else column.type
+    if column.null_count or not (pa.types.is_boolean(value_type) or pa.types.is_integer(value_type)
+                                 or pa.types.is_floating(value_type) or (pa.types.is_string(value_type) and not vector)):
         raise DataFormatError(f"{src / layout.EPISODES_DIR}: episode column {name!r} of type {column.type} "
-                              f"is not a scalar int, float, bool or string column without nulls")
+                              f"is not a scalar int, float, bool or string column, or a fixed-size list of "
+                              f"numbers, without nulls")
+    if vector:
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
     values = column.to_numpy(zero_copy_only=False)
     return values.astype(str) if pa.types.is_string(column.type) else values
 
