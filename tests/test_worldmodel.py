@@ -343,6 +343,54 @@ def test_task_reward_rule_replaces_the_learned_heads(mass_model):
                     sparse_success=True)
 
 
+def test_task_failure_ends_imagined_episodes_where_any_member_predicts_it(mass_model):
+    """A failure rule terminates an episode without success at the first action whose predicted
+    observation fails for any member; that step is paid, the chunk stops there, and the next
+    episode starts in the same step. Without a rule the same chunk runs on."""
+    run, data = mass_model
+    members, chunk = run.model.config.members, np.zeros((6, 4, 2), np.float32)
+
+    def fails_on(member: int, envs: list[int]):
+        def rule(obs):
+            failed = np.zeros((members, 6), bool)
+            failed[member, envs] = True
+            return failed.reshape(-1)
+        return rule
+
+    plain = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0))
+    plain.reset(seed=list(range(6)))
+    _, plain_reward, terminated, truncated, info = plain.step(chunk)
+    assert not terminated.any() and (info["env_steps"] == MASS_POLICY.action_horizon).all()
+    envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0),
+                       task_failure=fails_on(members - 1, [1, 4]))  # the last member alone sees it
+    envs.reset(seed=list(range(6)))
+    _, reward, terminated, truncated, info = envs.step(chunk)
+    assert terminated.tolist() == [False, True, False, False, True, False] and not truncated.any()
+    assert not info["is_success"].any() and info["env_steps"].tolist() == [2, 1, 2, 2, 1, 2]
+    assert info["final_obs"][1] is not None and info["final_obs"][0] is None
+    np.testing.assert_array_equal(reward[[0, 2, 3, 5]], plain_reward[[0, 2, 3, 5]])  # the others: unchanged
+
+
+def test_locomotion_failure_rule_is_the_environments_termination():
+    """`LocomotionEnv.failure_from_observation` on the observations of random-action episodes says
+    terminated exactly where the env did (Hopper, Walker2d), never for HalfCheetah."""
+    from diffpolicy.envs.locomotion import LocomotionEnv
+    for env_id, ended in (("Hopper-v5", True), ("Walker2d-v5", True), ("HalfCheetah-v5", False)):
+        env, rng, terminations = LocomotionEnv(env_id), np.random.default_rng(0), 0
+        for seed in range(8):
+            obs, _ = env.reset(seed=seed)
+            for _ in range(150):
+                obs, _, terminated, _, _ = env.step(rng.uniform(-1, 1, env.action_space.shape))
+                assert env.failure_from_observation({"state": obs["state"][None]}).tolist() == [terminated], env_id
+                terminations += terminated
+                if terminated:
+                    break
+        assert (terminations > 0) == ended, env_id
+        env.close()
+    with pytest.raises(WorldModelError, match="no rule for its terminations"):
+        dream.task_failure_rule(LocomotionEnv("Ant-v5"))
+
+
 def test_task_reward_needs_a_rule_of_the_environment():
     env = make_env()
     with pytest.raises(WorldModelError, match="defines no reward_from_observation"):

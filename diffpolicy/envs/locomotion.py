@@ -8,7 +8,9 @@ gymnasium TimeLimit: the task card's `make_env` adds it) and changes only its in
 - `info["is_success"]` is False on every step: locomotion has no success event, so tasks are judged
   by their return; `info["episode_return"]` carries the running sum of rewards since `reset`;
 - `get_state() -> (nq + nv,)` float64 and `set_state(state)` expose the physics state (qpos, qvel)
-  for replaying recorded episodes.
+  for replaying recorded episodes;
+- `failure_from_observation(obs)` tells from observations alone where the env would end an episode
+  (Hopper and Walker2d fall; HalfCheetah never ends): what a world model's imagination ends on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from gymnasium.envs.mujoco import MujocoEnv
 from gymnasium.envs.registration import load_env_creator
 
 from diffpolicy.errors import InvalidValueError
+
+FALLS = ("HopperEnv", "Walker2dEnv")  # terminate when unhealthy: z and angle (Hopper: and the state) out of range
+NEVER_END = ("HalfCheetahEnv", "SwimmerEnv", "ReacherEnv", "PusherEnv")
 
 
 class LocomotionEnv(gymnasium.Env):
@@ -102,8 +107,35 @@ class LocomotionEnv(gymnasium.Env):
         self._env.set_state(state[:nq], state[nq:])
         return self._obs(self._env._get_obs())
 
+    def failure_from_observation(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        """`{"state": (N, obs_dim)}` -> `(N,)` bool: where the env ends an episode in that observation.
+
+        Hopper and Walker2d: not healthy (`is_healthy` of gymnasium's v5 envs on the observed z =
+        qpos[1], angle = qpos[2] and, for Hopper, qpos[2:] and the velocities; those are observed
+        clipped to +-10, inside Hopper's +-100 range, so the test is exact unless a speed passes 100).
+        HalfCheetah, Swimmer, Reacher, Pusher: never. A world model's dream ends imagined episodes
+        here (`worldmodel.imagine.DreamVecEnv`). Other envs raise InvalidValueError.
+        """
+        env, name = self._env, type(self._env).__name__
+        state = np.asarray(obs["state"], dtype=np.float64).reshape(-1, self.observation_space["state"].shape[0])
+        if name in NEVER_END or (name in FALLS and not env._terminate_when_unhealthy):
+            return np.zeros(len(state), dtype=bool)
+        if name not in FALLS or not env._exclude_current_positions_from_observation:
+            raise InvalidValueError(f"{self.env_id}: no rule for its terminations from observations (known: "
+                                    f"{', '.join(FALLS + NEVER_END)}, with x excluded from the observation)")
+        healthy = _inside(state[:, 0], env._healthy_z_range) & _inside(state[:, 1], env._healthy_angle_range)
+        if name == "HopperEnv":
+            healthy &= _inside(state[:, 1:], env._healthy_state_range).all(1)
+        return ~healthy
+
     def render(self):
         return self._env.render()
 
     def close(self):
         self._env.close()
+
+
+def _inside(values: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """Strictly inside (low, high), as gymnasium's health tests."""
+    low, high = bounds
+    return (low < values) & (values < high)

@@ -46,7 +46,7 @@ from diffpolicy.train.checkpoints import state_dict_tensors
 from diffpolicy.train.distributed import DistContext
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
-from diffpolicy.worldmodel.imagine import DreamVecEnv, TaskReward
+from diffpolicy.worldmodel.imagine import DreamVecEnv, TaskFailure, TaskReward
 from diffpolicy.worldmodel.model import LatentWorldModel
 from diffpolicy.worldmodel.play import record_episodes
 from diffpolicy.worldmodel.training import TrainConfig, gradient_step, make_optimizer, success_starts
@@ -83,6 +83,22 @@ class DreamConfig:
             check_int(f"dream.{name}", getattr(self, name), 1)
         check_int("dream.refresh_updates", self.refresh_updates, 0)
         check_bool("dream.task_reward", self.task_reward)
+
+
+def task_failure_rule(env: gym.Env) -> TaskFailure | None:
+    """The environment's `failure_from_observation` (where it ends an episode without success), or
+    None where it defines none (the task ends only at success or its time limit). Tried once on
+    the environment's own first observation, so a task it has no rule for fails here, not mid-run."""
+    rule = getattr(env.unwrapped, "failure_from_observation", None)
+    if rule is None:
+        return None
+    obs, _ = env.reset(seed=0)
+    try:
+        rule({key: np.asarray(value)[None] for key, value in obs.items()})
+    except Exception as err:
+        raise WorldModelError(f"the task's failure rule {type(env.unwrapped).__name__}.failure_from_observation "
+                              f"fails on its first observation: {type(err).__name__}: {err}") from err
+    return rule
 
 
 def task_reward_rule(env: gym.Env) -> TaskReward:
@@ -129,6 +145,7 @@ class DreamSession(Session):
         try:
             check_env_matches_policy(probe, policy.config, "dream evaluation")
             self.task_reward = task_reward_rule(probe) if dream.task_reward else None
+            self.task_failure = task_failure_rule(probe)
         finally:
             probe.close()
         super().__init__(run_dir, f"dream_{algo}", config, policy, make_env, resume)
@@ -136,7 +153,7 @@ class DreamSession(Session):
     def make_envs(self, make_env: Callable[[], gym.Env], policy: ChunkPolicy) -> DreamVecEnv:
         return DreamVecEnv(self.model, self.data, policy.config, self.config.n_envs, self.max_episode_steps,
                            self.model.cut_thresholds(self.dream.cut_scale), self.success_reward,
-                           self.dream.initial_only, self.task_reward, self.sparse_success)
+                           self.dream.initial_only, self.task_reward, self.sparse_success, self.task_failure)
 
     # ------------------------------------------------------------------ counting
     def count(self, rollout: Rollout) -> None:

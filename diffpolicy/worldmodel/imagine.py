@@ -10,6 +10,9 @@ observation: the lowest of the members' rewards). An imagined episode ends
   `task_reward` says so for every member (with
   `success_reward`, the real env's `AbsorbingSuccess` bonus is added: the same shaping; with
   `sparse_success`, that step pays 1 and no step pays anything else, as `SparseSuccess`);
+- *terminated* without success where the task's failure rule (`task_failure`, e.g. a hopper that
+  fell: `envs.locomotion.LocomotionEnv.failure_from_observation`) says so for any member's
+  predicted observation; that step's reward is paid, as the real environment pays it;
 - *truncated* at the task's time limit, counted from the start state's time in its episode;
 - *truncated* where the model is unsure: the k-th action of an imagined episode whose ensemble
   disagreement exceeds `cut_thresholds[k - 1]` (the last one beyond them) is not taken; the chunk
@@ -38,6 +41,7 @@ from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.model import LatentWorldModel
 
 TaskReward = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
+TaskFailure = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
 def check_model_matches_policy(model: LatentWorldModel, config: PolicyConfig) -> None:
@@ -73,6 +77,9 @@ class DreamVecEnv(gym.vector.VectorEnv):
         task_reward: None (the model's learned reward and success heads), or the task's rule
             `{key: (N, d) observations} -> (reward (N,), success (N,) bool)` applied to each member's
             predicted next observations (e.g. `envs.pusht.PushTEnv.reward_from_observation`).
+        task_failure: None (episodes end only at success, the time limit or a cut), or the task's rule
+            `{key: (N, d) observations} -> (N,) bool` of where the real environment ends an episode
+            without success, applied to each member's predicted next observations: any member's is enough.
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -80,7 +87,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
     def __init__(self, model: LatentWorldModel, starts: Transitions, config: PolicyConfig, n_envs: int,
                  max_episode_steps: int, cut_thresholds: np.ndarray, success_reward: float | None = None,
                  initial_only: bool = False, task_reward: TaskReward | None = None,
-                 sparse_success: bool = False) -> None:
+                 sparse_success: bool = False, task_failure: TaskFailure | None = None) -> None:
         check_model_matches_policy(model, config)
         if sparse_success and success_reward is not None:
             raise WorldModelError("DreamVecEnv: sparse_success pays success alone; it takes no success_reward")
@@ -92,7 +99,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         self.history = max(config.obs_horizon, model.config.history)
         self.max_episode_steps, self.cut_thresholds = int(max_episode_steps), cut_thresholds
         self.success_reward, self.initial_only, self.task_reward = success_reward, initial_only, task_reward
-        self.sparse_success = sparse_success
+        self.sparse_success, self.task_failure = sparse_success, task_failure
         self.starts_from(starts)
         offsets = np.cumsum([0, *model.obs_dims])
         self.model_slices = {key: slice(offsets[i], offsets[i + 1]) for i, key in enumerate(model.obs_keys)}
@@ -160,7 +167,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
                                            self.single_action_space.high[0]))
         n = self.num_envs
         reward, steps = torch.zeros(n, dtype=torch.float64), np.zeros(n, dtype=np.int64)
-        success, cut, limit = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+        success, failed, cut, limit = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
         active = np.ones(n, bool)
         for j in range(self.action_horizon):
             pred = self.model.step(self.latent, executed[:, j])
@@ -178,15 +185,17 @@ class DreamVecEnv(gym.vector.VectorEnv):
             steps += active
             step_reward, step_success = self._reward(pred)
             done_here = active & step_success
+            failed_here = active & ~done_here & self._failure(pred)
             reward += torch.as_tensor(done_here, dtype=torch.float64) if self.sparse_success \
                 else torch.where(take, step_reward, 0.0)
             success |= done_here
+            failed |= failed_here
             if self.success_reward is not None:
                 reward += torch.as_tensor(np.where(done_here, success_bonus(self.t, self.max_episode_steps,
                                                                             self.success_reward), 0.0))
-            limit |= active & ~done_here & (self.t >= self.max_episode_steps)
-            active &= ~(done_here | limit)
-        terminated, truncated = success, cut | limit
+            limit |= active & ~done_here & ~failed_here & (self.t >= self.max_episode_steps)
+            active &= ~(done_here | failed_here | limit)
+        terminated, truncated = success | failed, cut | limit
         self.chunks += n
         self.cuts += int(cut.sum())
         info = {"env_steps": steps, "is_success": success, "cut": cut}
@@ -209,10 +218,22 @@ class DreamVecEnv(gym.vector.VectorEnv):
         if self.task_reward is None:
             return pred.reward.mean(0).double(), (torch.sigmoid(pred.success_logit).mean(0) > 0.5).numpy()
         members, n = pred.obs.shape[:2]
-        flat = self.model.unnormalize_obs(pred.obs.reshape(members * n, -1)).numpy()
-        reward, success = self.task_reward({key: flat[:, part] for key, part in self.model_slices.items()})
+        reward, success = self.task_reward(self._member_observations(pred))
         reward = np.asarray(reward, dtype=np.float64).reshape(members, n).min(0)
         return torch.as_tensor(reward), np.asarray(success, dtype=bool).reshape(members, n).all(0)
+
+    def _failure(self, pred) -> np.ndarray:
+        """`(N,)` bool: the task's failure rule holds for any member's predicted observation."""
+        members, n = pred.obs.shape[:2]
+        if self.task_failure is None:
+            return np.zeros(n, dtype=bool)
+        return np.asarray(self.task_failure(self._member_observations(pred)), dtype=bool).reshape(members, n).any(0)
+
+    def _member_observations(self, pred) -> dict[str, np.ndarray]:
+        """Every member's predicted observation in data units, `{key: (E * N, d)}` (member-major)."""
+        members, n = pred.obs.shape[:2]
+        flat = self.model.unnormalize_obs(pred.obs.reshape(members * n, -1)).numpy()
+        return {key: flat[:, part] for key, part in self.model_slices.items()}
 
     def pop_stats(self) -> dict[str, float]:
         """Share of imagined chunk steps cut by the uncertainty since the last call."""
