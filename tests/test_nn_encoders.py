@@ -5,7 +5,12 @@ import torch
 from torch import nn
 
 from diffpolicy.nn import (
-    MLPStateEncoder, NNConfigError, NNInputError, ObservationEncoder, ResNetImageEncoder, SpatialSoftmax,
+    MLPStateEncoder,
+    NNConfigError,
+    NNInputError,
+    ObservationEncoder,
+    ResNetImageEncoder,
+    SpatialSoftmax,
     make_observation_encoder,
 )
 from diffpolicy.nn.image_encoder import center_crop, random_crop

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from policy_helpers import DA, TP, B, make_obs, make_policy
 
 import diffpolicy.policies.checkpoint as checkpoint_module
 from diffpolicy.policies import (
@@ -18,8 +19,6 @@ from diffpolicy.policies import (
     write_checkpoint,
 )
 from diffpolicy.policies.checkpoint import sha256_of
-
-from policy_helpers import B, DA, TP, make_obs, make_policy
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@ learning with a mix, and old configs (without the key) loading as "shared"."""
 
 import pytest
 import torch
+from policy_helpers import TP, B, make_batch, make_policy
 
 from diffpolicy.core.losses import denoising_loss
 from diffpolicy.policies import ConfigError, LossConfig, PolicyConfig
 from diffpolicy.policies.config import token_time_mix
 from diffpolicy.policies.token_times import draw_token_times, ladder_levels
-
-from policy_helpers import B, TP, make_batch, make_policy
 
 
 def test_mix_parsing_and_errors():

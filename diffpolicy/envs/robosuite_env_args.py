@@ -13,8 +13,6 @@ composite config, so `make_env_from_env_args` converts it with robosuite's own
 
 from __future__ import annotations
 
-from diffpolicy.errors import InvalidValueError
-
 import copy
 from typing import Any
 
@@ -26,6 +24,7 @@ from diffpolicy.envs.robosuite_tasks import (
     robosuite_kwargs,
 )
 from diffpolicy.envs.tasks import TaskCard, resolve_entry_point
+from diffpolicy.errors import InvalidValueError
 
 ROBOSUITE_ENV_TYPE = 1
 # env_kwargs a robomimic file may carry that only matter to an on-screen viewer or a GPU choice.

@@ -33,8 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 import shapely
 
-from diffpolicy.envs.pusht import (AGENT_RADIUS, BLOCK_COG_LOCAL, GOAL_POSE, T_OUTLINE_LOCAL, WORKSPACE,
-                                   local_to_world, rotation)
+from diffpolicy.envs.pusht import (
+    AGENT_RADIUS,
+    BLOCK_COG_LOCAL,
+    GOAL_POSE,
+    T_OUTLINE_LOCAL,
+    WORKSPACE,
+    local_to_world,
+    rotation,
+)
 
 BLOCK_MOMENT = 3000.0
 
