@@ -183,9 +183,10 @@ class DreamVecEnv(gym.vector.VectorEnv):
             self.t += active
             self.imagined += active
             steps += active
-            step_reward, step_success = self._reward(pred)
+            predicted = self._member_observations(pred) if self.task_reward or self.task_failure else None
+            step_reward, step_success = self._reward(pred, predicted)
             done_here = active & step_success
-            failed_here = active & ~done_here & self._failure(pred)
+            failed_here = active & ~done_here & self._failure(pred, predicted)
             reward += torch.as_tensor(done_here, dtype=torch.float64) if self.sparse_success \
                 else torch.where(take, step_reward, 0.0)
             success |= done_here
@@ -210,24 +211,25 @@ class DreamVecEnv(gym.vector.VectorEnv):
             self._start(envs)
         return self._observation(), reward.numpy(), terminated, truncated, info
 
-    def _reward(self, pred) -> tuple[torch.Tensor, np.ndarray]:
+    def _reward(self, pred, predicted: dict[str, np.ndarray] | None) -> tuple[torch.Tensor, np.ndarray]:
         """Reward `(N,)` float64 and success `(N,)` bool of one imagined step: the model's heads
         (members' means), or the task's rule applied to every member's predicted observation, taken
         pessimistically: the members' lowest reward, and success only where every member predicts it
-        (a success the members disagree on is the kind a policy learns to exploit)."""
+        (a success the members disagree on is the kind a policy learns to exploit). `predicted`: every
+        member's observation `{key: (E * N, d)}` (`_member_observations`) where a rule needs it."""
         if self.task_reward is None:
             return pred.reward.mean(0).double(), (torch.sigmoid(pred.success_logit).mean(0) > 0.5).numpy()
         members, n = pred.obs.shape[:2]
-        reward, success = self.task_reward(self._member_observations(pred))
+        reward, success = self.task_reward(predicted)
         reward = np.asarray(reward, dtype=np.float64).reshape(members, n).min(0)
         return torch.as_tensor(reward), np.asarray(success, dtype=bool).reshape(members, n).all(0)
 
-    def _failure(self, pred) -> np.ndarray:
+    def _failure(self, pred, predicted: dict[str, np.ndarray] | None) -> np.ndarray:
         """`(N,)` bool: the task's failure rule holds for any member's predicted observation."""
         members, n = pred.obs.shape[:2]
         if self.task_failure is None:
             return np.zeros(n, dtype=bool)
-        return np.asarray(self.task_failure(self._member_observations(pred)), dtype=bool).reshape(members, n).any(0)
+        return np.asarray(self.task_failure(predicted), dtype=bool).reshape(members, n).any(0)
 
     def _member_observations(self, pred) -> dict[str, np.ndarray]:
         """Every member's predicted observation in data units, `{key: (E * N, d)}` (member-major)."""
