@@ -557,6 +557,9 @@ def test_command_line_collects_trains_and_dreams(tmp_path, capsys):
     assert "only for --algo dream" in capsys.readouterr().err
     assert main(["worldmodel", "train", "--task", card, "--out", str(tmp_path / "w2")]) == 2
     assert "--data needs at least one replay buffer" in capsys.readouterr().err
+    assert main(["worldmodel", "train", "--task", card, "--out", str(tmp_path / "w3"), "--data", str(play),
+                 "--threads", "0"]) == 2
+    assert "--threads: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["worldmodel", "collect", "--task", "pusht", "--checkpoint", str(tmp_path / "bc"), "--episodes", "1",
                  "--out", str(tmp_path / "r.zarr")]) == 2
     assert "trained on task 'point_reach', not 'pusht'" in capsys.readouterr().err

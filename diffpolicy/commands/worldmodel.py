@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-start", type=int, default=0, help="collect: first seed")
     parser.add_argument("--n-envs", type=int, default=8, help="collect: environments played together")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: two runs side by side on two cores do not oversubscribe them)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="train: WorldModelConfig overrides")
 
 
@@ -52,6 +54,11 @@ def action_bounds(card: TaskCard) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if isinstance(args.threads, bool) or args.threads < 1:
+        raise UsageError(f"--threads: expected an integer >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     card = load_task(args.task)
     try:
         return train(card, args) if args.action == "train" else collect(card, args)
