@@ -371,6 +371,22 @@ def test_task_failure_ends_imagined_episodes_where_any_member_predicts_it(mass_m
     np.testing.assert_array_equal(reward[[0, 2, 3, 5]], plain_reward[[0, 2, 3, 5]])  # the others: unchanged
 
 
+def test_rollout_steps_truncate_imagined_episodes_mid_chunk(mass_model):
+    """`rollout_steps` = 3 with chunks of 2 actions: the first chunk runs whole, the second stops after
+    its first action with every episode truncated (not terminated), and the next ones start afresh."""
+    run, data = mass_model
+    chunk = np.zeros((6, 4, 2), np.float32)
+    envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), rollout_steps=3)
+    envs.reset(seed=list(range(6)))
+    _, _, terminated, truncated, info = envs.step(chunk)
+    assert not (terminated | truncated).any() and (info["env_steps"] == 2).all()
+    _, _, terminated, truncated, info = envs.step(chunk)
+    assert truncated.all() and not terminated.any() and not info["cut"].any() and (info["env_steps"] == 1).all()
+    assert (envs.imagined == 0).all()
+    with pytest.raises(ValueError, match="dream.rollout_steps"):
+        dream.DreamConfig(rollout_steps=-1)
+
+
 def test_locomotion_failure_rule_is_the_environments_termination():
     """`LocomotionEnv.failure_from_observation` on the observations of random-action episodes says
     terminated exactly where the env did (Hopper, Walker2d), never for HalfCheetah."""

@@ -64,7 +64,9 @@ class DreamConfig:
     refresh_updates: world-model gradient steps per refresh; task_reward: reward and success of
     imagined steps by the task's own rule on the predicted observations (the environment class's
     `reward_from_observation`, e.g. PushT's coverage from the block keypoints) instead of the
-    model's learned reward and success heads."""
+    model's learned reward and success heads; rollout_steps: imagined steps after which an episode
+    is truncated and bootstrapped from the critic (MBPO's rollout length: the model is trusted only
+    that far from a real state; 0: only the task's time limit and the cut end it)."""
 
     cut_scale: float = 2.0
     initial_only: bool = False
@@ -74,6 +76,7 @@ class DreamConfig:
     refresh_envs: int = 8
     refresh_updates: int = 200
     task_reward: bool = False
+    rollout_steps: int = 0
 
     def __post_init__(self) -> None:
         check_float("dream.cut_scale", self.cut_scale, 0, strictly=True)
@@ -83,6 +86,7 @@ class DreamConfig:
             check_int(f"dream.{name}", getattr(self, name), 1)
         check_int("dream.refresh_updates", self.refresh_updates, 0)
         check_bool("dream.task_reward", self.task_reward)
+        check_int("dream.rollout_steps", self.rollout_steps, 0)
 
 
 def task_failure_rule(env: gym.Env) -> TaskFailure | None:
@@ -153,7 +157,8 @@ class DreamSession(Session):
     def make_envs(self, make_env: Callable[[], gym.Env], policy: ChunkPolicy) -> DreamVecEnv:
         return DreamVecEnv(self.model, self.data, policy.config, self.config.n_envs, self.max_episode_steps,
                            self.model.cut_thresholds(self.dream.cut_scale), self.success_reward,
-                           self.dream.initial_only, self.task_reward, self.sparse_success, self.task_failure)
+                           self.dream.initial_only, self.task_reward, self.sparse_success, self.task_failure,
+                           self.dream.rollout_steps)
 
     # ------------------------------------------------------------------ counting
     def count(self, rollout: Rollout) -> None:

@@ -13,7 +13,8 @@ observation: the lowest of the members' rewards). An imagined episode ends
 - *terminated* without success where the task's failure rule (`task_failure`, e.g. a hopper that
   fell: `envs.locomotion.LocomotionEnv.failure_from_observation`) says so for any member's
   predicted observation; that step's reward is paid, as the real environment pays it;
-- *truncated* at the task's time limit, counted from the start state's time in its episode;
+- *truncated* at the task's time limit, counted from the start state's time in its episode, or
+  after `rollout_steps` imagined steps (MBPO's short rollouts; 0: no such limit);
 - *truncated* where the model is unsure: the k-th action of an imagined episode whose ensemble
   disagreement exceeds `cut_thresholds[k - 1]` (the last one beyond them) is not taken; the chunk
   stops before it and the episode is cut there (its value is bootstrapped from the last trusted
@@ -80,6 +81,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         task_failure: None (episodes end only at success, the time limit or a cut), or the task's rule
             `{key: (N, d) observations} -> (N,) bool` of where the real environment ends an episode
             without success, applied to each member's predicted next observations: any member's is enough.
+        rollout_steps: imagined steps after which an episode is truncated (0: never; the chunk stops there).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -87,7 +89,8 @@ class DreamVecEnv(gym.vector.VectorEnv):
     def __init__(self, model: LatentWorldModel, starts: Transitions, config: PolicyConfig, n_envs: int,
                  max_episode_steps: int, cut_thresholds: np.ndarray, success_reward: float | None = None,
                  initial_only: bool = False, task_reward: TaskReward | None = None,
-                 sparse_success: bool = False, task_failure: TaskFailure | None = None) -> None:
+                 sparse_success: bool = False, task_failure: TaskFailure | None = None,
+                 rollout_steps: int = 0) -> None:
         check_model_matches_policy(model, config)
         if sparse_success and success_reward is not None:
             raise WorldModelError("DreamVecEnv: sparse_success pays success alone; it takes no success_reward")
@@ -99,7 +102,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         self.history = max(config.obs_horizon, model.config.history)
         self.max_episode_steps, self.cut_thresholds = int(max_episode_steps), cut_thresholds
         self.success_reward, self.initial_only, self.task_reward = success_reward, initial_only, task_reward
-        self.sparse_success, self.task_failure = sparse_success, task_failure
+        self.sparse_success, self.task_failure, self.rollout_steps = sparse_success, task_failure, int(rollout_steps)
         self.starts_from(starts)
         offsets = np.cumsum([0, *model.obs_dims])
         self.model_slices = {key: slice(offsets[i], offsets[i + 1]) for i, key in enumerate(model.obs_keys)}
@@ -194,7 +197,8 @@ class DreamVecEnv(gym.vector.VectorEnv):
             if self.success_reward is not None:
                 reward += torch.as_tensor(np.where(done_here, success_bonus(self.t, self.max_episode_steps,
                                                                             self.success_reward), 0.0))
-            limit |= active & ~done_here & ~failed_here & (self.t >= self.max_episode_steps)
+            ends_here = (self.t >= self.max_episode_steps) | (self.rollout_steps > 0) & (self.imagined >= self.rollout_steps)
+            limit |= active & ~done_here & ~failed_here & ends_here
             active &= ~(done_here | failed_here | limit)
         terminated, truncated = success | failed, cut | limit
         self.chunks += n
