@@ -58,7 +58,7 @@ from tqdm import tqdm
 from diffpolicy.collection.episodes import NOISE_STREAM, RESERVED_KEYS, EpisodeJob, episode_results, run_episode
 from diffpolicy.collection.errors import CollectError
 from diffpolicy.collection.writer import EpisodeWriter
-from diffpolicy.data.replay_buffer import FINAL_OBS, ReplayBuffer, stores_final_obs
+from diffpolicy.data.replay_buffer import ReplayBuffer, stores_final_obs
 from diffpolicy.envs.tasks import (
     TaskCard,
     TaskCardError,
@@ -66,6 +66,7 @@ from diffpolicy.envs.tasks import (
     make_env,
     make_expert,
 )
+from diffpolicy.episode_meta import FINAL_OBS
 
 __all__ = ["CollectError", "CollectSummary", "NOISE_STREAM", "collect", "recipe_settings", "run_episode"]
 # Settings that must match to resume a store; a store made otherwise needs overwrite=True.

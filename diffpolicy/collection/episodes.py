@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 
 from diffpolicy.collection.errors import CollectError
-from diffpolicy.data.replay_buffer import final_obs_meta
 from diffpolicy.envs.tasks import TaskCard, make_env, make_expert
+from diffpolicy.episode_meta import final_obs_meta
 
 RESERVED_KEYS = ("action", "executed_action", "reward", "states")
 NOISE_STREAM = 7  # generator of the executed action noise: default_rng([seed, NOISE_STREAM])

@@ -47,6 +47,7 @@ import zarr.codecs
 import zarr.storage
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError
+from diffpolicy.episode_meta import FINAL_OBS
 from diffpolicy.errors import (
     ExistingFileError,
     InvalidIndexError,
@@ -64,18 +65,10 @@ FORMAT_INFO = {
     "meta_strings": "variable-length UTF-8 string array, one episode per chunk",
 }
 EPISODE_ENDS = "episode_ends"
-FINAL_OBS = "final_obs."
-"""Prefix of the episode meta `final_obs.<key>`: an episode's observation after its last action."""
 _ENDS_FILL = -1
 _META_CHUNK = 1024
 _LOW_DIM_CHUNK_BYTES = 256 * 1024
 _ZSTD_LEVEL = 3
-
-
-def final_obs_meta(obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Episode meta `final_obs.<key>` for the low-dim `(d,)` entries of an observation (images are
-    not kept: a frame per episode would not fit a meta chunk)."""
-    return {FINAL_OBS + key: np.asarray(value) for key, value in obs.items() if np.ndim(value) == 1}
 
 
 def stores_final_obs(buffer: "ReplayBuffer") -> bool:

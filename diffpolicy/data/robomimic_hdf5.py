@@ -31,7 +31,8 @@ import h5py
 import numpy as np
 
 from diffpolicy.data.errors import DataFormatError, EpisodeError
-from diffpolicy.data.replay_buffer import FINAL_OBS, ReplayBuffer, is_image_array, staged_store
+from diffpolicy.data.replay_buffer import ReplayBuffer, is_image_array, staged_store
+from diffpolicy.episode_meta import FINAL_OBS
 from diffpolicy.errors import ExistingFileError, InvalidValueError, MissingFileError
 
 ACTION_KEY = "action"

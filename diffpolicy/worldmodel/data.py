@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffpolicy.data.replay_buffer import FINAL_OBS, ReplayBuffer
+from diffpolicy.data.replay_buffer import ReplayBuffer
+from diffpolicy.episode_meta import FINAL_OBS
 from diffpolicy.worldmodel.errors import WorldModelError
 
 EXECUTED_ACTION = "executed_action"

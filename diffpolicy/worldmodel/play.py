@@ -17,7 +17,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from diffpolicy.data.replay_buffer import ReplayBuffer, final_obs_meta, stores_final_obs
+from diffpolicy.data.replay_buffer import ReplayBuffer, stores_final_obs
+from diffpolicy.episode_meta import final_obs_meta
 from diffpolicy.policies.config import PolicyConfig
 from diffpolicy.rl.chunk_env import ChunkEnv
 from diffpolicy.rl.vec_env import obs_to_tensors
