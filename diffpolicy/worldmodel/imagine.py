@@ -197,7 +197,8 @@ class DreamVecEnv(gym.vector.VectorEnv):
             if self.success_reward is not None:
                 reward += torch.as_tensor(np.where(done_here, success_bonus(self.t, self.max_episode_steps,
                                                                             self.success_reward), 0.0))
-            ends_here = (self.t >= self.max_episode_steps) | (self.rollout_steps > 0) & (self.imagined >= self.rollout_steps)
+            rollout_done = self.rollout_steps > 0 and self.imagined >= self.rollout_steps
+            ends_here = (self.t >= self.max_episode_steps) | rollout_done
             limit |= active & ~done_here & ~failed_here & ends_here
             active &= ~(done_here | failed_here | limit)
         terminated, truncated = success | failed, cut | limit
