@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffpolicy"
-SHARED = {"errors", "config", "fsutil"}  # top-level helper modules every layer may use
+SHARED = {"errors", "config", "fsutil", "episode_meta"}  # top-level helper modules every layer may use
 
 # layer -> the other layers it may import (besides itself and SHARED). A layer missing from a set
 # is forbidden; a new top-level package or module must be added here (the test says so).
@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "config": set(),
     "fsutil": set(),
+    "episode_meta": set(),
     "core": set(),
     "nn": {"core"},
     "data": set(),
