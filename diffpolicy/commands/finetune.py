@@ -36,8 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from diffpolicy.commands import set_torch_threads
 from diffpolicy.config import apply_overrides
 from diffpolicy.envs.tasks import TaskCard, load_task, make_env
 from diffpolicy.errors import UsageError
@@ -97,9 +96,7 @@ def build_config(config_cls: type, args: argparse.Namespace, overrides: list[str
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads < 1:
-        raise UsageError(f"--threads: expected an integer >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     card = load_task(args.task)
     if args.absorbing_success and args.sparse_success:
         raise UsageError("--absorbing-success and --sparse-success: choose one reward")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffpolicy.commands import set_torch_threads
 from diffpolicy.config import apply_overrides
 from diffpolicy.envs.tasks import TaskCard, load_task, make_env
 from diffpolicy.errors import UsageError
@@ -54,11 +55,7 @@ def action_bounds(card: TaskCard) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    if isinstance(args.threads, bool) or args.threads < 1:
-        raise UsageError(f"--threads: expected an integer >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     card = load_task(args.task)
     try:
         return train(card, args) if args.action == "train" else collect(card, args)

@@ -114,7 +114,7 @@ class Transitions:
         obs = np.concatenate([arrays[k] for k in keys], 1)
         dims = tuple(arrays[k].shape[1] for k in keys)
         final_names = [FINAL_OBS + k for k in keys]
-        if len(ends) and all(name in buffer.meta_keys() for name in final_names):
+        if len(ends) and set(final_names) <= set(buffer.meta_keys()):
             final_obs = np.concatenate([np.asarray(buffer.episode_meta(n), np.float32).reshape(len(ends), -1)
                                         for n in final_names], 1)
             final_stored = np.ones(len(ends), bool)
