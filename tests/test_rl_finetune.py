@@ -8,11 +8,22 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from rl_tasks import TASK, WideActionReach, make_bc_policy, make_env, write_card, write_demonstrations
+from rl_tasks import (
+    FAIL_STEPS,
+    MAX_STEPS,
+    TASK,
+    WideActionReach,
+    make_bc_policy,
+    make_env,
+    make_failing_env,
+    write_card,
+    write_demonstrations,
+)
 
 from diffpolicy.cli import main
 from diffpolicy.evaluation.rollout import rollout
 from diffpolicy.policies import ChunkPolicy
+from diffpolicy.policies.locate import resolve_policy_dir
 from diffpolicy.rl import chain_ppo, dppo, flow_ppo
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.errors import ActionSpaceMismatchError, UnsupportedProcessError
@@ -227,3 +238,57 @@ def test_critic_warmup_leaves_the_actor_untouched_then_hands_over(algo, tmp_path
 def test_critic_warmup_is_a_count_of_iterations():
     with pytest.raises(dppo.FinetuneError, match=r"'critic_warmup': expected an integer >= 0, got -1"):
         dppo.DPPOConfig(critic_warmup=-1)
+
+
+def test_patience_stops_the_run_and_the_best_evaluation_is_what_the_run_loads(tmp_path, monkeypatch):
+    """Scored by (success, return): evaluations 1, 3, 2, 2.5 with patience 2
+    stop the run after the fourth iteration; the run directory loads the second iteration's policy, the
+    real steps of every evaluation are summed, and a run killed in between resumes to the same stop."""
+    module, _, config = ALGOS["flowppo"]
+    config = dataclasses.replace(config, env_steps=100_000, eval_every=1, patience=2)
+    scripted = {1: 1.0, 2: 3.0, 3: 2.0, 4: 2.5, 5: 9.0}
+
+    def scripted_evaluate(self, policy):
+        return {"eval_success": 0.0, "eval_return": scripted[self.iteration], "eval_steps": 10}
+
+    monkeypatch.setattr(Session, "evaluate", scripted_evaluate)
+    result = module.finetune(policy_for("flowppo"), make_env, config, tmp_path / "straight", progress=False)
+    assert [row["eval_return"] for row in result.history] == [1.0, 3.0, 2.0, 2.5]
+    assert [row["eval_env_steps"] for row in result.history] == [10, 20, 30, 40]
+    assert result.best.name == "step_00000002" and result.checkpoint.name == "step_00000004"
+    assert resolve_policy_dir(tmp_path / "straight") == result.best / "policy"  # what `diffpolicy eval RUN` loads
+
+    original_save = Session.save
+
+    def save_then_die(self, *args, **kwargs):
+        path = original_save(self, *args, **kwargs)
+        if self.iteration == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(Session, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        module.finetune(policy_for("flowppo"), make_env, config, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(Session, "save", original_save)
+    resumed = module.finetune(policy_for("flowppo"), make_env, config, tmp_path / "resumed", resume=True,
+                              progress=False)
+    assert resumed.history == result.history[3:] and resumed.best.name == "step_00000002"
+    with pytest.raises(dppo.FinetuneError, match=r"'patience': expected an integer >= 0, got -1"):
+        dataclasses.replace(config, patience=-1)
+
+
+def test_evaluation_counts_the_environment_steps_of_its_episodes():
+    """Standing still, an episode of the failing task lasts FAIL_STEPS steps where it starts left of
+    x = 0 and MAX_STEPS otherwise; 7 seeds in batches of 3 (the last one padded)."""
+    config = policy_for("flowppo").config
+    seeds = range(100000, 100007)
+
+    def stand_still(obs, generator=None):
+        return torch.zeros(len(obs["pos"]), config.pred_horizon, config.action_dim)
+
+    lengths = []
+    for seed in seeds:
+        obs, _ = make_failing_env().reset(seed=seed)
+        lengths.append(FAIL_STEPS if obs["pos"][0] < 0 else MAX_STEPS)
+    assert len(set(lengths)) == 2  # both kinds of episode are counted
+    assert evaluate(stand_still, config, make_failing_env, seeds, 3)["eval_steps"] == sum(lengths)

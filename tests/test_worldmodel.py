@@ -387,6 +387,29 @@ def test_rollout_steps_truncate_imagined_episodes_mid_chunk(mass_model):
         dream.DreamConfig(rollout_steps=-1)
 
 
+def test_uncertainty_penalty_takes_the_disagreement_of_every_imagined_step_off_the_reward(mass_model, monkeypatch):
+    """MOPO's pessimism: with penalty 2 a chunk pays 2 x the summed ensemble disagreement of its steps
+    less than without; the run's mean disagreement is reported; a negative penalty is refused."""
+    run, data = mass_model
+    chunk = np.random.default_rng(3).uniform(-DATA_ACTIONS, DATA_ACTIONS, (6, 4, 2)).astype(np.float32)
+    plain = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0))
+    plain.reset(seed=list(range(6)))
+    plain_reward = plain.step(chunk)[1]
+    seen = []
+    measure = LatentWorldModel.disagreement
+    monkeypatch.setattr(LatentWorldModel, "disagreement", staticmethod(lambda obs: seen.append(measure(obs)) or seen[-1]))
+    envs = DreamVecEnv(run.model, data, MASS_POLICY, 6, 40, run.model.cut_thresholds(50.0), uncertainty_penalty=2.0)
+    envs.reset(seed=list(range(6)))
+    _, reward, _, _, info = envs.step(chunk)
+    assert len(seen) == MASS_POLICY.action_horizon and (info["env_steps"] == MASS_POLICY.action_horizon).all()
+    spent = torch.stack(seen).double().sum(0).numpy()
+    assert (spent > 0).all()
+    np.testing.assert_allclose(reward, plain_reward - 2.0 * spent, rtol=0, atol=1e-6)
+    assert envs.pop_stats()["disagreement"] == pytest.approx(float(torch.stack(seen).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="dream.uncertainty_penalty"):
+        dream.DreamConfig(uncertainty_penalty=-1.0)
+
+
 def test_locomotion_failure_rule_is_the_environments_termination():
     """`LocomotionEnv.failure_from_observation` on the observations of random-action episodes says
     terminated exactly where the env did (Hopper, Walker2d), never for HalfCheetah."""

@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if not ctx.is_main:
         return 0
-    print(f"{run_dir}: {args.algo} fine-tuned policy at {result.checkpoint}; curves in {run_dir / 'curves.csv'}")
+    best = "" if result.best in (None, result.checkpoint) else f" (best evaluated: {result.best})"
+    print(f"{run_dir}: {args.algo} fine-tuned policy at {result.checkpoint}{best}; curves in {run_dir / 'curves.csv'}")
     return 0
 
 

@@ -150,4 +150,4 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
         session.close()
         if bc is not None:
             bc.close()
-    return FinetuneResult(policy, session.checkpoints.latest(), history)
+    return FinetuneResult(policy, session.checkpoints.latest(), history, session.checkpoints.best())

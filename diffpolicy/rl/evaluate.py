@@ -27,10 +27,11 @@ def evaluate(act: Callable[..., torch.Tensor], config: PolicyConfig,
             generator (seeded with the batch's first seed) makes every evaluation reproducible.
         config: the policy's config (horizons, observation keys).
     Returns:
-        {"eval_success": fraction of episodes with success, "eval_return": mean return}.
+        {"eval_success": fraction of episodes with success, "eval_return": mean return,
+         "eval_steps": environment steps of all the episodes}.
     """
     seeds = list(seeds)
-    successes, returns = [], []
+    successes, returns, steps = [], [], 0
     envs = make_chunk_vec_env(make_env, config, min(n_envs, len(seeds)))
     try:
         for start in range(0, len(seeds), envs.num_envs):
@@ -41,17 +42,20 @@ def evaluate(act: Callable[..., torch.Tensor], config: PolicyConfig,
             running = np.ones(envs.num_envs, dtype=bool)
             total = np.zeros(envs.num_envs)
             success = np.zeros(envs.num_envs, dtype=bool)
+            taken = np.zeros(envs.num_envs, dtype=np.int64)
             while running.any():
                 with torch.no_grad():
                     chunks = act(obs_to_tensors(obs), generator=generator).numpy()
                 obs, reward, terminated, truncated, info = envs.step(chunks)
                 done = terminated | truncated
                 total += np.where(running, reward, 0.0)
+                taken += np.where(running, step_info(info, "env_steps", done), 0)
                 success |= running & step_info(info, "is_success", done).astype(bool)
                 running &= ~done
             kept = len(seeds[start:start + envs.num_envs])
             successes += success[:kept].tolist()
             returns += total[:kept].tolist()
+            steps += int(taken[:kept].sum())
     finally:
         envs.close()
-    return {"eval_success": float(np.mean(successes)), "eval_return": float(np.mean(returns))}
+    return {"eval_success": float(np.mean(successes)), "eval_return": float(np.mean(returns)), "eval_steps": steps}

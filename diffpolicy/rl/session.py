@@ -53,7 +53,10 @@ class OnPolicyConfig:
     max_grad_norm: gradient clipping. critic_warmup: iterations at the start in which only the
     critic learns (the actor's first update then uses a fitted value function, not a random one's
     advantages: a strong imitation start is not pushed around by noise). eval_every: iterations
-    between held-out evaluations (0: only at the end); eval_episodes, eval_seed_start: held-out seeds. bc_coef: weight of the optional
+    between held-out evaluations (0: only at the end); eval_episodes, eval_seed_start: held-out seeds.
+    patience: stop the run after this many evaluations in a row that did not beat the best one so far
+    (scored by success, then return; 0: never stop early). The best-scored checkpoint is kept either
+    way, and a run directory loads it (`diffpolicy eval --checkpoint RUN`). bc_coef: weight of the optional
     behaviour-cloning regulariser (0: off; `rl.bc`); bc_data: its demonstration store (None: the
     store the base policy was trained on). reward_scale: the learner's rewards are the environment's
     times this (the critic regresses scaled returns; locomotion's returns run into the thousands, so
@@ -76,6 +79,7 @@ class OnPolicyConfig:
     eval_every: int = 10
     eval_episodes: int = 20
     eval_seed_start: int = 100_000
+    patience: int = 0
     bc_coef: float = 0.0
     bc_data: str | None = None
     reward_scale: float = 1.0
@@ -86,7 +90,7 @@ class OnPolicyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FinetuneError(f"config key {name!r}: expected an integer >= 1, got {value!r}")
-        for name in ("critic_warmup", "eval_every", "seed", "eval_seed_start"):
+        for name in ("critic_warmup", "eval_every", "seed", "eval_seed_start", "patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise FinetuneError(f"config key {name!r}: expected an integer >= 0, got {value!r}")
@@ -108,11 +112,13 @@ class OnPolicyConfig:
 @dataclass
 class FinetuneResult:
     """The fine-tuned policy, the run's latest checkpoint (its `policy/` loads with
-    `ChunkPolicy.from_pretrained`) and one dict of diagnostics per iteration of this call."""
+    `ChunkPolicy.from_pretrained`), one dict of diagnostics per iteration of this call, and the
+    run's best-scored checkpoint (held-out success, then return; the latest where none was scored)."""
 
     policy: ChunkPolicy
     checkpoint: Path | None
     history: list[dict[str, float]]
+    best: Path | None = None
 
 
 def reset_seed(seed: int, iteration: int, n_envs: int) -> int:
@@ -172,6 +178,9 @@ class Session:
         self.iteration, self.env_steps, self.cpu_s = 0, 0, 0.0
         self._cpu_start = time.process_time()
         self.curves: Curves | None = None
+        self.eval_env_steps = 0  # real steps of every held-out evaluation (never learned from)
+        self.best_score: list[float] | None = None
+        self.evals_since_best, self.stopped_early = 0, False
 
     # ------------------------------------------------------------------ environments
     def make_envs(self, make_env: Callable[[], gym.Env], policy: ChunkPolicy) -> gym.vector.VectorEnv:
@@ -193,13 +202,26 @@ class Session:
         self.env_steps += int(sum_over_ranks(float(rollout.env_steps.sum()), self.ctx))
 
     def done(self) -> bool:
-        return self.env_steps >= self.config.env_steps
+        return self.env_steps >= self.config.env_steps or self.stopped_early
 
     def evaluate(self, policy: ChunkPolicy) -> dict[str, float]:
-        """Held-out success rate and mean return with the policy's own sampler (`policy.sample`)."""
+        """Held-out success rate, mean return and environment steps with the policy's own sampler
+        (`policy.sample`)."""
         seeds = range(self.config.eval_seed_start, self.config.eval_seed_start + self.config.eval_episodes)
         policy.eval()
         return evaluate(policy.sample, policy.config, self.make_env, seeds, self.config.n_envs)
+
+    def judge(self, score: list[float]) -> None:
+        """Track the best evaluation score; after `patience` evaluations in a row that did not beat
+        it, the run stops (`done`)."""
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.evals_since_best = score, 0
+            return
+        self.evals_since_best += 1
+        if self.config.patience and self.evals_since_best >= self.config.patience:
+            self.stopped_early = True
+            print(f"[{self.algo}] stopped early at iteration {self.iteration}: {self.evals_since_best} evaluations "
+                  f"without beating the best (success, return) {self.best_score}", flush=True)
 
     # ------------------------------------------------------------------ curves
     curve_x = "env_steps"  # the x axis of curves.png and the TensorBoard step
@@ -228,13 +250,20 @@ class Session:
                       optimizers: dict[str, torch.optim.Optimizer], generators: dict[str, torch.Generator],
                       progress: bool) -> None:
         """Close one on-policy iteration: count it, evaluate when due (every `eval_every` iterations
-        and at the end; `row` gains the evaluation), log `row` and checkpoint the run."""
+        and at the end; `row` gains the evaluation and the run's evaluation steps so far), judge the
+        score for an early stop, log `row` and checkpoint the run (scored by success, then return)."""
         self.iteration += 1
         due = self.done() or (self.config.eval_every and self.iteration % self.config.eval_every == 0)
+        score = None
         if due and self.ctx.is_main:
             row.update(self.evaluate(policy))
+            self.eval_env_steps += int(row["eval_steps"])
+            row["eval_env_steps"] = self.eval_env_steps
+            score = [row["eval_success"], row["eval_return"]]
+            self.judge(score)
+        self.stopped_early = bool(sum_over_ranks(float(self.stopped_early), self.ctx))  # every rank stops together
         self.log(row, progress)
-        self.save(policy, modules, optimizers, generators, row.get("eval_success"))
+        self.save(policy, modules, optimizers, generators, score)
 
     # ------------------------------------------------------------------ checkpoints
     def cpu_time(self) -> float:
@@ -252,7 +281,9 @@ class Session:
         groups = {f"module.{name}": state_dict_tensors(module) for name, module in modules.items()}
         meta: dict[str, Any] = {"algo": self.algo, "config": config_dict(self.config), "iteration": self.iteration,
                                 "env_steps": self.env_steps, "world_size": self.ctx.world_size,
-                                "cpu_s": rank_cpu_s[0], "optimizers": {}}
+                                "cpu_s": rank_cpu_s[0], "optimizers": {}, "eval_env_steps": self.eval_env_steps,
+                                "best_score": self.best_score, "evals_since_best": self.evals_since_best,
+                                "stopped_early": self.stopped_early}
         if self.ctx.enabled:
             meta["rank_cpu_s"] = rank_cpu_s
         for name, optimizer in optimizers.items():
@@ -292,6 +323,8 @@ class Session:
         self.load_extra_state({name[len("extra."):]: tensors for name, tensors in groups.items()
                                if name.startswith("extra.")}, meta.get("extra", {}), latest)
         self.iteration, self.env_steps = meta["iteration"], meta["env_steps"]
+        self.eval_env_steps, self.best_score = meta.get("eval_env_steps", 0), meta.get("best_score")
+        self.evals_since_best, self.stopped_early = meta.get("evals_since_best", 0), meta.get("stopped_early", False)
         self.cpu_s = meta.get("rank_cpu_s", [meta["cpu_s"]])[self.ctx.rank]
         self._cpu_start = time.process_time()
 

@@ -66,7 +66,9 @@ class DreamConfig:
     `reward_from_observation`, e.g. PushT's coverage from the block keypoints) instead of the
     model's learned reward and success heads; rollout_steps: imagined steps after which an episode
     is truncated and bootstrapped from the critic (MBPO's rollout length: the model is trusted only
-    that far from a real state; 0: only the task's time limit and the cut end it)."""
+    that far from a real state; 0: only the task's time limit and the cut end it);
+    uncertainty_penalty: reward taken off each imagined step per unit of the ensemble's disagreement
+    on it (MOPO's pessimism, in the task's reward units; 0: none)."""
 
     cut_scale: float = 2.0
     initial_only: bool = False
@@ -77,6 +79,7 @@ class DreamConfig:
     refresh_updates: int = 200
     task_reward: bool = False
     rollout_steps: int = 0
+    uncertainty_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         check_float("dream.cut_scale", self.cut_scale, 0, strictly=True)
@@ -87,6 +90,7 @@ class DreamConfig:
         check_int("dream.refresh_updates", self.refresh_updates, 0)
         check_bool("dream.task_reward", self.task_reward)
         check_int("dream.rollout_steps", self.rollout_steps, 0)
+        check_float("dream.uncertainty_penalty", self.uncertainty_penalty, 0)
 
 
 def task_failure_rule(env: gym.Env) -> TaskFailure | None:
@@ -158,7 +162,7 @@ class DreamSession(Session):
         return DreamVecEnv(self.model, self.data, policy.config, self.config.n_envs, self.max_episode_steps,
                            self.model.cut_thresholds(self.dream.cut_scale), self.success_reward,
                            self.dream.initial_only, self.task_reward, self.sparse_success, self.task_failure,
-                           self.dream.rollout_steps)
+                           self.dream.rollout_steps, self.dream.uncertainty_penalty)
 
     # ------------------------------------------------------------------ counting
     def count(self, rollout: Rollout) -> None:

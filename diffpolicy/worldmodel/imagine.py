@@ -15,6 +15,8 @@ observation: the lowest of the members' rewards). An imagined episode ends
   predicted observation; that step's reward is paid, as the real environment pays it;
 - *truncated* at the task's time limit, counted from the start state's time in its episode, or
   after `rollout_steps` imagined steps (MBPO's short rollouts; 0: no such limit);
+- every imagined step pays `uncertainty_penalty` x its ensemble disagreement less (MOPO's
+  pessimism: a policy gains nothing by steering where the members part; 0: no penalty);
 - *truncated* where the model is unsure: the k-th action of an imagined episode whose ensemble
   disagreement exceeds `cut_thresholds[k - 1]` (the last one beyond them) is not taken; the chunk
   stops before it and the episode is cut there (its value is bootstrapped from the last trusted
@@ -82,6 +84,8 @@ class DreamVecEnv(gym.vector.VectorEnv):
             `{key: (N, d) observations} -> (N,) bool` of where the real environment ends an episode
             without success, applied to each member's predicted next observations: any member's is enough.
         rollout_steps: imagined steps after which an episode is truncated (0: never; the chunk stops there).
+        uncertainty_penalty: reward subtracted per unit of ensemble disagreement of each imagined step
+            (`LatentWorldModel.disagreement`, normalized units; 0: none).
     """
 
     metadata = {"autoreset_mode": AutoresetMode.SAME_STEP}
@@ -90,8 +94,10 @@ class DreamVecEnv(gym.vector.VectorEnv):
                  max_episode_steps: int, cut_thresholds: np.ndarray, success_reward: float | None = None,
                  initial_only: bool = False, task_reward: TaskReward | None = None,
                  sparse_success: bool = False, task_failure: TaskFailure | None = None,
-                 rollout_steps: int = 0) -> None:
+                 rollout_steps: int = 0, uncertainty_penalty: float = 0.0) -> None:
         check_model_matches_policy(model, config)
+        if not (np.isfinite(uncertainty_penalty) and uncertainty_penalty >= 0):
+            raise WorldModelError(f"DreamVecEnv: uncertainty_penalty must be a finite number >= 0, got {uncertainty_penalty!r}")
         if sparse_success and success_reward is not None:
             raise WorldModelError("DreamVecEnv: sparse_success pays success alone; it takes no success_reward")
         cut_thresholds = np.asarray(cut_thresholds, dtype=np.float64).reshape(-1)
@@ -103,6 +109,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         self.max_episode_steps, self.cut_thresholds = int(max_episode_steps), cut_thresholds
         self.success_reward, self.initial_only, self.task_reward = success_reward, initial_only, task_reward
         self.sparse_success, self.task_failure, self.rollout_steps = sparse_success, task_failure, int(rollout_steps)
+        self.uncertainty_penalty = float(uncertainty_penalty)
         self.starts_from(starts)
         offsets = np.cumsum([0, *model.obs_dims])
         self.model_slices = {key: slice(offsets[i], offsets[i + 1]) for i, key in enumerate(model.obs_keys)}
@@ -121,7 +128,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         self.t = np.zeros(n, dtype=np.int64)  # time in the episode (the start state's own time included)
         self.imagined = np.zeros(n, dtype=np.int64)  # steps imagined since the start state
         self.rngs = [np.random.default_rng(i) for i in range(n)]
-        self.chunks, self.cuts = 0, 0
+        self.chunks, self.cuts, self.steps_taken, self.disagreement_sum = 0, 0, 0, 0.0
 
     # ------------------------------------------------------------------ starts
     def starts_from(self, starts: Transitions) -> None:
@@ -175,10 +182,13 @@ class DreamVecEnv(gym.vector.VectorEnv):
         for j in range(self.action_horizon):
             pred = self.model.step(self.latent, executed[:, j])
             threshold = self.cut_thresholds[np.minimum(self.imagined, len(self.cut_thresholds) - 1)]
-            unsure = active & (self.model.disagreement(pred.obs).numpy() > threshold)
+            disagreement = self.model.disagreement(pred.obs).numpy()
+            unsure = active & (disagreement > threshold)
             cut |= unsure
             active &= ~unsure
             take = torch.as_tensor(active)
+            self.steps_taken += int(active.sum())
+            self.disagreement_sum += float(disagreement[active].sum())
             self.latent = torch.where(take[None, :, None], pred.latent, self.latent)
             next_obs = self.model.unnormalize_obs(pred.obs.mean(0))
             self.obs_history = torch.where(take[:, None, None], torch.cat([self.obs_history[:, 1:], next_obs[:, None]], 1),
@@ -192,6 +202,8 @@ class DreamVecEnv(gym.vector.VectorEnv):
             failed_here = active & ~done_here & self._failure(pred, predicted)
             reward += torch.as_tensor(done_here, dtype=torch.float64) if self.sparse_success \
                 else torch.where(take, step_reward, 0.0)
+            if self.uncertainty_penalty:
+                reward -= self.uncertainty_penalty * torch.as_tensor(np.where(active, disagreement, 0.0))
             success |= done_here
             failed |= failed_here
             if self.success_reward is not None:
@@ -243,7 +255,9 @@ class DreamVecEnv(gym.vector.VectorEnv):
         return {key: flat[:, part] for key, part in self.model_slices.items()}
 
     def pop_stats(self) -> dict[str, float]:
-        """Share of imagined chunk steps cut by the uncertainty since the last call."""
-        stats = {"cut_fraction": self.cuts / self.chunks if self.chunks else 0.0}
-        self.chunks, self.cuts = 0, 0
+        """Since the last call: the share of imagined chunks cut by the uncertainty, and the mean
+        ensemble disagreement of the imagined steps taken (how far the policy strays from the data)."""
+        stats = {"cut_fraction": self.cuts / self.chunks if self.chunks else 0.0,
+                 "disagreement": self.disagreement_sum / self.steps_taken if self.steps_taken else 0.0}
+        self.chunks, self.cuts, self.steps_taken, self.disagreement_sum = 0, 0, 0, 0.0
         return stats
