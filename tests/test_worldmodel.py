@@ -485,6 +485,18 @@ def test_real_evaluation_never_feeds_gradients(reach_model, tmp_path):
         assert torch.equal(tensor, evaluated.policy.state_dict()[name]), name
 
 
+def test_patience_stops_a_dream_on_its_real_evaluations(reach_model, tmp_path, monkeypatch):
+    """The dream's budget counts imagined steps, but the early stop still reads the real evaluations:
+    returns 2, 1, 1 with patience 2 end the run after the third iteration of many."""
+    scripted = {1: 2.0, 2: 1.0, 3: 1.0}
+    monkeypatch.setattr(dream.DreamSession, "evaluate", lambda self, policy: {
+        "eval_success": 0.0, "eval_return": scripted[self.iteration], "eval_steps": 12})
+    result = dream_run(reach_model, tmp_path / "dream", dataclasses.replace(FLOW, env_steps=100_000, eval_every=1,
+                                                                          patience=2))
+    assert [row["eval_return"] for row in result.history] == [2.0, 1.0, 1.0]
+    assert result.best.name == "step_00000001" and result.history[-1]["eval_env_steps"] == 36
+
+
 def test_dppo_runs_unchanged_in_the_dream(reach_model, tmp_path):
     run, data = reach_model
     config = dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, n_envs=8, n_steps=6,

@@ -201,8 +201,12 @@ class Session:
         """Count a training rollout against the budget (its environment steps, every rank's)."""
         self.env_steps += int(sum_over_ranks(float(rollout.env_steps.sum()), self.ctx))
 
+    def budget_spent(self) -> bool:
+        return self.env_steps >= self.config.env_steps
+
     def done(self) -> bool:
-        return self.env_steps >= self.config.env_steps or self.stopped_early
+        """The budget is spent or the run stopped early (`patience`)."""
+        return self.budget_spent() or self.stopped_early
 
     def evaluate(self, policy: ChunkPolicy) -> dict[str, float]:
         """Held-out success rate, mean return and environment steps with the policy's own sampler

@@ -168,7 +168,7 @@ class DreamSession(Session):
     def count(self, rollout: Rollout) -> None:
         self.dream_steps += int(rollout.env_steps.sum())
 
-    def done(self) -> bool:
+    def budget_spent(self) -> bool:
         return self.dream_steps >= self.config.env_steps
 
     def log(self, row: dict[str, Any], progress: bool) -> None:
@@ -176,7 +176,7 @@ class DreamSession(Session):
 
     # ------------------------------------------------------------------ mixed mode
     def end_iteration(self, policy: ChunkPolicy, row: dict[str, Any], *args, **kwargs) -> None:
-        refresh = self.dream.real_steps > 0 and self.env_steps < self.dream.real_steps and not self.done() \
+        refresh = self.dream.real_steps > 0 and self.env_steps < self.dream.real_steps and not self.budget_spent() \
             and (self.iteration + 1) % self.dream.refresh_every == 0
         if refresh:
             row["world_model_loss"] = self.refresh(policy, (self.iteration + 1) // self.dream.refresh_every)
