@@ -27,6 +27,16 @@ def test_columns_skip_empty_cells(tmp_path):
         run.column("success")
 
 
+def test_a_dreams_curve_reads_against_imagined_steps(tmp_path):
+    write_curves(tmp_path / "dream", [{"iteration": 1, "env_steps": 0, "dream_steps": 8000, "eval_return": 900.5},
+                                      {"iteration": 2, "env_steps": 0, "dream_steps": 16010}])
+    run = read_run(tmp_path / "dream")
+    assert run.column("eval_return", x="dream_steps")[0].tolist() == [8000.0]
+    assert run.column("eval_return")[0].tolist() == [0.0]  # real steps: none learned from
+    with pytest.raises(InvalidValueError, match="unknown column 'imagined'"):
+        run.column("eval_return", x="imagined")
+
+
 def test_settings_of_a_dsrl_run(tmp_path):
     write_curves(tmp_path / "dsrl", [{"iteration": 1, "env_steps": 10}])
     (tmp_path / "dsrl" / "sb3").mkdir()

@@ -2,6 +2,7 @@
 
     run = read_run("runs/finetune_pusht_dppo")
     run.column("eval_success")   # (env_steps, values) where the column is filled
+    run.column("eval_return", x="dream_steps")   # a dream's curve against imagined steps
     run.algo, run.config["eval_seed_start"], run.config["eval_episodes"]
 
 The settings come from the run's latest checkpoint (`checkpoints/step_*/state/state.json`, DPPO and
@@ -38,11 +39,13 @@ class FinetuneRun:
     def name(self) -> str:
         return self.path.name
 
-    def column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """`(env_steps (n,), values (n,))` over the rows where `name` is filled."""
-        if name not in COLUMNS:
-            raise InvalidValueError(f"FinetuneRun.column: unknown column {name!r}; expected one of {COLUMNS}")
-        points = [(r["env_steps"], r[name]) for r in self.rows if r[name] is not None]
+    def column(self, name: str, x: str = "env_steps") -> tuple[np.ndarray, np.ndarray]:
+        """`(x (n,), values (n,))` over the rows where `name` is filled; x: the steps column, e.g.
+        "dream_steps" for a run in a world model (its env_steps count real steps only)."""
+        for column in (name, x):
+            if column not in COLUMNS:
+                raise InvalidValueError(f"FinetuneRun.column: unknown column {column!r}; expected one of {COLUMNS}")
+        points = [(r[x], r[name]) for r in self.rows if r[name] is not None]
         steps, values = zip(*points) if points else ((), ())
         return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
 
