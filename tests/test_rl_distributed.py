@@ -72,6 +72,7 @@ FINETUNE = textwrap.dedent("""
     from rl_tasks import make_env
     from diffpolicy.policies import ChunkPolicy
     from diffpolicy.rl import dppo
+    from diffpolicy.rl.evaluate import evaluate
     from diffpolicy.train.distributed import process_group
 
     policy_dir, run_dir, env_steps, out, resume = sys.argv[1:6]
@@ -80,12 +81,16 @@ FINETUNE = textwrap.dedent("""
         make_critic = dppo.Critic
         dppo.Critic = lambda policy: critics.append(make_critic(policy)) or critics[-1]
         config = dppo.DPPOConfig(lr=3e-4, finetune_steps=3, clip_start=0.05, clip_end=0.2, n_envs=4, n_steps=6,
-                                 batch_size=16, epochs=2, eval_every=0, eval_episodes=8, env_steps=int(env_steps))
+                                 batch_size=16, epochs=2, eval_every=0, eval_episodes=11, env_steps=int(env_steps))
         result = dppo.finetune(ChunkPolicy.from_pretrained(policy_dir), make_env, config, run_dir,
                                resume=resume == "resume", progress=False, ctx=ctx)
         state = {f"actor.{k}": v for k, v in result.policy.finetuned_backbone.state_dict().items()}
         state.update({f"critic.{k}": v for k, v in critics[0].state_dict().items()})
         torch.save(state, f"{out}/rank{ctx.rank}.pt")
+        if ctx.rank == 0:  # the final evaluation again, in this process alone
+            seeds = range(config.eval_seed_start, config.eval_seed_start + config.eval_episodes)
+            alone = evaluate(result.policy.eval().sample, result.policy.config, make_env, seeds, config.n_envs)
+            torch.save(alone, f"{out}/alone.pt")
 """)
 
 
@@ -107,7 +112,12 @@ def test_two_ranks_stay_identical_count_both_and_resume_exactly(tmp_path):
     ta = make_bc_policy("diffusion", inference_steps=5).config.action_horizon
     one_rank_most = 4 * 6 * ta  # n_envs x n_steps chunks of Ta steps: the budget counts both ranks
     assert one_rank_most < int(rows[0]["env_steps"]) <= 2 * one_rank_most
-    assert "eval_success" in rows[-1] and rows[-1]["eval_success"] != ""  # rank 0 evaluated at the end
+    # the ranks shared the final evaluation (11 seeds in batches of 4: rank 0 plays 8, rank 1 plays 3)
+    # and logged what one process alone gets from the same policy
+    alone = torch.load(tmp_path / "straight" / "alone.pt")
+    assert float(rows[-1]["eval_success"]) == alone["eval_success"]
+    assert float(rows[-1]["eval_return"]) == alone["eval_return"]
+    assert int(float(rows[-1]["eval_steps"])) == alone["eval_steps"] > 0
     straight = [torch.load(tmp_path / "straight" / f"rank{r}.pt") for r in range(2)]
     base = make_bc_policy("diffusion", inference_steps=5).backbone.state_dict()
     assert any(not torch.equal(straight[0][f"actor.{k}"], v) for k, v in base.items())  # it learned

@@ -9,7 +9,9 @@ ranks agree on everything else:
 - advantages are normalized with the mean and std of all ranks' entries (as one process holding
   the concatenated batch would);
 - the budget counts every rank's environment steps; episode statistics and CPU time are summed
-  over ranks for the curves, which rank 0 alone writes, with the evaluations and checkpoints;
+  over ranks for the curves, which rank 0 alone writes, with the checkpoints;
+- an evaluation's batches of seeds are shared out over the ranks and its episodes gathered, which
+  gives one process's result exactly;
 - a checkpoint keeps every rank's generator states, so a resumed job repeats the uninterrupted one.
 With one process (no `torchrun`) each function is the single-process computation, bit for bit.
 """

@@ -31,18 +31,40 @@ def evaluate(act: Callable[..., torch.Tensor], config: PolicyConfig,
          "eval_steps": environment steps of all the episodes}.
     """
     seeds = list(seeds)
-    successes, returns, steps = [], [], 0
-    envs = make_chunk_vec_env(make_env, config, min(n_envs, len(seeds)))
+    return summarize(play_episodes(act, config, make_env, seeds, min(n_envs, len(seeds))))
+
+
+def summarize(episodes: np.ndarray) -> dict[str, float]:
+    """`evaluate`'s result from `play_episodes`' rows `(E, 3)` (success, return, steps), in seed order."""
+    return {"eval_success": float(np.mean(episodes[:, 0])), "eval_return": float(np.mean(episodes[:, 1])),
+            "eval_steps": int(episodes[:, 2].sum())}
+
+
+def play_episodes(act: Callable[..., torch.Tensor], config: PolicyConfig, make_env: Callable[[], gym.Env],
+                  seeds: Sequence[int], n_envs: int) -> np.ndarray:
+    """One episode per seed, in batches of exactly `n_envs` environments (the last batch padded).
+
+    A batch's episodes depend only on its seeds and `n_envs`, so the batches of one seed list may be
+    played by different processes (`Session.evaluate` under torchrun) with the same result.
+    Returns:
+        `(len(seeds), 3)` float64 rows: success (0 / 1), return, environment steps.
+    """
+    seeds = list(seeds)
+    rows = np.zeros((len(seeds), 3))
+    if not seeds:
+        return rows
+    envs = make_chunk_vec_env(make_env, config, n_envs)
     try:
-        for start in range(0, len(seeds), envs.num_envs):
-            batch = seeds[start:start + envs.num_envs]
-            batch = batch + [batch[-1]] * (envs.num_envs - len(batch))  # pad the last batch; extra ones dropped
+        for start in range(0, len(seeds), n_envs):
+            batch = seeds[start:start + n_envs]
+            kept = len(batch)
+            batch = batch + [batch[-1]] * (n_envs - kept)  # pad the last batch; extra ones dropped
             obs, _ = envs.reset(seed=batch)
             generator = torch.Generator().manual_seed(batch[0])
-            running = np.ones(envs.num_envs, dtype=bool)
-            total = np.zeros(envs.num_envs)
-            success = np.zeros(envs.num_envs, dtype=bool)
-            taken = np.zeros(envs.num_envs, dtype=np.int64)
+            running = np.ones(n_envs, dtype=bool)
+            total = np.zeros(n_envs)
+            success = np.zeros(n_envs, dtype=bool)
+            taken = np.zeros(n_envs, dtype=np.int64)
             while running.any():
                 with torch.no_grad():
                     chunks = act(obs_to_tensors(obs), generator=generator).numpy()
@@ -52,10 +74,7 @@ def evaluate(act: Callable[..., torch.Tensor], config: PolicyConfig,
                 taken += np.where(running, step_info(info, "env_steps", done), 0)
                 success |= running & step_info(info, "is_success", done).astype(bool)
                 running &= ~done
-            kept = len(seeds[start:start + envs.num_envs])
-            successes += success[:kept].tolist()
-            returns += total[:kept].tolist()
-            steps += int(taken[:kept].sum())
+            rows[start:start + kept] = np.stack([success, total, taken], axis=1)[:kept]
     finally:
         envs.close()
-    return {"eval_success": float(np.mean(successes)), "eval_return": float(np.mean(returns)), "eval_steps": steps}
+    return rows

@@ -27,7 +27,7 @@ from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.curves import Curves
 from diffpolicy.rl.distributed import SINGLE, gather_rows, sum_over_ranks
 from diffpolicy.rl.errors import FinetuneError
-from diffpolicy.rl.evaluate import evaluate
+from diffpolicy.rl.evaluate import play_episodes, summarize
 from diffpolicy.rl.rollout import EpisodeStats, Rollout
 from diffpolicy.rl.vec_env import make_chunk_vec_env
 from diffpolicy.train.checkpoints import (
@@ -158,7 +158,8 @@ class Session:
         make_env: builds one task environment (Dict observations, Box actions).
         resume: continue the latest checkpoint of run_dir (else run_dir must hold none).
         ctx: this process's place in a data-parallel job (`rl.distributed`): each rank steps its
-            own `n_envs` environments; rank 0 alone evaluates, writes curves and checkpoints.
+            own `n_envs` environments; the ranks share each evaluation's seeds; rank 0 alone writes
+            curves and checkpoints.
     """
 
     def __init__(self, run_dir: str | Path, algo: str, config: OnPolicyConfig, policy: ChunkPolicy,
@@ -210,10 +211,18 @@ class Session:
 
     def evaluate(self, policy: ChunkPolicy) -> dict[str, float]:
         """Held-out success rate, mean return and environment steps with the policy's own sampler
-        (`policy.sample`)."""
-        seeds = range(self.config.eval_seed_start, self.config.eval_seed_start + self.config.eval_episodes)
+        (`policy.sample`), on every rank: the ranks share the batches of seeds (rank r plays batches
+        r, r + W, ...) and gather the episodes, so W ranks evaluate W times faster than rank 0 alone and
+        get one process's result exactly (`rl.evaluate.play_episodes`)."""
+        seeds = list(range(self.config.eval_seed_start, self.config.eval_seed_start + self.config.eval_episodes))
+        n_envs = min(self.config.n_envs, len(seeds))
+        batches = [seeds[i:i + n_envs] for i in range(0, len(seeds), n_envs)]
+        mine = [seed for batch in batches[self.ctx.rank::self.ctx.world_size] for seed in batch]
         policy.eval()
-        return evaluate(policy.sample, policy.config, self.make_env, seeds, self.config.n_envs)
+        episodes = play_episodes(policy.sample, policy.config, self.make_env, mine, n_envs)
+        indexed = np.concatenate([np.asarray(mine, dtype=np.float64)[:, None], episodes], axis=1)
+        gathered = gather_rows(torch.from_numpy(indexed), self.ctx).numpy()
+        return summarize(gathered[np.argsort(gathered[:, 0], kind="stable"), 1:])
 
     def judge(self, score: list[float]) -> None:
         """Track the best evaluation score; after `patience` evaluations in a row that did not beat
@@ -259,8 +268,9 @@ class Session:
         self.iteration += 1
         due = self.done() or (self.config.eval_every and self.iteration % self.config.eval_every == 0)
         score = None
-        if due and self.ctx.is_main:
+        if due:
             row.update(self.evaluate(policy))
+        if due and self.ctx.is_main:
             self.eval_env_steps += int(row["eval_steps"])
             row["eval_env_steps"] = self.eval_env_steps
             score = [row["eval_success"], row["eval_return"]]
