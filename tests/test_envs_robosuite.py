@@ -23,6 +23,7 @@ from diffpolicy.envs.robosuite_env_args import (
 )
 from diffpolicy.envs.robosuite_tasks import LOW_DIM_KEYS, RobosuiteEnv
 from diffpolicy.envs.tasks import load_task, make_env, make_expert
+from diffpolicy.errors import InvalidValueError
 
 OBJECT_DIMS = {"lift": 10, "can": 14, "square": 14}
 
@@ -330,3 +331,40 @@ def test_expert_refuses_other_tasks(envs):
         LiftExpert(envs["can"])
     with pytest.raises(TypeError, match="expected a RobosuiteEnv"):
         SquareExpert(object())
+
+
+# ---------------------------------------------------------------- success from observations
+@pytest.mark.parametrize("name", ["lift", "can", "square"])
+def test_success_rule_on_observations_is_robosuites_check(cards, name):
+    """`reward_from_observation` (what a dream pays for predicted observations, found as the dream
+    finds it) equals robosuite's reward and `_check_success` at every step of an expert episode that
+    goes on after success (the gripper lets go and moves away: Can and Square change their verdict)."""
+    from diffpolicy.worldmodel.dream import task_reward_rule
+
+    env = make_env(cards[name], terminate_on_success=False)
+    rule = task_reward_rule(env)
+    expert = make_expert(cards[name], env)
+    obs, _ = env.reset(seed=0)
+    expert.reset(0)
+    verdicts = []
+    for _ in range(260):
+        obs, reward, _, _, info = env.step(expert.act(obs))
+        rule_reward, rule_success = rule({key: value[None] for key, value in obs.items()})
+        assert rule_success.dtype == bool and rule_success.shape == (1,)
+        assert (bool(rule_success[0]), float(rule_reward[0])) == (info["is_success"], reward)
+        verdicts.append(info["is_success"])
+    env.close()
+    assert 10 <= sum(verdicts) <= len(verdicts) - 10  # both verdicts were checked
+
+
+def test_success_rule_needs_the_gripper_away_and_low_dim_keys(envs):
+    env = envs["can"].unwrapped
+    rule = env._success_rule
+    inside = np.array([(low + high) / 2 for low, high in zip(rule.low, rule.high)], dtype=np.float32)
+    obj = np.zeros((2, 14), dtype=np.float32)
+    obj[:, rule.start:rule.start + 3] = inside
+    eef = np.stack([inside, inside + np.float32([0, 0, 0.1])])  # holding the can, then 10 cm above it
+    reward, success = env.reward_from_observation({"object": obj, "robot0_eef_pos": eef})
+    assert success.tolist() == [False, True] and reward.tolist() == [0.0, 1.0]
+    with pytest.raises(InvalidValueError, match="needs the low-dim key 'robot0_eef_pos'"):
+        env.reward_from_observation({"object": obj})

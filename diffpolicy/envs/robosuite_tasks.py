@@ -40,7 +40,8 @@ import gymnasium  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
-from diffpolicy.errors import InvalidValueError
+from diffpolicy.envs.robosuite_success import observed_success  # noqa: E402
+from diffpolicy.errors import InvalidValueError  # noqa: E402
 
 TASK_ENV_NAMES = ("Lift", "PickPlaceCan", "NutAssemblySquare")
 LOW_DIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
@@ -171,6 +172,7 @@ class RobosuiteEnv(gymnasium.Env):
         self._env.reset()
         self._model_xml = self._env.sim.model.get_xml()
         self._configure_renderer()
+        self._success_rule = observed_success(env_name, self._env, self._object_sensors)
         obs = self._observe()
         space = {
             key: spaces.Box(-np.inf, np.inf, shape=obs[key].shape, dtype=np.float32) for key in LOW_DIM_KEYS
@@ -230,6 +232,12 @@ class RobosuiteEnv(gymnasium.Env):
         success = bool(self._env._check_success())
         terminated = success and self.terminate_on_success
         return self._observe(), float(reward), terminated, False, {"is_success": success}
+
+    def reward_from_observation(self, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The sparse reward and success `(N,)`, `(N,)` bool of low-dim observations `{"object": (N, Do),
+        "robot0_eef_pos": (N, 3), ...}` by robosuite's own success check (`envs.robosuite_success`):
+        what a world model's dream pays for the observations it predicts (`DreamConfig.task_reward`)."""
+        return self._success_rule(obs)
 
     def render(self) -> np.ndarray | None:
         """The agentview camera as uint8 `(H, W, 3)` when `render_mode="rgb_array"`."""

@@ -110,12 +110,20 @@ def task_failure_rule(env: gym.Env) -> TaskFailure | None:
 
 
 def task_reward_rule(env: gym.Env) -> TaskReward:
-    """The environment class's `reward_from_observation` (`dream.task_reward`), or a clear error."""
-    rule = getattr(type(env.unwrapped), "reward_from_observation", None)
+    """The environment's `reward_from_observation` (`dream.task_reward`), or a clear error. Tried once
+    on the environment's own first observation, as `task_failure_rule`."""
+    rule = getattr(env.unwrapped, "reward_from_observation", None)
     if rule is None:
         raise WorldModelError(f"dream.task_reward: {type(env.unwrapped).__name__} defines no "
                               f"reward_from_observation(obs) -> (reward, success); leave dream.task_reward false "
                               f"to use the world model's learned reward and success")
+    obs, _ = env.reset(seed=0)
+    try:
+        rule({key: np.asarray(value)[None] for key, value in obs.items()})
+    except Exception as err:
+        raise WorldModelError(f"dream.task_reward: the task's rule {type(env.unwrapped).__name__}."
+                              f"reward_from_observation fails on its first observation: {type(err).__name__}: "
+                              f"{err}") from err
     return rule
 
 
