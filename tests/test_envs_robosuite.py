@@ -368,3 +368,25 @@ def test_success_rule_needs_the_gripper_away_and_low_dim_keys(envs):
     assert success.tolist() == [False, True] and reward.tolist() == [0.0, 1.0]
     with pytest.raises(InvalidValueError, match="needs the low-dim key 'robot0_eef_pos'"):
         env.reward_from_observation({"object": obj})
+
+
+def test_relative_orientations_are_the_sign_ambiguous_quaternions(cards, envs):
+    """The quaternions a world model reads as rotation matrices: robosuite's relative orientations,
+    which are `mat2quat`'s (w >= 0), so the model's w >= 0 read-back is the observation itself."""
+    import torch
+
+    from diffpolicy.commands.worldmodel import task_quaternions
+    from diffpolicy.worldmodel.rotations import matrix_to_quaternion, quaternion_to_matrix
+
+    assert envs["lift"].unwrapped.canonical_quaternions() == {}
+    assert envs["can"].unwrapped.canonical_quaternions() == {"object": [3]}
+    assert envs["square"].unwrapped.canonical_quaternions() == {"object": [3]}
+    observations, *_ = rollout(envs["can"], make_expert(cards["can"], envs["can"]), 0)
+    q = torch.tensor(np.stack([o["object"][3:7] for o in observations]), dtype=torch.float64)
+    assert (q[:, 3] >= 0).all()
+    torch.testing.assert_close(matrix_to_quaternion(quaternion_to_matrix(q)), q / q.norm(dim=-1, keepdim=True),
+                               rtol=0, atol=1e-6)
+    keys = tuple(cards["can"].observation)
+    dims = tuple(int(np.prod(cards["can"].observation[key]["shape"])) for key in keys)
+    assert keys.index("object") == 3 and task_quaternions(cards["can"], keys, dims) == (sum(dims[:3]) + 3,)
+    assert task_quaternions(cards["lift"], keys[:3], dims[:3]) == ()

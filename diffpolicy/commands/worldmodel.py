@@ -20,6 +20,7 @@ a store skips its seeds) played by the policy's own sampler.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from diffpolicy.commands import set_torch_threads
-from diffpolicy.config import apply_overrides
+from diffpolicy.config import apply_overrides, parse_override
 from diffpolicy.envs.tasks import TaskCard, load_task, make_env
 from diffpolicy.errors import UsageError
 
@@ -74,6 +75,9 @@ def train(card: TaskCard, args: argparse.Namespace) -> int:
     config = apply_overrides(WorldModelConfig(), list(args.overrides))
     keys = list(card.observation)
     data = Transitions.load(args.data, keys)
+    if not any(parse_override(item)[0] == "model.quaternions" for item in args.overrides):
+        model = dataclasses.replace(config.model, quaternions=task_quaternions(card, data.keys, data.dims))
+        config = dataclasses.replace(config, model=model)
     low, high = action_bounds(card)
     metadata = {"task": card.name, "data_paths": [str(Path(p).resolve()) for p in args.data]}
     result = train_world_model(data, config, args.out, low, high, resume=args.resume, progress=not args.no_progress,
@@ -83,6 +87,19 @@ def train(card: TaskCard, args: argparse.Namespace) -> int:
           f"(normalized) h=1 {report['obs_rmse'][0]:.4f}, h={report['horizon'][-1]} {report['obs_rmse'][-1]:.4f}; "
           f"checkpoint {result.checkpoint}")
     return 0
+
+
+def task_quaternions(card: TaskCard, keys: tuple[str, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Where the task environment's sign-ambiguous quaternions (its `canonical_quaternions`, if it
+    names any) start in the flat observation of `keys` with sizes `dims`: `model.quaternions`."""
+    env = make_env(card)
+    try:
+        named = getattr(env.unwrapped, "canonical_quaternions", None)
+        per_key = named() if named is not None else {}
+    finally:
+        env.close()
+    offsets = dict(zip(keys, np.cumsum([0, *dims[:-1]]).tolist()))
+    return tuple(sorted(offsets[key] + start for key, starts in per_key.items() if key in offsets for start in starts))
 
 
 def collect(card: TaskCard, args: argparse.Namespace) -> int:

@@ -57,19 +57,26 @@ class ObservedSuccess:
         return success.astype(np.float64), success
 
 
-def position_start(env_name: str, object_sensors: list[str]) -> int:
-    """Where the object's position `(3,)` starts in the `object` observation, which concatenates
-    `object_sensors` in order."""
-    start = 0
+def sensor_starts(object_sensors: list[str]) -> dict[str, int]:
+    """Where each sensor starts in the `object` observation, which concatenates `object_sensors` in order."""
+    starts, at = {}, 0
     for name in object_sensors:
-        if name == POSITION_SENSOR[env_name]:
-            return start
         suffix = name.rsplit("_", 1)[-1]
         if suffix not in SENSOR_SIZE:
-            raise InvalidValueError(f"observed_success: unknown size of {env_name}'s object sensor {name!r}")
-        start += SENSOR_SIZE[suffix]
-    raise InvalidValueError(f"observed_success: {env_name}'s object sensors {object_sensors} hold no "
-                            f"{POSITION_SENSOR[env_name]!r}")
+            raise InvalidValueError(f"robosuite object sensor {name!r}: unknown size (expected a name ending in "
+                                    f"{sorted(SENSOR_SIZE)})")
+        starts[name] = at
+        at += SENSOR_SIZE[suffix]
+    return starts
+
+
+def position_start(env_name: str, object_sensors: list[str]) -> int:
+    """Where the object's position `(3,)` starts in the `object` observation."""
+    starts = sensor_starts(object_sensors)
+    if POSITION_SENSOR[env_name] not in starts:
+        raise InvalidValueError(f"observed_success: {env_name}'s object sensors {object_sensors} hold no "
+                                f"{POSITION_SENSOR[env_name]!r}")
+    return starts[POSITION_SENSOR[env_name]]
 
 
 def observed_success(env_name: str, env: Any, object_sensors: list[str]) -> ObservedSuccess:

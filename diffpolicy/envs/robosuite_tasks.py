@@ -40,7 +40,7 @@ import gymnasium  # noqa: E402
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
-from diffpolicy.envs.robosuite_success import observed_success  # noqa: E402
+from diffpolicy.envs.robosuite_success import observed_success, sensor_starts  # noqa: E402
 from diffpolicy.errors import InvalidValueError  # noqa: E402
 
 TASK_ENV_NAMES = ("Lift", "PickPlaceCan", "NutAssemblySquare")
@@ -238,6 +238,15 @@ class RobosuiteEnv(gymnasium.Env):
         "robot0_eef_pos": (N, 3), ...}` by robosuite's own success check (`envs.robosuite_success`):
         what a world model's dream pays for the observations it predicts (`DreamConfig.task_reward`)."""
         return self._success_rule(obs)
+
+    def canonical_quaternions(self) -> dict[str, list[int]]:
+        """Where the observation's sign-ambiguous quaternions start, per key: the relative orientations
+        (`<object>_to_robot0_eef_quat`), which robosuite computes with `mat2quat` (w >= 0), so they jump
+        between q and -q near a half turn. A world model reads their rotation matrices instead
+        (`worldmodel.rotations`). The absolute ones (`robot0_eef_quat`, `<object>_quat`) move continuously."""
+        starts = sensor_starts(self._object_sensors)
+        relative = [start for name, start in starts.items() if "_to_" in name and name.endswith("_quat")]
+        return {"object": relative} if relative else {}
 
     def render(self) -> np.ndarray | None:
         """The agentview camera as uint8 `(H, W, 3)` when `render_mode="rgb_array"`."""

@@ -12,6 +12,10 @@ member dimension):
     o_{t+k+1} = dec(s_{k+1}) = the x part, unnormalized
     r_{t+k}, success logit = head_e(s_k, a_{t+k}, s_{k+1}) + b
 
+With `ModelConfig.quaternions`, x is the normalized observation's features instead: each
+sign-ambiguous quaternion replaced by its rotation matrix (`rotations.QuaternionFeatures`; `D` then
+counts features, and predictions come back as observations with w >= 0 quaternions).
+
 Carrying the observation in the latent makes the decoder exact (a read-out): what does not move
 (PushT's block while nothing touches it) stays put instead of jittering through a learned
 reconstruction, and the transition learns changes, not states: D scales the observation part of
@@ -52,6 +56,7 @@ from diffpolicy.config import check_int, from_dict, to_dict
 from diffpolicy.nn.checkpoint import load_model, save_model
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
+from diffpolicy.worldmodel.rotations import QuaternionFeatures
 
 KIND = "world_model"
 
@@ -60,18 +65,23 @@ KIND = "world_model"
 class ModelConfig:
     """members: ensemble size E (>= 2 for a disagreement); latent_dim Z: learned latent features
     besides the observation; hidden_dim and layers of every MLP; history H: observations the
-    encoder reads."""
+    encoder reads; quaternions: where the observation's sign-ambiguous quaternions start in the
+    flat observation (the model reads and predicts their rotation matrices, `rotations`; `diffpolicy
+    worldmodel train` takes them from the environment's `canonical_quaternions`)."""
 
     members: int = 5
     latent_dim: int = 64
     hidden_dim: int = 256
     layers: int = 2
     history: int = 2
+    quaternions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("model.members", self.members, 2)
         for name in ("latent_dim", "hidden_dim", "layers", "history"):
             check_int(f"model.{name}", getattr(self, name), 1)
+        for start in self.quaternions:
+            check_int("model.quaternions[]", start, 0)
 
 
 class EnsembleLinear(nn.Module):
@@ -118,7 +128,8 @@ class LatentWorldModel(nn.Module):
         super().__init__()
         self.config, self.obs_keys, self.obs_dims = config, tuple(obs_keys), tuple(int(d) for d in obs_dims)
         self.action_dim = int(action_dim)
-        obs_dim, members, hidden, layers = sum(self.obs_dims), config.members, config.hidden_dim, config.layers
+        self.features = QuaternionFeatures(config.quaternions, sum(self.obs_dims))
+        obs_dim, members, hidden, layers = self.features.feature_dim, config.members, config.hidden_dim, config.layers
         self.obs_dim, self.state_dim = obs_dim, obs_dim + config.latent_dim
         self.encoder = ensemble_mlp(members, config.history * obs_dim, hidden, config.latent_dim, layers)
         self.transition = ensemble_mlp(members, self.state_dim + action_dim, hidden, self.state_dim, layers)
@@ -146,7 +157,8 @@ class LatentWorldModel(nn.Module):
             return torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(np.maximum(std, floor), dtype=torch.float32)
 
         with torch.no_grad():
-            for name, array in (("obs", data.obs), ("action", data.action), ("reward", data.reward)):
+            features = self.features.encode(torch.as_tensor(data.obs, dtype=torch.float64)).numpy()
+            for name, array in (("obs", features), ("action", data.action), ("reward", data.reward)):
                 mean, std = stats(array.astype(np.float64))
                 getattr(self, f"{name}_mean").copy_(mean)
                 getattr(self, f"{name}_std").copy_(std)
@@ -156,10 +168,12 @@ class LatentWorldModel(nn.Module):
                 self.delta_std.copy_(stats(normalized[within + 1] - normalized[within])[1])
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.obs_mean) / self.obs_std
+        """Observations `(..., sum(obs_dims))` (data units) -> the model's normalized features `(..., obs_dim)`."""
+        return (self.features.encode(obs) - self.obs_mean) / self.obs_std
 
     def unnormalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        return obs * self.obs_std + self.obs_mean
+        """Normalized features `(..., obs_dim)` -> observations `(..., sum(obs_dims))` (data units)."""
+        return self.features.decode(obs * self.obs_std + self.obs_mean)
 
     def _members(self, x: torch.Tensor, shared_dims: int) -> torch.Tensor:
         """`x` with `shared_dims` dimensions is shared by every member -> `(E, *x.shape)`; one more
