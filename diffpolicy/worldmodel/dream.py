@@ -93,37 +93,34 @@ class DreamConfig:
         check_float("dream.uncertainty_penalty", self.uncertainty_penalty, 0)
 
 
-def task_failure_rule(env: gym.Env) -> TaskFailure | None:
-    """The environment's `failure_from_observation` (where it ends an episode without success), or
-    None where it defines none (the task ends only at success or its time limit). Tried once on
-    the environment's own first observation, so a task it has no rule for fails here, not mid-run."""
-    rule = getattr(env.unwrapped, "failure_from_observation", None)
+def tried_rule(env: gym.Env, name: str) -> Callable | None:
+    """The environment's observation rule `name` (None where it defines none), tried once on the
+    environment's own first observation, so a rule that cannot run fails here, not mid-run."""
+    rule = getattr(env.unwrapped, name, None)
     if rule is None:
         return None
     obs, _ = env.reset(seed=0)
     try:
         rule({key: np.asarray(value)[None] for key, value in obs.items()})
     except Exception as err:
-        raise WorldModelError(f"the task's failure rule {type(env.unwrapped).__name__}.failure_from_observation "
-                              f"fails on its first observation: {type(err).__name__}: {err}") from err
+        raise WorldModelError(f"the task's rule {type(env.unwrapped).__name__}.{name} fails on its first "
+                              f"observation: {type(err).__name__}: {err}") from err
     return rule
 
 
+def task_failure_rule(env: gym.Env) -> TaskFailure | None:
+    """The environment's `failure_from_observation` (where it ends an episode without success), or
+    None where it defines none (the task ends only at success or its time limit)."""
+    return tried_rule(env, "failure_from_observation")
+
+
 def task_reward_rule(env: gym.Env) -> TaskReward:
-    """The environment's `reward_from_observation` (`dream.task_reward`), or a clear error. Tried once
-    on the environment's own first observation, as `task_failure_rule`."""
-    rule = getattr(env.unwrapped, "reward_from_observation", None)
+    """The environment's `reward_from_observation` (`dream.task_reward`), or a clear error."""
+    rule = tried_rule(env, "reward_from_observation")
     if rule is None:
         raise WorldModelError(f"dream.task_reward: {type(env.unwrapped).__name__} defines no "
                               f"reward_from_observation(obs) -> (reward, success); leave dream.task_reward false "
                               f"to use the world model's learned reward and success")
-    obs, _ = env.reset(seed=0)
-    try:
-        rule({key: np.asarray(value)[None] for key, value in obs.items()})
-    except Exception as err:
-        raise WorldModelError(f"dream.task_reward: the task's rule {type(env.unwrapped).__name__}."
-                              f"reward_from_observation fails on its first observation: {type(err).__name__}: "
-                              f"{err}") from err
     return rule
 
 
