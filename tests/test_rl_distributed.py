@@ -28,6 +28,7 @@ HELPERS = textwrap.dedent("""
     import sys
     import torch
     from diffpolicy.rl import distributed
+    from diffpolicy.rl.ppo import kl_exceeded
     from diffpolicy.train.distributed import process_group
 
     with process_group("cpu") as ctx:
@@ -43,6 +44,8 @@ HELPERS = textwrap.dedent("""
             "rows": distributed.gather_rows(torch.arange(4 * (1 - r), dtype=torch.float64).reshape(-1, 2), ctx),
             "sum": distributed.sum_over_ranks(1.5 * (r + 1), ctx),
             "seed": distributed.rank_seed(3, ctx),
+            # approximate KLs 0.3 and 0.1: the ranks' mean 0.2 decides, the same on both
+            "kl_stop": [kl_exceeded([0.3, 0.1][r], target, ctx) for target in (0.15, 0.25, 0.0)],
         }
         torch.save(out, f"{sys.argv[1]}/rank{r}.pt")
 """)
@@ -64,6 +67,7 @@ def test_what_ranks_exchange_is_the_single_process_computation(tmp_path):
     expected = (both - both.mean()) / (both.std() + 1e-8)
     assert torch.allclose(torch.cat([ranks[0]["normalized"], ranks[1]["normalized"]]), expected, atol=1e-6)
     assert [out["seed"] for out in ranks] == [3, 3 + 7919]
+    assert [out["kl_stop"] for out in ranks] == [[True, False, False]] * 2  # rank 0 alone would stop at 0.25
 
 
 FINETUNE = textwrap.dedent("""

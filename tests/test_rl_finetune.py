@@ -235,6 +235,30 @@ def test_critic_warmup_leaves_the_actor_untouched_then_hands_over(algo, tmp_path
     assert all(not same(a, b) for a, b in zip(warm_actor, end_actor))  # iteration 2 updated every actor part
 
 
+@pytest.mark.parametrize("algo", ["dppo", "flowppo"])
+def test_target_kl_stops_an_iterations_updates_before_the_step_that_passes_it(algo, tmp_path):
+    module, _, config = ALGOS[algo]
+    config = dataclasses.replace(config, env_steps=150, eval_every=0, critic_warmup=1)  # two iterations
+    full = module.finetune(policy_for(algo), make_env, config, tmp_path / "full", progress=False).history
+    assert [row["updates"] for row in full] == [12, 12]  # 48 samples in 3 minibatches, 4 epochs
+    # A target no minibatch reaches changes nothing: the same minibatches, the same updates.
+    loose = module.finetune(policy_for(algo), make_env, dataclasses.replace(config, target_kl=1e9),
+                            tmp_path / "loose", progress=False).history
+    assert loose == full
+    # A target any move passes: the critic's warm-up (the actor still, KL exactly 0) takes every
+    # update; then the first update moves the actor and the second minibatch stops the iteration.
+    tight = module.finetune(policy_for(algo), make_env, dataclasses.replace(config, target_kl=1e-12),
+                            tmp_path / "tight", progress=False).history
+    assert [row["updates"] for row in tight] == [12, 1]
+    assert tight[0]["approx_kl"] == 0.0 and tight[1]["approx_kl"] > 1e-12
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), True])
+def test_target_kl_must_be_a_finite_number_at_least_zero(value):
+    with pytest.raises(dppo.FinetuneError, match=r"'target_kl': expected a finite number >= 0 \(0: no early stop\)"):
+        dppo.DPPOConfig(target_kl=value)
+
+
 def test_critic_warmup_is_a_count_of_iterations():
     with pytest.raises(dppo.FinetuneError, match=r"'critic_warmup': expected an integer >= 0, got -1"):
         dppo.DPPOConfig(critic_warmup=-1)

@@ -11,11 +11,11 @@ network) raise `NonFiniteLogProbError` instead of turning into a NaN loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from diffpolicy.rl.distributed import SINGLE, average_gradients
+from diffpolicy.rl.distributed import SINGLE, average_gradients, sum_over_ranks
 from diffpolicy.rl.errors import NonFiniteLogProbError
 from diffpolicy.train.clipping import clip_gradients
 from diffpolicy.train.distributed import DistContext
@@ -80,6 +80,22 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[tor
         batches[-2] = torch.cat(batches[-2:])
         batches.pop()
     return batches
+
+
+def epoch_minibatches(n: int, batch_size: int, epochs: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The minibatches of `epochs` passes over range(n), one `minibatches` permutation per pass,
+    drawn lazily: a loop that stops early (`kl_exceeded`) draws no permutation it does not use."""
+    for _ in range(epochs):
+        yield from minibatches(n, batch_size, generator)
+
+
+def kl_exceeded(approx_kl: float, target_kl: float, ctx: DistContext = SINGLE) -> bool:
+    """Whether a minibatch's approximate KL from the rollout's policy, averaged over the job's ranks,
+    is past `target_kl` (0: never). Every rank gets the same answer, so the ranks stop their
+    iteration's updates together (SB3's and DPPO's early stop: the step is not taken)."""
+    if target_kl <= 0:
+        return False
+    return sum_over_ranks(approx_kl, ctx) / ctx.world_size > target_kl
 
 
 def joint_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer],

@@ -49,7 +49,9 @@ class OnPolicyConfig:
     n_envs: environments stepped together; n_steps: chunks per environment per iteration.
     asynchronous: subprocess environments (`AsyncVectorEnv`). seed: the run's seed.
     gamma, gae_lambda: GAE over environment-level (chunk) steps. epochs, batch_size: PPO updates
-    per iteration and minibatch size (in chunk samples). lr, critic_lr: Adam learning rates.
+    per iteration and minibatch size (in chunk samples). target_kl: an iteration's updates stop
+    before the first minibatch whose approximate KL from the rollout's policy passes it (0: off;
+    the curves' `updates` column counts the steps taken). lr, critic_lr: Adam learning rates.
     max_grad_norm: gradient clipping. critic_warmup: iterations at the start in which only the
     critic learns (the actor's first update then uses a fitted value function, not a random one's
     advantages: a strong imitation start is not pushed around by noise). eval_every: iterations
@@ -72,6 +74,7 @@ class OnPolicyConfig:
     gae_lambda: float = 0.95
     epochs: int = 5
     batch_size: int = 64
+    target_kl: float = 0.0
     lr: float = 1e-5
     critic_lr: float = 1e-3
     max_grad_norm: float = 1.0
@@ -100,6 +103,10 @@ class OnPolicyConfig:
         for name in ("lr", "critic_lr", "max_grad_norm", "reward_scale"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise FinetuneError(f"config key {name!r}: expected a finite number > 0, got {getattr(self, name)!r}")
+        if not (isinstance(self.target_kl, (int, float)) and not isinstance(self.target_kl, bool)
+                and math.isfinite(self.target_kl) and self.target_kl >= 0):
+            raise FinetuneError(f"config key 'target_kl': expected a finite number >= 0 (0: no early stop), "
+                                f"got {self.target_kl!r}")
         if not (isinstance(self.bc_coef, (int, float)) and not isinstance(self.bc_coef, bool)
                 and math.isfinite(self.bc_coef) and self.bc_coef >= 0):
             raise FinetuneError(f"config key 'bc_coef': expected a finite number >= 0 (0: no BC regulariser), "
