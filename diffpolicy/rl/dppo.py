@@ -28,11 +28,11 @@ import torch
 from diffpolicy.core.samplers import StepNoise
 from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.bc import BCRegularizer
-from diffpolicy.rl.chain_ppo import chain_actor, ppo_batch
+from diffpolicy.rl.chain_ppo import Learner, chain_actor, ppo_batch, ppo_updates
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.distributed import SINGLE, normalize_advantages, rank_seed
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
-from diffpolicy.rl.ppo import actor_critic_step, clipped_surrogate, epoch_minibatches, kl_exceeded, ratio_error
+from diffpolicy.rl.ppo import clipped_surrogate
 from diffpolicy.rl.rollout import collect_rollout
 from diffpolicy.rl.session import FinetuneResult, OnPolicyConfig, Session
 from diffpolicy.train.distributed import DistContext
@@ -94,6 +94,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
     critic_optimizer = torch.optim.Adam(critic_params, lr=config.critic_lr)
     generator = torch.Generator().manual_seed(rank_seed(config.seed, ctx))
     bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
+    learner = Learner(critic, actor_params, critic_params, actor_optimizer, critic_optimizer, bc)
     session = make_session(run_dir, "dppo", config, policy, make_env, resume, ctx)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "critic": critic}
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
@@ -121,33 +122,17 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
             # 2. Advantages over environment steps, old log-probs of the fine-tuned steps.
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda, tokens)
             advantages = normalize_advantages(batch.advantages, ctx)
-            # 3. PPO epochs over minibatches of (environment step x fine-tuned denoising steps), until the
-            #    approximate KL passes target_kl.
-            stats: dict[str, float] = {}
-            first_ratio_error = None  # max |ratio - 1| before this iteration's first update: exactly 0
-            critic_only = session.iteration < config.critic_warmup
-            updates = 0
-            for index in epoch_minibatches(len(batch), config.batch_size, config.epochs, generator):
+            # 3. PPO epochs over minibatches of (environment step x fine-tuned denoising steps), until
+            #    the approximate KL passes target_kl.
+            def surrogate(index: torch.Tensor):
                 log_prob = policy.chain_log_prob(batch.cond[index], batch.chain.index(index), noise, tokens=tokens)
-                policy_loss, stats = clipped_surrogate(log_prob, batch.old_log_prob[index],
-                                                       advantages[index, None] * discount, clip)
-                if first_ratio_error is None:
-                    first_ratio_error = ratio_error(log_prob, batch.old_log_prob[index])
-                if kl_exceeded(stats["approx_kl"], config.target_kl, ctx):
-                    break
-                value_loss = (critic({k: v[index] for k, v in batch.obs.items()}) - batch.returns[index]).pow(2).mean()
-                actor_loss = policy_loss
-                if bc is not None:  # the copy's imitation loss on demonstration windows
-                    bc_loss = bc.loss(generator)
-                    actor_loss = actor_loss + config.bc_coef * bc_loss
-                actor_critic_step(actor_loss, value_loss, actor_optimizer, critic_optimizer, actor_params,
-                                  critic_params, config.max_grad_norm, critic_only, ctx)
-                updates += 1
+                old = batch.old_log_prob[index]
+                policy_loss, stats = clipped_surrogate(log_prob, old, advantages[index, None] * discount, clip)
+                return log_prob, old, policy_loss, policy_loss, stats
+
+            critic_only = session.iteration < config.critic_warmup
+            row = ppo_updates(batch, surrogate, learner, config, generator, critic_only, ctx)
             # 4. Log, evaluate with the saved sampler, checkpoint.
-            row = {"policy_loss": float(policy_loss.detach()), "value_loss": float(value_loss.detach()), **stats,
-                   "updates": updates, "first_ratio_error": first_ratio_error}
-            if bc is not None:
-                row["bc_loss"] = float(bc_loss.detach())
             history.append(row)
             session.end_iteration(policy, row, modules, optimizers, {"sampling": generator}, progress)
     finally:
