@@ -186,6 +186,24 @@ def test_eval_eta_overrides_the_diffusion_sampler(tmp_path, checkpoint, capsys):
     assert summaries["0"] != summaries["1"]  # the same initial noise, other steps
 
 
+def test_eval_under_other_settings_keeps_each_result_and_records_its_settings(tmp_path, capsys):
+    policy_dir = tmp_path / "run" / "policy"
+    untrained_policy("diffusion").save_pretrained(policy_dir, metadata={"task": "pusht", "method": "diffusion"})
+    base = ["eval", "--checkpoint", str(policy_dir), "--episodes", "1", "--seed", "100000", "--no-progress"]
+    for extra in ([], ["--eta", "0"], ["--eta", "1", "--inference-steps", "4"], ["--controller", "rtc", "--delay", "2"]):
+        assert run_cli(capsys, *base, *extra)[0] == 0
+    written = {p.name: json.loads((p / "summary.json").read_text())["settings"]
+               for p in (tmp_path / "run").glob("eval_*")}
+    policy_steps = untrained_policy("diffusion").config.inference_steps
+    assert written == {
+        "eval_seed100000_n1": {"inference_steps": policy_steps, "n_envs": 10, "eta": 1.0},
+        "eval_seed100000_n1_eta0": {"inference_steps": policy_steps, "n_envs": 10, "eta": 0.0},
+        "eval_seed100000_n1_steps4_eta1": {"inference_steps": 4, "n_envs": 10, "eta": 1.0},
+        "eval_seed100000_n1_rtc_d2": {"inference_steps": policy_steps, "n_envs": 10, "eta": 1.0, "controller": "rtc",
+                                      "delay": 2, "exec_horizon": None, "profile": None, "wall_clock": False},
+    }
+
+
 def test_eval_bad_sampling_settings(tmp_path, checkpoint, capsys):
     code, _, err = run_cli(capsys, "eval", "--checkpoint", str(checkpoint), "--eta", "2")
     assert code == 2 and "--eta" in err and "'process.eta': expected a number <= 1" in err

@@ -30,6 +30,7 @@ import argparse
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 from diffpolicy.control.acceleration import accelerate
 from diffpolicy.control.errors import ProfileMissingError
@@ -57,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="first seed; episodes use seed, seed+1, ... (default: the card's eval.seed_start)")
     parser.add_argument("--videos", type=int, default=0, help="write mp4 videos of the first K episodes")
-    parser.add_argument("--out", default=None, help="output directory (default: <checkpoint>/eval_seed<S>_n<N>)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: <checkpoint>/eval_seed<S>_n<N>, plus a part for each "
+                             "setting passed below, e.g. _eta0 or _rtc_d3, so other settings do not overwrite it)")
     parser.add_argument("--n-envs", type=int, default=10,
                         help="environments stepped together (default 10; all episodes at once replan in one batch: "
                              "PushT's 100 episodes take a quarter of the time with --n-envs 100)")
@@ -131,8 +134,9 @@ def control_spec(args: argparse.Namespace, card: TaskCard) -> ControlSpec | None
 
 
 def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Namespace, episodes: int, seed: int,
-                        out: Path) -> Evaluation:
-    """`--wall-clock`: the controller's threads in real time (see `evaluation.wall_clock`)."""
+                        out: Path, settings: dict[str, Any]) -> Evaluation:
+    """`--wall-clock`: the controller's threads in real time (see `evaluation.wall_clock`); the
+    summary records `settings`."""
     if args.controller is None:
         raise UsageError("--wall-clock needs --controller MODE")
     if args.delay != 0:
@@ -145,10 +149,44 @@ def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Name
                              horizon=args.exec_horizon)
     summary = summarize(results)
     summary["control"]["delays"] = sorted({d for r in results for d in (r.control.delays or [])})
+    summary["settings"] = settings
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "episodes.json", json.dumps([r.to_dict() for r in results], indent=1))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return Evaluation(summary=summary, episodes=results, videos=[])
+
+
+def settings_of(args: argparse.Namespace, policy: ChunkPolicy) -> dict[str, Any]:
+    """What decides an evaluation's episodes besides its seeds: the sampler the policy ran with
+    (after --inference-steps / --eta), the environments stepped together (the batch a stochastic
+    sampler draws its noise for) and the control loop; written into the summary."""
+    process = policy.config.process
+    settings: dict[str, Any] = {"inference_steps": policy.config.inference_steps,
+                                "n_envs": None if args.wall_clock else args.n_envs}  # wall clock: one at a time
+    if process.type == "diffusion":
+        settings["eta"] = process.eta
+    if args.controller is not None:
+        settings.update(controller=args.controller, delay=None if args.wall_clock else args.delay,
+                        exec_horizon=args.exec_horizon, profile=args.profile, wall_clock=args.wall_clock)
+    return settings
+
+
+def default_out(policy_dir: Path, seed: int, episodes: int, args: argparse.Namespace) -> Path:
+    """`<checkpoint>/eval_seed<S>_n<N>`, plus a part for each setting passed on the command line
+    (`_steps<K>`, `_eta<e>`, `_<controller>_d<delay>` or `_<controller>_wallclock`, `_ta<h>`,
+    `_profile-<name>`): one checkpoint evaluated under other settings keeps each result."""
+    parts = [f"eval_seed{seed}_n{episodes}"]
+    if args.inference_steps is not None:
+        parts.append(f"steps{args.inference_steps}")
+    if args.eta is not None:
+        parts.append(f"eta{args.eta:g}")
+    if args.controller is not None:
+        parts.append(f"{args.controller}_" + ("wallclock" if args.wall_clock else f"d{args.delay}"))
+    if args.exec_horizon is not None:
+        parts.append(f"ta{args.exec_horizon}")
+    if args.profile is not None:
+        parts.append(f"profile-{Path(args.profile).stem}")
+    return policy_dir.parent / "_".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--inference-steps / --eta: {err}") from None
     episodes = args.episodes if args.episodes is not None else int(card.eval["episodes"])
     seed = args.seed if args.seed is not None else int(card.eval["seed_start"])
-    out = Path(args.out) if args.out else policy_dir.parent / f"eval_seed{seed}_n{episodes}"
+    out = Path(args.out) if args.out else default_out(policy_dir, seed, episodes, args)
     try:
         device = resolve_device(args.device)
     except InvalidValueError as err:
@@ -176,13 +214,14 @@ def run(args: argparse.Namespace) -> int:
     if args.wall_clock:
         if args.log is not None:
             raise UsageError("--log records the simulated rollouts; it cannot be combined with --wall-clock")
-        result = evaluate_wall_clock(policy, card, args, episodes, seed, out)
+        result = evaluate_wall_clock(policy, card, args, episodes, seed, out, settings_of(args, policy))
     else:
         logger = McapRolloutLogger(out / "rollouts", episodes=args.log_episodes) if args.log == "mcap" else None
         try:
             result = evaluate(policy, card, episodes=episodes, seed_start=seed, n_envs=args.n_envs,
                               videos=min(args.videos, episodes), out_dir=out, device=device,
-                              progress=not args.no_progress, logger=logger, control=control_spec(args, card))
+                              progress=not args.no_progress, logger=logger, control=control_spec(args, card),
+                              settings=settings_of(args, policy))
         finally:
             if logger is not None:
                 logger.close()

@@ -298,12 +298,14 @@ class Evaluation:
 def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: int = 8, videos: int = 0,
              out_dir: str | os.PathLike | None = None, device: torch.device | str = "cpu",
              inference_steps: int | None = None, progress: bool = False,
-             logger: RolloutLogger | None = None, control: ControlSpec | None = None) -> Evaluation:
+             logger: RolloutLogger | None = None, control: ControlSpec | None = None,
+             settings: dict[str, Any] | None = None) -> Evaluation:
     """Evaluate `policy` on `card`'s environment over seeds `seed_start, ..., seed_start + episodes - 1`.
 
     With `out_dir`: writes `summary.json`, `episodes.json` (one object per episode) and
     `videos/episode_<i>_seed_<seed>.mp4` for the first `videos` episodes. `logger` receives every
-    tick (see `rollout_log`); the caller closes it.
+    tick (see `rollout_log`); the caller closes it. `settings` (what produced the episodes: the
+    sampler, the control loop) go into the summary as they are.
     """
     from diffpolicy.envs.tasks import make_env
     from diffpolicy.evaluation.video import write_video
@@ -329,6 +331,8 @@ def evaluate(policy: Any, card: Any, *, episodes: int, seed_start: int, n_envs: 
     finally:
         bar.close()
     summary = summarize(results)
+    if settings is not None:
+        summary["settings"] = settings
     written: list[Path] = []
     if out_dir is not None:
         out_dir = Path(out_dir)
