@@ -79,7 +79,6 @@ def ppo_batch(policy: ChunkPolicy, critic: Critic, rollout: Rollout, noise: Step
     return PPOBatch(obs, cond, chain, old_log_prob, flat(advantages), flat(returns))
 
 
-
 @dataclass
 class Learner:
     """What an iteration's updates train: the critic, the actor's and the critic's parameters and

@@ -92,7 +92,7 @@ def epoch_minibatches(n: int, batch_size: int, epochs: int, generator: torch.Gen
 def kl_exceeded(approx_kl: float, target_kl: float, ctx: DistContext = SINGLE) -> bool:
     """Whether a minibatch's approximate KL from the rollout's policy, averaged over the job's ranks,
     is past `target_kl` (0: never). Every rank gets the same answer, so the ranks stop their
-    iteration's updates together (SB3's and DPPO's early stop: the step is not taken)."""
+    iteration's updates together (SB3's PPO stops so at 1.5 x its target_kl: the step is not taken)."""
     if target_kl <= 0:
         return False
     return sum_over_ranks(approx_kl, ctx) / ctx.world_size > target_kl
