@@ -134,9 +134,9 @@ def control_spec(args: argparse.Namespace, card: TaskCard) -> ControlSpec | None
 
 
 def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Namespace, episodes: int, seed: int,
-                        out: Path, settings: dict[str, Any]) -> Evaluation:
+                        out: Path) -> Evaluation:
     """`--wall-clock`: the controller's threads in real time (see `evaluation.wall_clock`); the
-    summary records `settings`."""
+    summary records `settings_of(args, policy)`."""
     if args.controller is None:
         raise UsageError("--wall-clock needs --controller MODE")
     if args.delay != 0:
@@ -149,7 +149,7 @@ def evaluate_wall_clock(policy: ChunkPolicy, card: TaskCard, args: argparse.Name
                              horizon=args.exec_horizon)
     summary = summarize(results)
     summary["control"]["delays"] = sorted({d for r in results for d in (r.control.delays or [])})
-    summary["settings"] = settings
+    summary["settings"] = settings_of(args, policy)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "episodes.json", json.dumps([r.to_dict() for r in results], indent=1))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     if args.wall_clock:
         if args.log is not None:
             raise UsageError("--log records the simulated rollouts; it cannot be combined with --wall-clock")
-        result = evaluate_wall_clock(policy, card, args, episodes, seed, out, settings_of(args, policy))
+        result = evaluate_wall_clock(policy, card, args, episodes, seed, out)
     else:
         logger = McapRolloutLogger(out / "rollouts", episodes=args.log_episodes) if args.log == "mcap" else None
         try:
