@@ -388,5 +388,5 @@ def test_relative_orientations_are_the_sign_ambiguous_quaternions(cards, envs):
                                rtol=0, atol=1e-6)
     keys = tuple(cards["can"].observation)
     dims = tuple(int(np.prod(cards["can"].observation[key]["shape"])) for key in keys)
-    assert keys.index("object") == 3 and task_quaternions(cards["can"], keys, dims) == (sum(dims[:3]) + 3,)
-    assert task_quaternions(cards["lift"], keys[:3], dims[:3]) == ()
+    assert keys.index("object") == 3 and task_quaternions(envs["can"], keys, dims) == (sum(dims[:3]) + 3,)
+    assert task_quaternions(envs["lift"], keys[:3], dims[:3]) == ()

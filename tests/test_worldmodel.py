@@ -21,12 +21,14 @@ from diffpolicy.rl.runs import read_run
 from diffpolicy.worldmodel import dream
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
+from diffpolicy.worldmodel.heldout import heldout_errors
 from diffpolicy.worldmodel.imagine import DreamVecEnv
 from diffpolicy.worldmodel.model import LatentWorldModel, ModelConfig
 from diffpolicy.worldmodel.play import StepRecorder, save_episodes
 from diffpolicy.worldmodel.training import (
     TrainConfig,
     WorldModelConfig,
+    checkpoint_score,
     resolve_world_model_dir,
     sample_batch,
     success_logit_offset,
@@ -168,6 +170,38 @@ def test_world_model_predicts_a_deterministic_toy_system(mass_model):
     assert loaded.metadata["train"]["steps"] == 500 and np.isfinite(loaded.reference_uncertainty.numpy()).all()
 
 
+
+def test_rule_recall_counts_the_windows_where_data_and_prediction_meet_the_task_rule(mass_model):
+    """The task's success rule on held-out windows (Can's: the can in the bin, the gripper away):
+    how often the model predicts the data's successes, counted window by window."""
+    model = mass_model[0].model
+    fresh = Transitions.from_episodes(mass_episodes(20, 40, seed=98, action_scale=DATA_ACTIONS), ["pos"])
+
+    def right_half(obs):
+        success = obs["pos"][:, 0] > 0.3
+        return success.astype(np.float64), success
+
+    report = heldout_errors(model, fresh, 8, task_rule=right_half)
+    index = np.unique(np.linspace(0, fresh.n_steps - 1, min(2048, fresh.n_steps)).round().astype(np.int64))
+    w = fresh.windows(index, history=2, horizon=8)
+    in_data = ((w["next_obs"][..., 0] > 0.3) & w["obs_mask"]).any(1)
+    assert report["rule_positives"] == int(in_data.sum()) > 50
+    # the model tracks the mass to < 1e-3, so it misses only windows that graze the line
+    assert report["rule_recall"] > 0.95 and report["rule_precision"] > 0.95
+    never = heldout_errors(model, fresh, 8, task_rule=lambda obs: (np.zeros(len(obs["pos"])), obs["pos"][:, 0] > 9))
+    assert never["rule_positives"] == 0 and np.isnan(never["rule_recall"])
+    assert "rule_recall" not in heldout_errors(model, fresh, 2)
+
+
+def test_the_best_checkpoint_is_the_one_that_predicts_the_tasks_successes():
+    rmse = {"obs_rmse": [0.1, 0.4, 0.9]}
+    assert checkpoint_score(rmse, 1) == -0.4 and checkpoint_score({"obs_rmse": [float("nan")]}, 0) is None
+    ruled = {**rmse, "rule_positives": 20, "rule_recall": 0.5, "rule_precision": 1.0}
+    assert checkpoint_score(ruled, 1) == pytest.approx(2 / 3)
+    assert checkpoint_score({**ruled, "rule_recall": 0.0, "rule_precision": float("nan")}, 1) == 0.0
+    # no success in the held-out windows: the rule cannot judge, the error does
+    assert checkpoint_score({**ruled, "rule_positives": 0, "rule_recall": float("nan")}, 1) == -0.4
+
 def test_training_resumes_bit_exactly(tmp_path):
     data = Transitions.from_episodes(mass_episodes(10, 20, seed=1), ["pos"])
     config = WorldModelConfig(ModelConfig(members=2, latent_dim=4, hidden_dim=16),
@@ -254,6 +288,30 @@ def test_success_fraction_is_checked(tmp_path):
     config = WorldModelConfig(ModelConfig(members=2), TrainConfig(steps=1, success_fraction=0.25))
     with pytest.raises(WorldModelError, match="hold no success to oversample"):
         train_world_model(no_success, config, tmp_path / "wm", *BOUNDS, progress=False)
+
+
+
+def test_change_std_is_floored_where_a_feature_is_constant_within_episodes():
+    """Can's yaw while the can stands on the table: one value per episode, so its one-step changes
+    are ~0 and would weigh its errors by thousands; `min_change_std` floors that weight."""
+    rng = np.random.default_rng(0)
+    n, ends = 80, np.array([20, 40, 60, 80])
+    pos = np.cumsum(rng.normal(size=n)).astype(np.float32)
+    yaw = np.repeat(rng.uniform(-1, 1, 4), 20).astype(np.float32) + rng.normal(scale=1e-6, size=n).astype(np.float32)
+    data = Transitions(("pos", "yaw"), (1, 1), np.stack([pos, yaw], 1), np.zeros((n, 2), np.float32),
+                       np.zeros(n, np.float32), np.zeros(n, bool), ends, np.zeros((4, 2), np.float32), np.zeros(4, bool))
+    stds = {}
+    for floor in (0.0, 0.01):
+        model = LatentWorldModel(ModelConfig(members=2, min_change_std=floor), data.keys, data.dims, 2, *BOUNDS)
+        model.fit_normalization(data)
+        stds[floor] = model.delta_std.numpy()
+    within = np.setdiff1d(np.arange(n - 1), ends - 1)
+    normalized = (pos.astype(np.float64) - pos.mean()) / pos.std()
+    np.testing.assert_allclose(stds[0.0][0], (normalized[within + 1] - normalized[within]).std(), rtol=1e-5)
+    assert stds[0.01][0] == stds[0.0][0] and stds[0.0][1] < 1e-3 and stds[0.01][1] == np.float32(0.01)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="model.min_change_std"):
+            ModelConfig(min_change_std=bad)
 
 
 # ----------------------------------------------------------------------------- imagination

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train(card: TaskCard, args: argparse.Namespace) -> int:
     from diffpolicy.worldmodel.data import Transitions
+    from diffpolicy.worldmodel.dream import tried_rule
     from diffpolicy.worldmodel.training import WorldModelConfig, train_world_model
 
     if not args.data:
@@ -75,29 +76,31 @@ def train(card: TaskCard, args: argparse.Namespace) -> int:
     config = apply_overrides(WorldModelConfig(), list(args.overrides))
     keys = list(card.observation)
     data = Transitions.load(args.data, keys)
-    if not any(parse_override(item)[0] == "model.quaternions" for item in args.overrides):
-        model = dataclasses.replace(config.model, quaternions=task_quaternions(card, data.keys, data.dims))
-        config = dataclasses.replace(config, model=model)
-    low, high = action_bounds(card)
-    metadata = {"task": card.name, "data_paths": [str(Path(p).resolve()) for p in args.data]}
-    result = train_world_model(data, config, args.out, low, high, resume=args.resume, progress=not args.no_progress,
-                               metadata=metadata)
+    env = make_env(card)
+    try:
+        if not any(parse_override(item)[0] == "model.quaternions" for item in args.overrides):
+            model = dataclasses.replace(config.model, quaternions=task_quaternions(env, data.keys, data.dims))
+            config = dataclasses.replace(config, model=model)
+        low, high = action_bounds(card)
+        metadata = {"task": card.name, "data_paths": [str(Path(p).resolve()) for p in args.data]}
+        result = train_world_model(data, config, args.out, low, high, resume=args.resume,
+                                   progress=not args.no_progress, metadata=metadata,
+                                   task_rule=tried_rule(env, "reward_from_observation"))
+    finally:
+        env.close()
     report = result.report
+    rule = f"; task rule recall {report['rule_recall']:.2f}" if "rule_recall" in report else ""
     print(f"{args.out}: world model on {data.n_episodes} episodes ({data.n_steps} steps); held-out RMSE "
-          f"(normalized) h=1 {report['obs_rmse'][0]:.4f}, h={report['horizon'][-1]} {report['obs_rmse'][-1]:.4f}; "
+          f"(normalized) h=1 {report['obs_rmse'][0]:.4f}, h={report['horizon'][-1]} {report['obs_rmse'][-1]:.4f}{rule}; "
           f"checkpoint {result.checkpoint}")
     return 0
 
 
-def task_quaternions(card: TaskCard, keys: tuple[str, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
+def task_quaternions(env, keys: tuple[str, ...], dims: tuple[int, ...]) -> tuple[int, ...]:
     """Where the task environment's sign-ambiguous quaternions (its `canonical_quaternions`, if it
     names any) start in the flat observation of `keys` with sizes `dims`: `model.quaternions`."""
-    env = make_env(card)
-    try:
-        named = getattr(env.unwrapped, "canonical_quaternions", None)
-        per_key = named() if named is not None else {}
-    finally:
-        env.close()
+    named = getattr(env.unwrapped, "canonical_quaternions", None)
+    per_key = named() if named is not None else {}
     offsets = dict(zip(keys, np.cumsum([0, *dims[:-1]]).tolist()))
     return tuple(sorted(offsets[key] + start for key, starts in per_key.items() if key in offsets for start in starts))
 

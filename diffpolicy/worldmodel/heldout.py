@@ -8,6 +8,8 @@ latent with the actions the data executed; the prediction at horizon k is the me
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -18,14 +20,19 @@ from diffpolicy.worldmodel.model import LatentWorldModel
 
 @torch.no_grad()
 def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max_windows: int = 2048,
-                   quantile: float = 0.99) -> dict:
+                   quantile: float = 0.99, task_rule: Callable | None = None) -> dict:
     """Roll every held-out window (at most `max_windows`, evenly spaced steps) `horizon` steps.
 
     Returns a JSON-able report: `horizon` [1..K]; per horizon `obs_rmse` (normalized units, the
     members' mean vs the data), `key_rmse` {key: [...]} (data units), `disagreement_median` and
     `disagreement_quantile` (at `quantile`), `reward_mae` (data units); pooled over horizons
     `success_accuracy`, `success_precision`, `success_recall` (mean member probability > 0.5),
-    `success_positives`; `windows`.
+    `success_positives`; `windows`. With `task_rule` (the task's success rule on observations,
+    `{key: (N, d)} -> (reward, success (N,) bool)`, what a dream with `dream.task_reward` pays), per
+    window: does the rule hold on the data within the K steps, and on the members' mean prediction:
+    `rule_recall` (of the windows where the data succeeds, the share the prediction succeeds in
+    too), `rule_precision`, `rule_positives`. Where episodes end at success, this is the model's
+    accuracy where the task is decided: the last K steps before each success.
     """
     if data.n_steps == 0:
         raise WorldModelError("heldout_errors: no held-out steps (raise val_fraction or give more episodes)")
@@ -37,6 +44,7 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
     report: dict = {"horizon": list(range(1, horizon + 1)), "obs_rmse": [], "key_rmse": {k: [] for k in model.obs_keys},
                     "disagreement_median": [], "disagreement_quantile": [], "reward_mae": []}
     predicted, labels = [], []
+    rule_data, rule_predicted = np.zeros(len(index), bool), np.zeros(len(index), bool)
     for k in range(horizon):
         pred = model.step(latent, batch["action"][:, k])
         latent = pred.latent
@@ -53,6 +61,9 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
                                     if step_ok.any() else float("nan"))
         predicted.append((torch.sigmoid(pred.success_logit).mean(0) > 0.5)[step_ok])
         labels.append(batch["success"][:, k][step_ok])
+        if task_rule is not None:
+            rule_data |= _rule_success(task_rule, model, batch["next_obs"][:, k]) & obs_ok.numpy()
+            rule_predicted |= _rule_success(task_rule, model, model.unnormalize_obs(mean)) & obs_ok.numpy()
     predicted, labels = torch.cat(predicted), torch.cat(labels)
     hits = int((predicted & labels).sum())
     report.update({
@@ -61,7 +72,20 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
         "success_recall": hits / int(labels.sum()) if labels.any() else float("nan"),
         "success_positives": int(labels.sum()), "windows": int(len(index)), "quantile": quantile,
     })
+    if task_rule is not None:
+        hits = int((rule_data & rule_predicted).sum())
+        report.update({"rule_recall": hits / int(rule_data.sum()) if rule_data.any() else float("nan"),
+                       "rule_precision": hits / int(rule_predicted.sum()) if rule_predicted.any() else float("nan"),
+                       "rule_positives": int(rule_data.sum())})
     return report
+
+
+def _rule_success(task_rule: Callable, model: LatentWorldModel, obs: torch.Tensor) -> np.ndarray:
+    """`(N,)` bool: the task's rule on flat observations `(N, sum(obs_dims))` (data units)."""
+    flat = obs.numpy()
+    offsets = np.cumsum([0, *model.obs_dims])
+    keyed = {key: flat[:, lo:hi] for key, lo, hi in zip(model.obs_keys, offsets[:-1], offsets[1:])}
+    return np.asarray(task_rule(keyed)[1], dtype=bool).reshape(len(flat))
 
 
 def _rms(x: torch.Tensor) -> float:

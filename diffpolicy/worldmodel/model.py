@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from diffpolicy.config import check_int, from_dict, to_dict
+from diffpolicy.config import check_float, check_int, from_dict, to_dict
 from diffpolicy.nn.checkpoint import load_model, save_model
 from diffpolicy.worldmodel.data import Transitions
 from diffpolicy.worldmodel.errors import WorldModelError
@@ -67,7 +67,11 @@ class ModelConfig:
     besides the observation; hidden_dim and layers of every MLP; history H: observations the
     encoder reads; quaternions: where the observation's sign-ambiguous quaternions start in the
     flat observation (the model reads and predicts their rotation matrices, `rotations`; `diffpolicy
-    worldmodel train` takes them from the environment's `canonical_quaternions`)."""
+    worldmodel train` takes them from the environment's `canonical_quaternions`); min_change_std:
+    the floor of each feature's one-step change std `delta_std`, in units of the feature's std over
+    the data (a feature that is nearly constant within episodes but differs between them, Can's
+    yaw while the can stands on the table, would otherwise weigh its errors by thousands and drown
+    the other features' gradients; docs/RESULTS.md, Can)."""
 
     members: int = 5
     latent_dim: int = 64
@@ -75,9 +79,11 @@ class ModelConfig:
     layers: int = 2
     history: int = 2
     quaternions: tuple[int, ...] = ()
+    min_change_std: float = 0.01
 
     def __post_init__(self) -> None:
         check_int("model.members", self.members, 2)
+        check_float("model.min_change_std", self.min_change_std, 0, maximum=1)
         for name in ("latent_dim", "hidden_dim", "layers", "history"):
             check_int(f"model.{name}", getattr(self, name), 1)
         for start in self.quaternions:
@@ -150,7 +156,8 @@ class LatentWorldModel(nn.Module):
     def fit_normalization(self, data: Transitions) -> None:
         """Per-dimension mean / std of observations, actions and rewards, and the std of one-step
         changes of the normalized observations within episodes (each std floored at 1e-3 of its
-        largest, so constant dimensions do not blow up)."""
+        largest, so constant dimensions do not blow up; the changes' std also at
+        `config.min_change_std`)."""
         def stats(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             mean, std = x.mean(0), x.std(0)
             floor = max(float(np.max(std)) * 1e-3, 1e-6) if std.size else 1e-6
@@ -165,7 +172,8 @@ class LatentWorldModel(nn.Module):
             within = np.setdiff1d(np.arange(data.n_steps - 1), data.episode_ends - 1)
             normalized = self.normalize_obs(torch.as_tensor(data.obs, dtype=torch.float32)).numpy().astype(np.float64)
             if len(within):
-                self.delta_std.copy_(stats(normalized[within + 1] - normalized[within])[1])
+                change_std = stats(normalized[within + 1] - normalized[within])[1]
+                self.delta_std.copy_(change_std.clamp_min(self.config.min_change_std))
 
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
         """Observations `(..., sum(obs_dims))` (data units) -> the model's normalized features `(..., obs_dim)`."""
