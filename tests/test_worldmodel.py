@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from rl_tasks import TASK, make_bc_policy, make_env, write_card
+from rl_tasks import GOAL, TASK, make_bc_policy, make_env, write_card
 from wm_tasks import mass_episodes, reach_play_episodes, train_reach_world_model
 
 from diffpolicy.cli import main
@@ -24,7 +24,7 @@ from diffpolicy.worldmodel.errors import WorldModelError
 from diffpolicy.worldmodel.heldout import heldout_errors
 from diffpolicy.worldmodel.imagine import DreamVecEnv
 from diffpolicy.worldmodel.model import LatentWorldModel, ModelConfig
-from diffpolicy.worldmodel.play import StepRecorder, save_episodes
+from diffpolicy.worldmodel.play import StepRecorder, record_episodes, save_episodes
 from diffpolicy.worldmodel.training import (
     TrainConfig,
     WorldModelConfig,
@@ -112,6 +112,35 @@ def test_recorded_episodes_keep_the_observation_after_the_last_action(tmp_path):
     key = next(iter(obs))
     np.testing.assert_array_equal(buffer.episode_meta(f"final_obs.{key}")[0], obs[key])
 
+
+
+def go_to_goal(obs, generator=None):
+    """Chunks `(B, 4, 2)` of PointReach steps straight at the goal (then staying on it)."""
+    step = np.clip((GOAL - obs["pos"][:, -1].numpy()) / 0.25, -1, 1)
+    return torch.as_tensor(np.repeat(step[:, None], 4, 1), dtype=torch.float32)
+
+
+def test_episodes_go_on_past_success_with_every_steps_label(mass_model, tmp_path):
+    """What follows a success (Can's can dropping into the bin after the episode would have ended)
+    is recorded with each step's success, and no imagined episode starts from it."""
+    seeds = [1, 2, 3, 4]
+    ended = record_episodes(go_to_goal, MASS_POLICY, make_env, seeds, n_envs=2)
+    on = record_episodes(go_to_goal, MASS_POLICY, make_env, seeds, n_envs=2, after_success=3)
+    for short, long in zip(ended, on):
+        first = int(np.argmax(long["step_success"]))
+        assert short["success"] and len(short["action"]) == first + 1 and short["step_success"].tolist() == [False] * first + [True]
+        assert len(long["action"]) == min(first + 1 + 3, 12)
+        after = np.concatenate([long["pos"][1:], long["final_obs"]["pos"][None]])  # each step's result
+        assert long["step_success"].tolist() == (np.linalg.norm(after - GOAL, axis=1) < 0.15).tolist()
+        np.testing.assert_array_equal(long["pos"][:first + 1], short["pos"])  # the same episode up to the success
+    attrs = {"collection": {"kind": "policy_rollouts", "after_success": 3}}
+    data = Transitions.load([save_episodes(on, tmp_path / "past.zarr", attrs).path], ["pos"])
+    np.testing.assert_array_equal(data.success, np.concatenate([e["step_success"] for e in on]))
+    assert data.before_success.tolist() == np.concatenate(
+        [np.arange(len(e["action"])) <= np.argmax(e["step_success"]) for e in on]).tolist()
+    envs = DreamVecEnv(mass_model[0].model, data, MASS_POLICY, 2, 12, mass_model[0].model.cut_thresholds(2.0))
+    np.testing.assert_array_equal(envs.candidates, np.flatnonzero(data.before_success))
+    assert "step_success" not in save_episodes(ended, tmp_path / "ended.zarr", {}).keys()
 
 def _store(path, data: dict, noise=0.0, meta=True):
     buffer = ReplayBuffer.create(path, attrs={"collection": {"action_noise": noise}})
@@ -672,5 +701,10 @@ def test_command_line_collects_trains_and_dreams(tmp_path, capsys):
     assert main(["worldmodel", "collect", "--task", "pusht", "--checkpoint", str(tmp_path / "bc"), "--episodes", "1",
                  "--out", str(tmp_path / "r.zarr")]) == 2
     assert "trained on task 'point_reach', not 'pusht'" in capsys.readouterr().err
+    collect = ["worldmodel", "collect", "--task", card, "--checkpoint", str(tmp_path / "bc"), "--episodes", "9"]
+    assert main([*collect, "--out", str(rollouts), "--after-success", "4"]) == 2
+    assert "recorded with --after-success 0, not 4" in capsys.readouterr().err
+    assert main([*collect, "--out", str(tmp_path / "past.zarr"), "--after-success", "-1"]) == 2
+    assert "--after-success expects steps >= 0, got -1" in capsys.readouterr().err
     with pytest.raises(WorldModelError, match="no world model at"):
         resolve_world_model_dir(tmp_path)

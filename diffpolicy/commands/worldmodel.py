@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", type=int, default=None, help="collect: episodes the store should hold")
     parser.add_argument("--seed-start", type=int, default=0, help="collect: first seed")
     parser.add_argument("--n-envs", type=int, default=8, help="collect: environments played together")
+    parser.add_argument("--after-success", type=int, default=0, metavar="N",
+                        help="collect: go on N steps past each episode's first success (what follows it: on Can, the "
+                             "can dropping into the bin), recording every step's success (default 0: end there)")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: two runs side by side on two cores do not oversubscribe them)")
@@ -114,6 +117,8 @@ def collect(card: TaskCard, args: argparse.Namespace) -> int:
 
     if args.checkpoint is None or args.episodes is None or args.episodes < 1:
         raise UsageError("worldmodel collect: --checkpoint and --episodes (>= 1) are required")
+    if args.after_success < 0:
+        raise UsageError(f"worldmodel collect: --after-success expects steps >= 0, got {args.after_success}")
     policy_dir = resolve_policy_dir(args.checkpoint)
     policy = ChunkPolicy.from_pretrained(policy_dir)
     check_task(policy.metadata, card.name, str(policy_dir))
@@ -123,13 +128,19 @@ def collect(card: TaskCard, args: argparse.Namespace) -> int:
         with ReplayBuffer.open(out) as buffer:
             if buffer.attrs.get("task") != card.name:
                 raise UsageError(f"{out} holds episodes of task {buffer.attrs.get('task')!r}, not {card.name!r}")
+            held = int(dict(buffer.attrs.get("collection", {}) or {}).get("after_success", 0))
+            if held != args.after_success:
+                raise UsageError(f"{out} holds episodes recorded with --after-success {held}, not {args.after_success}; "
+                                 "append with the same setting or choose another --out")
             done = set(buffer.episode_meta("seed").tolist()) if buffer.n_episodes else set()
     missing = args.episodes - len(done)
     seeds = [s for s in range(args.seed_start, args.seed_start + args.episodes + len(done)) if s not in done][:max(missing, 0)]
-    attrs = {"task": card.name, "collection": {"policy": str(policy_dir.resolve()), "kind": "policy_rollouts"}}
+    attrs = {"task": card.name, "collection": {"policy": str(policy_dir.resolve()), "kind": "policy_rollouts",
+                                               **({"after_success": args.after_success} if args.after_success else {})}}
     for first in range(0, len(seeds), args.n_envs):
         batch = seeds[first:first + args.n_envs]
-        episodes = record_episodes(policy.sample, policy.config, functools.partial(make_env, card), batch, args.n_envs)
+        episodes = record_episodes(policy.sample, policy.config, functools.partial(make_env, card), batch, args.n_envs,
+                                   args.after_success)
         save_episodes(episodes, out, attrs)
         if not args.no_progress:
             print(f"[worldmodel collect] {len(done) + first + len(batch)}/{args.episodes} episodes, "

@@ -8,7 +8,9 @@ observation after an episode's last action is the episode meta `final_obs.<key>`
 has it (stores collected by this version), so the last transition, the one that succeeds, is a
 training target too. Where it is missing (older stores, imports), windows mark it (`obs_mask`).
 The success label of a step is true on the last step of an episode whose `success` meta is true:
-the tasks here end the episode at success (PushT, robosuite, the test tasks).
+the tasks here end the episode at success (PushT, robosuite, the test tasks). A store whose episodes
+go on past success (`diffpolicy worldmodel collect --after-success`) holds the label of every step
+(`step_success`).
 
 Executed actions: a store collected with action noise records the expert's clean action under
 `action` and the executed one under `executed_action`; the dynamics need the executed one.
@@ -29,6 +31,8 @@ from diffpolicy.episode_meta import FINAL_OBS
 from diffpolicy.worldmodel.errors import WorldModelError
 
 EXECUTED_ACTION = "executed_action"
+STEP_SUCCESS = "step_success"
+"""Data key of a store whose episodes go on past success: `(T,)` bool, success at step i's result."""
 
 
 @dataclass
@@ -55,7 +59,8 @@ class Transitions:
     def from_episodes(cls, episodes: Sequence[dict[str, Any]], keys: Sequence[str],
                       dims: Sequence[int] | None = None) -> Transitions:
         """From episodes `{key: (T, d), "action": (T, Da), "reward": (T,), "success": bool}`, each
-        with an optional "final_obs" `{key: (d,)}` (`dims` is needed only when `episodes` is empty)."""
+        with an optional "final_obs" `{key: (d,)}` and "step_success" `(T,)` (the labels of an episode
+        that went on past success; `dims` is needed only when `episodes` is empty)."""
         keys = tuple(keys)
         if not episodes:
             if dims is None:
@@ -67,6 +72,9 @@ class Transitions:
         success = np.zeros(sum(lengths), dtype=bool)
         ends = np.cumsum(lengths).astype(np.int64)
         success[ends - 1] = [bool(e["success"]) for e in episodes]
+        for episode, end, length in zip(episodes, ends, lengths):
+            if STEP_SUCCESS in episode:
+                success[end - length:end] = np.asarray(episode[STEP_SUCCESS], bool).reshape(length)
         found = tuple(int(np.asarray(episodes[0][k]).reshape(lengths[0], -1).shape[1]) for k in keys)
         final_stored = np.array(["final_obs" in e for e in episodes], dtype=bool)
         final_obs = np.zeros((len(episodes), sum(found)), np.float32)
@@ -109,7 +117,9 @@ class Transitions:
             arrays[key] = array.astype(np.float32)
         ends = np.asarray(buffer.episode_ends, dtype=np.int64)
         success = np.zeros(len(arrays[keys[0]]) if keys else 0, dtype=bool)
-        if "success" in buffer.meta_keys() and len(ends):
+        if STEP_SUCCESS in stored:
+            success = np.asarray(buffer[STEP_SUCCESS], dtype=bool).reshape(-1)
+        elif "success" in buffer.meta_keys() and len(ends):
             success[ends - 1] = np.asarray(buffer.episode_meta("success"), dtype=bool)
         obs = np.concatenate([arrays[k] for k in keys], 1)
         dims = tuple(arrays[k].shape[1] for k in keys)
@@ -171,6 +181,14 @@ class Transitions:
         """`(S,)` steps since the start of each step's episode."""
         index = np.arange(self.n_steps)
         return index - self.episode_starts[self.episode_of(index)]
+
+    @property
+    def before_success(self) -> np.ndarray:
+        """`(S,)` bool: the step's observation comes before every success of its episode (the states
+        a task can start an episode from; false past a success in episodes that go on after it)."""
+        earlier = np.cumsum(self.success) - self.success  # successes at earlier steps, from the data's start
+        return earlier == earlier[self.episode_starts[self.episode_of(np.arange(self.n_steps))]] if self.n_steps \
+            else np.zeros(0, bool)
 
     def select(self, episodes: np.ndarray) -> Transitions:
         """The given episodes (indices), in that order."""

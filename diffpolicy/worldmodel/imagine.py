@@ -67,7 +67,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
 
     Args:
         model: the world model (used without gradients, in eval mode).
-        starts: transitions whose states imagined episodes start from.
+        starts: transitions whose states imagined episodes start from (those before any success of their episode).
         config: the policy's config (horizons, observation keys).
         n_envs: imagined environments stepped together.
         max_episode_steps: the task's time limit.
@@ -139,7 +139,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         if starts.n_steps == 0:
             raise WorldModelError("DreamVecEnv: no start states (the world model's data is empty)")
         self.starts, self.time_index = starts, starts.time_index
-        self.candidates = starts.episode_starts if self.initial_only else np.arange(starts.n_steps)
+        self.candidates = starts.episode_starts if self.initial_only else np.flatnonzero(starts.before_success)
 
     def _start(self, envs: np.ndarray) -> None:
         """Draw a start state for each of `envs` from its generator: history, latent, time."""
