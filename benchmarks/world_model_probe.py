@@ -5,7 +5,7 @@ its episode, the imitation policy plays `--chunks` chunks inside the world model
 `dream.task_reward` does: success where the task's rule holds on every member's predicted observation.
 The held-out episodes are the model's own (its data and split, from the model's metadata), so the
 policy's real episodes from those states did succeed within `--max-before` steps. Prints, per chunk,
-the share of imagined episodes still running and, for robosuite tasks, the median object height and
+the imagined episodes still running and, for robosuite tasks, the median object height and
 gripper-to-object distance (what decides Can: the can in the bin, the gripper let go), then the share of
 imagined episodes that succeeded.
 
@@ -76,15 +76,15 @@ def main() -> None:
         with torch.no_grad():
             actions = policy.sample({k: torch.as_tensor(v) for k, v in obs.items()}, generator=generator).numpy()
         obs, _, terminated, truncated, info = envs.step(actions)
-        running = ~done
+        running = ~done & ~terminated & ~truncated  # an ended episode's observation is already its successor's start
         line = f"chunk {chunk}: running {running.sum()}/{n}"
-        if object_start is not None:
+        if object_start is not None and running.any():
             position = obs["object"][:, -1, object_start:object_start + 3]
             gap = np.linalg.norm(obs["robot0_eef_pos"][:, -1] - position, axis=1)
             line += (f", object height {np.median(position[running, 2]):.3f} m, gripper-object distance "
                      f"{np.median(gap[running]):.3f} m")
         print(line)
-        succeeded |= info["is_success"] & running
+        succeeded |= info["is_success"] & ~done
         done |= terminated | truncated
     print(f"{args.world_model}: {n} held-out states {args.min_before}-{args.max_before} steps before a success; "
           f"the policy succeeds in imagination (every member) from {succeeded.mean():.2f} of them")
