@@ -75,6 +75,9 @@ def test_chain_log_prob_equals_torch_distributions_on_a_recorded_chain(case):
         scored = chain_log_prob(net, process, chain, cond, noise=noise)
     torch.testing.assert_close(scored, chain.log_prob, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(scored, expected)
+    # Only some chunk positions (the executed actions DPPO and flow PPO score): their terms alone.
+    executed = chain_log_prob(net, process, chain, cond, noise=noise, tokens=slice(1, 3))
+    torch.testing.assert_close(executed, Normal(chain.mean, chain.std).log_prob(chain.x[:, 1:])[:, :, 1:3].sum((2, 3)))
     # A subset of steps, and gradients reach the network.
     part = chain_log_prob(net, process, chain, cond, steps=[K - 2, K - 1], noise=noise)
     torch.testing.assert_close(part.detach(), scored[:, K - 2:], rtol=1e-9, atol=1e-9)

@@ -76,6 +76,27 @@ def test_ppo_ratio_is_exactly_one_for_every_transition_before_the_update(algo, t
     assert result.history[-1]["ratio"] != 1.0  # later minibatches did move the policy
 
 
+
+@pytest.mark.parametrize("algo", ["dppo", "flowppo"])
+def test_the_ratio_counts_only_the_executed_actions_unless_told_otherwise(algo, tmp_path, monkeypatch):
+    """The noise on chunk positions the environment never executes cannot earn an advantage: both
+    algorithms score the Ta executed positions (`executed_only`), or with it off all Tp."""
+    module, _, config = ALGOS[algo]
+    policy = policy_for(algo)
+    start = policy.config.obs_horizon - 1
+    seen = []
+
+    def recorded(policy, critic, rollout, noise, gamma, lam, tokens=None):
+        seen.append(tokens)
+        return chain_ppo.ppo_batch(policy, critic, rollout, noise, gamma, lam, tokens)
+
+    monkeypatch.setattr(module, "ppo_batch", recorded)
+    for executed_only in (True, False):
+        run = dataclasses.replace(config, env_steps=50, eval_every=0, executed_only=executed_only)
+        module.finetune(policy_for(algo), make_env, run, tmp_path / f"run_{executed_only}", progress=False)
+    assert seen == [slice(start, start + policy.config.action_horizon), None]
+    assert policy.config.action_horizon < policy.config.pred_horizon  # the two differ on this task
+
 def held_out_return(policy, seeds=range(100000, 100016)):
     episodes, _ = rollout(policy, make_env, list(seeds), n_envs=8)
     return float(np.mean([e.episode_return for e in episodes])), float(np.mean([e.success for e in episodes]))

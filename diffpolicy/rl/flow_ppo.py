@@ -6,7 +6,9 @@ step x_s = x_t + (s - t) v(x_t, t, cond) + sigma_theta * eps into a Gaussian, so
 last K' = `finetune_steps` steps (default all) is a trainable copy of the base's, trained with the
 noise network by PPO (GAE over environment steps, critic V(s), entropy bonus
 `entropy_coef` * mean log sigma; the ratio from the chain's log-probability per dimension,
-`log_prob_per_dim`). Evaluation and the saved policy sample deterministic Euler steps
+`log_prob_per_dim`), over the chunk's Ta executed actions only (`executed_only`, as DPPO: the
+noise on the Tp - Ta positions never reaches the environment, so their terms in the ratio are noise
+the clip spends itself on). Evaluation and the saved policy sample deterministic Euler steps
 through the fine-tuned copy; the noise network is part of the training state only. With
 `bc_coef` > 0 the copy's imitation loss on demonstration windows joins the actor's loss (`rl.bc`,
 off by default).
@@ -48,6 +50,8 @@ class FlowPPOConfig(OnPolicyConfig):
     ReinFlow's normalize options). Summed, the log-ratio adds up the small changes of every
     dimension: on PushT's 4-step chains (128 dimensions) 98 % of the terms hit a clip of 0.01 in
     every iteration (docs/RESULTS.md). False keeps the sum (then size `clip` to the dimensions).
+    executed_only: the chain's log-probability over the Ta executed positions of each chunk (True
+    since session 25; the runs before it scored all Tp positions: `executed_only=false`).
     """
 
     lr: float = 1e-4
@@ -59,6 +63,7 @@ class FlowPPOConfig(OnPolicyConfig):
     std_max: float = 0.2
     noise_hidden_dim: int = 128
     log_prob_per_dim: bool = True
+    executed_only: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -138,7 +143,10 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
     noise = StepNoise(std_fn=noise_net)
     actor = chain_actor(policy, noise, generator)
     tuned = torch.tensor(policy.finetuned_step_indices)
-    dims_per_step = policy.config.pred_horizon * policy.config.action_dim
+    start = policy.config.obs_horizon - 1
+    tokens = slice(start, start + policy.config.action_horizon) if config.executed_only else None
+    dims_per_step = (policy.config.action_horizon if config.executed_only else policy.config.pred_horizon) \
+        * policy.config.action_dim
     history: list[dict[str, float]] = []
     try:
         while not session.done():
@@ -149,13 +157,13 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
                                          config.reward_scale)
             session.count(rollout)
             # 2. Advantages over environment steps; old log-probs of the chain (`ratio_log_prob`).
-            batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda)
+            batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda, tokens)
             advantages = normalize_advantages(batch.advantages, ctx)
             old_log_prob = ratio_log_prob(batch.old_log_prob, dims_per_step, config.log_prob_per_dim)
             # 3. PPO epochs: the chain's log-probability is one action's, entropy from log sigma.
             def surrogate(index: torch.Tensor):
                 cond, chain = batch.cond[index], batch.chain.index(index)
-                log_prob = ratio_log_prob(policy.chain_log_prob(cond, chain, noise), dims_per_step,
+                log_prob = ratio_log_prob(policy.chain_log_prob(cond, chain, noise, tokens=tokens), dims_per_step,
                                           config.log_prob_per_dim)
                 policy_loss, stats = clipped_surrogate(log_prob, old_log_prob[index], advantages[index], config.clip)
                 x_t, levels = chain.x[:, tuned], chain.levels[:, tuned]
