@@ -41,6 +41,7 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
     latent = model.encode(batch["obs_history"])
     target = model.normalize_obs(batch["next_obs"])
     offsets = np.cumsum([0, *model.obs_dims])
+    slices = {key: slice(lo, hi) for key, lo, hi in zip(model.obs_keys, offsets[:-1], offsets[1:])}
     report: dict = {"horizon": list(range(1, horizon + 1)), "obs_rmse": [], "key_rmse": {k: [] for k in model.obs_keys},
                     "disagreement_median": [], "disagreement_quantile": [], "reward_mae": []}
     predicted, labels = [], []
@@ -53,8 +54,8 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
         spread = model.disagreement(pred.obs)[obs_ok]
         report["obs_rmse"].append(_rms((mean - target[:, k])[obs_ok]))
         raw_error = (model.unnormalize_obs(mean) - batch["next_obs"][:, k])[obs_ok]
-        for key, lo, hi in zip(model.obs_keys, offsets[:-1], offsets[1:]):
-            report["key_rmse"][key].append(_rms(raw_error[:, lo:hi]))
+        for key, part in slices.items():
+            report["key_rmse"][key].append(_rms(raw_error[:, part]))
         report["disagreement_median"].append(float(spread.median()) if len(spread) else float("nan"))
         report["disagreement_quantile"].append(float(torch.quantile(spread, quantile)) if len(spread) else float("nan"))
         report["reward_mae"].append(float((pred.reward.mean(0) - batch["reward"][:, k])[step_ok].abs().mean())
@@ -62,8 +63,8 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
         predicted.append((torch.sigmoid(pred.success_logit).mean(0) > 0.5)[step_ok])
         labels.append(batch["success"][:, k][step_ok])
         if task_rule is not None:
-            rule_data |= _rule_success(task_rule, model, batch["next_obs"][:, k]) & obs_ok.numpy()
-            rule_predicted |= _rule_success(task_rule, model, model.unnormalize_obs(mean)) & obs_ok.numpy()
+            rule_data |= _rule_success(task_rule, slices, batch["next_obs"][:, k]) & obs_ok.numpy()
+            rule_predicted |= _rule_success(task_rule, slices, model.unnormalize_obs(mean)) & obs_ok.numpy()
     predicted, labels = torch.cat(predicted), torch.cat(labels)
     hits = int((predicted & labels).sum())
     report.update({
@@ -80,12 +81,10 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
     return report
 
 
-def _rule_success(task_rule: Callable, model: LatentWorldModel, obs: torch.Tensor) -> np.ndarray:
-    """`(N,)` bool: the task's rule on flat observations `(N, sum(obs_dims))` (data units)."""
+def _rule_success(task_rule: Callable, slices: dict[str, slice], obs: torch.Tensor) -> np.ndarray:
+    """`(N,)` bool: the task's rule on flat observations `(N, sum(obs_dims))` (data units), split by key."""
     flat = obs.numpy()
-    offsets = np.cumsum([0, *model.obs_dims])
-    keyed = {key: flat[:, lo:hi] for key, lo, hi in zip(model.obs_keys, offsets[:-1], offsets[1:])}
-    return np.asarray(task_rule(keyed)[1], dtype=bool).reshape(len(flat))
+    return np.asarray(task_rule({key: flat[:, part] for key, part in slices.items()})[1], dtype=bool).reshape(len(flat))
 
 
 def _rms(x: torch.Tensor) -> float:
