@@ -53,7 +53,8 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
         mean = pred.obs.mean(0)
         spread = model.disagreement(pred.obs)[obs_ok]
         report["obs_rmse"].append(_rms((mean - target[:, k])[obs_ok]))
-        raw_error = (model.unnormalize_obs(mean) - batch["next_obs"][:, k])[obs_ok]
+        predicted_obs = model.unnormalize_obs(mean)
+        raw_error = (predicted_obs - batch["next_obs"][:, k])[obs_ok]
         for key, part in slices.items():
             report["key_rmse"][key].append(_rms(raw_error[:, part]))
         report["disagreement_median"].append(float(spread.median()) if len(spread) else float("nan"))
@@ -64,7 +65,7 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
         labels.append(batch["success"][:, k][step_ok])
         if task_rule is not None:
             rule_data |= _rule_success(task_rule, slices, batch["next_obs"][:, k]) & obs_ok.numpy()
-            rule_predicted |= _rule_success(task_rule, slices, model.unnormalize_obs(mean)) & obs_ok.numpy()
+            rule_predicted |= _rule_success(task_rule, slices, predicted_obs) & obs_ok.numpy()
     predicted, labels = torch.cat(predicted), torch.cat(labels)
     hits = int((predicted & labels).sum())
     report.update({
