@@ -58,13 +58,14 @@ def main() -> None:
     train = model.metadata["train"]
     data = Transitions.load(model.metadata["data_paths"], model.obs_keys)
     _, val = data.split(train["val_fraction"], train["seed"])
-    env = make_env(load_task(args.task))
+    card = load_task(args.task)
+    env = make_env(card)
     rule = tried_rule(env, "reward_from_observation")
     if rule is None:
         raise SystemExit(f"{args.task}: the environment has no reward_from_observation rule to judge success by")
     starts = held_out_starts(val, args.min_before, args.max_before, args.stride)
     n = len(starts)
-    envs = DreamVecEnv(model, val, policy.config, n, int(load_task(args.task).max_episode_steps),
+    envs = DreamVecEnv(model, val, policy.config, n, int(card.max_episode_steps),
                        model.cut_thresholds(1e9), task_reward=rule, sparse_success=True,
                        rollout_steps=args.chunks * policy.config.action_horizon)
     envs.candidates = starts  # every imagined episode starts from one of these held-out states

@@ -40,8 +40,7 @@ def heldout_errors(model: LatentWorldModel, data: Transitions, horizon: int, max
     batch = {k: torch.as_tensor(v) for k, v in data.windows(index, model.config.history, horizon).items()}
     latent = model.encode(batch["obs_history"])
     target = model.normalize_obs(batch["next_obs"])
-    offsets = np.cumsum([0, *model.obs_dims])
-    slices = {key: slice(lo, hi) for key, lo, hi in zip(model.obs_keys, offsets[:-1], offsets[1:])}
+    slices = model.obs_slices
     report: dict = {"horizon": list(range(1, horizon + 1)), "obs_rmse": [], "key_rmse": {k: [] for k in model.obs_keys},
                     "disagreement_median": [], "disagreement_quantile": [], "reward_mae": []}
     predicted, labels = [], []

@@ -111,8 +111,7 @@ class DreamVecEnv(gym.vector.VectorEnv):
         self.sparse_success, self.task_failure, self.rollout_steps = sparse_success, task_failure, int(rollout_steps)
         self.uncertainty_penalty = float(uncertainty_penalty)
         self.starts_from(starts)
-        offsets = np.cumsum([0, *model.obs_dims])
-        self.model_slices = {key: slice(offsets[i], offsets[i + 1]) for i, key in enumerate(model.obs_keys)}
+        self.model_slices = model.obs_slices
         self.slices = {key: part for key, part in self.model_slices.items() if key in config.obs_shapes}
         self.single_observation_space = gym.spaces.Dict({
             key: gym.spaces.Box(-np.inf, np.inf, (config.obs_horizon, config.obs_shapes[key][0]), np.float32)

@@ -175,6 +175,12 @@ class LatentWorldModel(nn.Module):
                 change_std = stats(normalized[within + 1] - normalized[within])[1]
                 self.delta_std.copy_(change_std.clamp_min(self.config.min_change_std))
 
+    @property
+    def obs_slices(self) -> dict[str, slice]:
+        """Where each observation key lies in the flat observation `(..., sum(obs_dims))` (data units)."""
+        offsets = np.cumsum([0, *self.obs_dims]).tolist()
+        return {key: slice(lo, hi) for key, lo, hi in zip(self.obs_keys, offsets[:-1], offsets[1:])}
+
     def normalize_obs(self, obs: torch.Tensor) -> torch.Tensor:
         """Observations `(..., sum(obs_dims))` (data units) -> the model's normalized features `(..., obs_dim)`."""
         return (self.features.encode(obs) - self.obs_mean) / self.obs_std
