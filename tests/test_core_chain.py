@@ -48,6 +48,7 @@ CASES = {
     "ddim-eta0-floor": (GaussianDiffusion(make_schedule("cosine"), "sample", eta=1.0, clip_x0=1.0),
                         StepNoise(std_floor=0.1, eta=0.0)),
     "flow-learned-std": (FlowMatching(), StepNoise(std_fn=learned_std, std_floor=0.07)),
+    "flow-ddim-eta-floor": (FlowMatching(), StepNoise(std_floor=0.02, eta=1.0)),
 }
 
 
@@ -83,6 +84,44 @@ def test_chain_log_prob_equals_torch_distributions_on_a_recorded_chain(case):
     torch.testing.assert_close(part.detach(), scored[:, K - 2:], rtol=1e-9, atol=1e-9)
     part.sum().backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in net.parameters())
+
+
+def exact_velocity(mu0, s0):
+    """E[noise - x0 | x_t] on the linear path for 1-D data x0 ~ N(mu0, s0^2): `(x (B, L, D), t (B, L), cond) -> v`."""
+
+    def velocity(x, t, cond):
+        a, t = (1 - t).unsqueeze(-1), t.unsqueeze(-1)
+        var = a ** 2 * s0 ** 2 + t ** 2
+        centred = x - a * mu0
+        return t / var * centred - (mu0 + a * s0 ** 2 / var * centred)
+
+    return velocity
+
+
+def test_flow_ddim_step_is_euler_at_eta_zero_and_keeps_the_models_marginals_at_eta_one():
+    """With the exact velocity of N(mu0, s0^2) data, the eta = 1 chain samples that distribution,
+    while Euler with a std of the same total size adds its noise to it."""
+    process, mu0, s0 = FlowMatching(), 0.3, 0.2
+    x, out = torch.randn(B, L, D, generator=gen(0)), torch.randn(B, L, D, generator=gen(1))
+    t, s = torch.full((B, L), 0.75), torch.full((B, L), 0.5)
+    euler, _ = process.transition(x, t, s, out)
+    mean, std = process.transition(x, t, s, out, eta=0.0)
+    torch.testing.assert_close(mean, euler)
+    assert bool((std == 0).all())
+    _, std = process.transition(x, t, s, out, eta=1.0)  # (s/t)^2 (t^2 - ((1-t)/(1-s))^2 s^2), here 2/9
+    torch.testing.assert_close(std, torch.full_like(std, (2 / 9) ** 0.5))
+    n, steps = 4000, 200  # enough steps for both samplers to converge to the data distribution
+    x_init = torch.randn(n, 1, 1, generator=gen(2))
+    velocity = exact_velocity(mu0, s0)
+    ancestral = sample(velocity, process, x_init, steps, cond=None, generator=gen(3), noise=StepNoise(eta=1.0)).x0
+    ode = sample(velocity, process, x_init, steps, cond=None).x0
+    assert abs(float(ancestral.mean()) - mu0) < 0.015 and abs(float(ancestral.std()) - s0) < 0.015
+    assert abs(float(ode.std()) - s0) < 0.015
+    chain = sample(velocity, process, x_init, steps, cond=None, generator=gen(3), noise=StepNoise(eta=1.0),
+                   record=True).chain
+    euler_noise = StepNoise(std_floor=float(chain.std.pow(2).sum(1).mean().sqrt() / steps ** 0.5))
+    blurred = sample(velocity, process, x_init, steps, cond=None, generator=gen(3), noise=euler_noise).x0
+    assert float(blurred.std()) > s0 + 0.1  # the same noise, never drawn back
 
 
 def test_learned_std_is_the_step_std_and_scoring_uses_it():
@@ -130,8 +169,12 @@ def test_bad_noise_control_and_chains_raise():
         StepNoise(std_floor=-0.1)
     with pytest.raises(CoreConfigError, match="learned std .* needs a FlowMatching process, got GaussianDiffusion"):
         sample(net, diffusion, x, 3, cond=torch.randn(B, C), noise=StepNoise(std_fn=learned_std))
-    with pytest.raises(CoreConfigError, match="StepNoise.eta needs a GaussianDiffusion process"):
-        sample(net, FlowMatching(), x, 3, cond=torch.randn(B, C), noise=StepNoise(eta=0.5))
+    with pytest.raises(CoreConfigError, match=r"a learned std \(std_fn\) or an eta, not both"):
+        sample(net, FlowMatching(), x, 3, cond=torch.randn(B, C), noise=StepNoise(eta=0.5, std_fn=learned_std))
+    with pytest.raises(CoreConfigError, match=r"FlowMatching.step: eta must be a number in \[0, 1\], got 1.5"):
+        sample(net, FlowMatching(), x, 3, cond=torch.randn(B, C), generator=gen(0), noise=StepNoise(eta=1.5))
+    with pytest.raises(CoreConfigError, match="give a std or an eta, not both"):
+        FlowMatching().transition(x, torch.ones(B, L), torch.zeros(B, L), x, std=0.1, eta=0.5)
     cond, result = record(FlowMatching(), StepNoise(), net)
     chain = result.chain
     broken = Chain(chain.x, chain.levels[:, :-1], chain.mean, chain.std, chain.log_prob)

@@ -39,6 +39,10 @@ ALGOS = {
     # the default ratio: the chain's log-probability per dimension, with ReinFlow's clip
     "flowppo_per_dim": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.01, std_min=0.05, std_max=0.3,
                                                                  **SMALL)),
+    # DPPO's structure on a flow chain: the DDIM step with eta 1 and a floor, one ratio per flow step
+    "flowppo_eta_per_step": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, train_eta=1.0, std_floor=0.1,
+                                                                      ratio_per_step=True, log_prob_per_dim=False,
+                                                                      **SMALL)),
 }
 
 
@@ -97,6 +101,22 @@ def test_the_ratio_counts_only_the_executed_actions_unless_told_otherwise(algo, 
     assert seen == [slice(start, start + policy.config.action_horizon), None]
     assert policy.config.action_horizon < policy.config.pred_horizon  # the two differ on this task
 
+
+def test_each_iteration_logs_the_exploration_noise_its_rollout_had(tmp_path):
+    """`noise_std`: the mean std of the scored transitions. DDIM eta = 0 under a floor is the
+    floor exactly; flow PPO's learned std lies within its bounds (at their midpoint, where the noise
+    network's sigmoid starts, until an update moves it)."""
+    _, _, config = ALGOS["dppo"]
+    floored = dataclasses.replace(config, env_steps=50, eval_every=0, train_eta=0.0, std_floor=0.07)
+    result = dppo.finetune(policy_for("dppo"), make_env, floored, tmp_path / "dppo", progress=False)
+    assert result.history[0]["noise_std"] == pytest.approx(0.07)
+    _, _, config = ALGOS["flowppo"]
+    run = dataclasses.replace(config, env_steps=100, eval_every=0, critic_warmup=1)
+    history = flow_ppo.finetune(policy_for("flowppo"), make_env, run, tmp_path / "flow", progress=False).history
+    assert all(config.std_min <= row["noise_std"] <= config.std_max for row in history)
+    assert history[0]["noise_std"] == pytest.approx((config.std_min + config.std_max) / 2, abs=0.03)
+    assert "noise_std" in (tmp_path / "flow" / "curves.csv").read_text().splitlines()[0].split(",")
+
 def held_out_return(policy, seeds=range(100000, 100016)):
     episodes, _ = rollout(policy, make_env, list(seeds), n_envs=8)
     return float(np.mean([e.episode_return for e in episodes])), float(np.mean([e.success for e in episodes]))
@@ -106,6 +126,7 @@ def held_out_return(policy, seeds=range(100000, 100016)):
     pytest.param("dppo", 2400, marks=pytest.mark.slow),  # ~20 s: keeps the file's default run under a minute
     ("flowppo", 1500),
     ("flowppo_per_dim", 1500),
+    ("flowppo_eta_per_step", 1500),
 ])
 def test_finetuning_raises_the_return_where_imitation_is_poor(algo, env_steps, tmp_path):
     module, _, config = ALGOS[algo]
@@ -278,6 +299,17 @@ def test_target_kl_stops_an_iterations_updates_before_the_step_that_passes_it(al
 def test_target_kl_must_be_a_finite_number_at_least_zero(value):
     with pytest.raises(dppo.FinetuneError, match=r"'target_kl': expected a finite number >= 0 \(0: no early stop\)"):
         dppo.DPPOConfig(target_kl=value)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("std_floor", 0.0, r"'std_floor': expected a number > 0 or None, got 0.0"),
+    ("std_floor", "0.1", r"'std_floor': expected a number > 0 or None, got '0.1'"),
+    ("train_eta", 0.0, r"'train_eta': expected a number in \(0, 1\] or None, got 0.0"),
+    ("train_eta", 1.5, r"'train_eta': expected a number in \(0, 1\] or None, got 1.5"),
+])
+def test_flow_ppos_fixed_noise_settings_are_checked(key, value, expected):
+    with pytest.raises(flow_ppo.FinetuneError, match=expected):
+        flow_ppo.FlowPPOConfig(**{key: value})
 
 
 def test_critic_warmup_is_a_count_of_iterations():

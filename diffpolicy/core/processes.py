@@ -342,6 +342,13 @@ class FlowMatching(Process):
     explicitly (not scaled by the step size): None / 0 = deterministic Euler, a float, or a tensor
     broadcastable to `(B, L, D)` (ReinFlow's learned noise, x_{k+1} = x_k + v dt + sigma_theta eps).
 
+    Or `step(..., eta=e)`: the DDIM step of the same path (alpha = 1 - t, sigma = t) with
+    x0_hat = x_t - t v and noise_hat = x_t + (1 - t) v:
+        std^2 = e^2 (sigma_s / sigma_t)^2 (sigma_t^2 - (alpha_t / alpha_s)^2 sigma_s^2)
+        mean  = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) noise_hat
+    e = 0 is the Euler step; e = 1 the posterior q(x_s | x_t, x0_hat), whose noise the later steps
+    draw back towards the model's marginals (ancestral sampling), where Euler plus a std keeps it.
+
     Args:
         std: default step std (None = deterministic); `step(..., std=...)` overrides it per call.
     """
@@ -371,7 +378,11 @@ class FlowMatching(Process):
     def _target(self, x0, noise, alpha, sigma):
         return noise - x0
 
-    def _mean_std(self, x_t, t, s, out, std: float | torch.Tensor | None = None):
+    def _mean_std(self, x_t, t, s, out, std: float | torch.Tensor | None = None, eta: float | None = None):
+        if eta is not None:
+            if std is not None:
+                raise CoreConfigError("FlowMatching.step: give a std or an eta, not both")
+            return self._ddim_mean_std(x_t, t, s, out, eta)
         if std is None:
             std = self.std
         if std is None:
@@ -390,3 +401,14 @@ class FlowMatching(Process):
             std = torch.full_like(x_t, float(std))
         mean = x_t + (s - t).to(x_t.dtype).unsqueeze(-1) * out
         return mean, std
+
+    def _ddim_mean_std(self, x_t, t, s, out, eta: float):
+        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+            raise CoreConfigError(f"FlowMatching.step: eta must be a number in [0, 1], got {eta!r}")
+        alpha_t, sigma_t = self._coeffs3(t, x_t)
+        alpha_s, sigma_s = self._coeffs3(s, x_t)  # alpha_s > 0: s < t <= 1 for every moving token
+        x0, noise = self._x0(x_t, alpha_t, sigma_t, out), self._noise(x_t, alpha_t, sigma_t, out)
+        var = (eta ** 2) * (sigma_s / sigma_t) ** 2 * (sigma_t ** 2 - (alpha_t / alpha_s * sigma_s) ** 2)
+        var = var.clamp(min=0.0)
+        mean = alpha_s * x0 + (sigma_s ** 2 - var).clamp(min=0.0).sqrt() * noise
+        return mean, var.sqrt().expand_as(x_t)

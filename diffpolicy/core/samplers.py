@@ -51,7 +51,8 @@ class StepNoise:
             Gaussians of std `std_floor`. 0 keeps the process's std.
         std_fn: a learned std `std_fn(x_t, t, s, cond)` (ReinFlow's noise network, flow only),
             replacing the process's std before the floor.
-        eta: DDIM stochasticity for `GaussianDiffusion` (None: the process's own).
+        eta: DDIM stochasticity for `GaussianDiffusion` (None: the process's own) or `FlowMatching`
+            (None: Euler with the std above).
     """
 
     std_floor: float = 0.0
@@ -69,9 +70,11 @@ class StepNoise:
         if self.std_fn is not None and not isinstance(process, FlowMatching):
             raise CoreConfigError(f"{where}: a learned std (StepNoise.std_fn) needs a FlowMatching process, "
                                   f"got {type(process).__name__}")
-        if self.eta is not None and not isinstance(process, GaussianDiffusion):
-            raise CoreConfigError(f"{where}: StepNoise.eta needs a GaussianDiffusion process, "
+        if self.eta is not None and not isinstance(process, (GaussianDiffusion, FlowMatching)):
+            raise CoreConfigError(f"{where}: StepNoise.eta needs a GaussianDiffusion or FlowMatching process, "
                                   f"got {type(process).__name__}")
+        if self.eta is not None and self.std_fn is not None:
+            raise CoreConfigError(f"{where}: StepNoise takes a learned std (std_fn) or an eta, not both")
         if self.std_floor > 0 and not isinstance(process, (GaussianDiffusion, FlowMatching)):
             raise CoreConfigError(f"{where}: StepNoise.std_floor needs a Gaussian process (GaussianDiffusion or "
                                   f"FlowMatching), got {type(process).__name__}")

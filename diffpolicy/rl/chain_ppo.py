@@ -44,7 +44,8 @@ def chain_actor(policy: ChunkPolicy, noise: StepNoise, generator: torch.Generato
 class PPOBatch:
     """A rollout flattened to B = T N samples: obs `{key: (B, To, ...)}`, cond `(B, C)` (the frozen
     encoder's), chain (x `(B, K+1, Tp, Da)`, ...), old_log_prob `(B, K')` of the scored steps,
-    advantages and returns `(B,)`."""
+    advantages and returns `(B,)`, and noise_std: the mean std of the scored transitions (over
+    the scored steps and chunk positions), the exploration the rollout actually had."""
 
     obs: dict[str, torch.Tensor]
     cond: torch.Tensor
@@ -52,6 +53,7 @@ class PPOBatch:
     old_log_prob: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    noise_std: float
 
     def __len__(self) -> int:
         return self.cond.shape[0]
@@ -76,7 +78,9 @@ def ppo_batch(policy: ChunkPolicy, critic: Critic, rollout: Rollout, noise: Step
                                   gamma, gae_lambda)
         cond = policy.encode_obs(obs)
         old_log_prob = policy.chain_log_prob(cond, chain, noise, tokens=tokens)
-    return PPOBatch(obs, cond, chain, old_log_prob, flat(advantages), flat(returns))
+    scored = policy.finetuned_step_indices or list(range(chain.steps))
+    noise_std = float(chain.std[:, scored, tokens or slice(None)].mean())
+    return PPOBatch(obs, cond, chain, old_log_prob, flat(advantages), flat(returns), noise_std)
 
 
 @dataclass
@@ -106,13 +110,14 @@ def ppo_updates(batch: PPOBatch, surrogate: Surrogate, learner: Learner, config:
 
     Returns the iteration's diagnostics: the last scored minibatch's policy and value losses and
     surrogate stats, `updates` (steps taken), `first_ratio_error` (max |ratio - 1| of the first
-    minibatch, before any update: exactly 0) and, with a regulariser, `bc_loss`.
+    minibatch, before any update: exactly 0), the rollout's `noise_std` and, with a regulariser,
+    `bc_loss`.
     """
-    row: dict[str, float] = {}
+    row: dict[str, float] = {"noise_std": batch.noise_std}
     updates = 0
     for index in epoch_minibatches(len(batch), config.batch_size, config.epochs, generator):
         log_prob, old_log_prob, policy_loss, actor_loss, stats = surrogate(index)
-        if not row:
+        if "first_ratio_error" not in row:
             row["first_ratio_error"] = ratio_error(log_prob, old_log_prob)
         row.update(stats, policy_loss=float(policy_loss.detach()))
         if kl_exceeded(stats["approx_kl"], config.target_kl, ctx):

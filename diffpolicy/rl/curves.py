@@ -15,7 +15,7 @@ from diffpolicy.fsutil import atomic_write_text
 
 COLUMNS = ("iteration", "env_steps", "cpu_s", "train_return", "train_success", "train_episodes",
            "eval_return", "eval_success", "eval_steps", "eval_env_steps",
-           "policy_loss", "value_loss", "ratio", "clip_fraction", "approx_kl", "updates", "first_ratio_error", "bc_loss",
+           "policy_loss", "value_loss", "ratio", "clip_fraction", "approx_kl", "updates", "first_ratio_error", "noise_std", "bc_loss",
            "dream_steps", "cut_fraction", "disagreement", "world_model_loss")
 
 

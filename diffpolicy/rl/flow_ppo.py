@@ -52,6 +52,13 @@ class FlowPPOConfig(OnPolicyConfig):
     every iteration (docs/RESULTS.md). False keeps the sum (then size `clip` to the dimensions).
     executed_only: the chain's log-probability over the Ta executed positions of each chunk (True
     since session 25; the runs before it scored all Tp positions: `executed_only=false`).
+    std_floor, train_eta: a fixed noise control instead of the noise network (both None: learned,
+    in [std_min, std_max]), as DPPO's: each flow step's std is at least `std_floor`, and with
+    `train_eta` the step is `FlowMatching`'s DDIM step with that eta (1: the posterior, whose noise
+    the later steps draw back towards the policy's own distribution) instead of Euler plus noise.
+    The ratio then moves only with the velocity copy.
+    ratio_per_step: one PPO ratio per flow step, each with the chunk's advantage, as DPPO's
+    per-denoising-step ratios (each clipped on its own), instead of one ratio for the whole chain.
     """
 
     lr: float = 1e-4
@@ -64,6 +71,9 @@ class FlowPPOConfig(OnPolicyConfig):
     noise_hidden_dim: int = 128
     log_prob_per_dim: bool = True
     executed_only: bool = True
+    std_floor: float | None = None
+    train_eta: float | None = None
+    ratio_per_step: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,14 +85,22 @@ class FlowPPOConfig(OnPolicyConfig):
         if not 0 < self.std_min < self.std_max:
             raise FinetuneError(f"config keys 'std_min', 'std_max': expected 0 < std_min < std_max, got "
                                 f"{self.std_min!r}, {self.std_max!r}")
+        if self.std_floor is not None and not (isinstance(self.std_floor, (int, float)) and self.std_floor > 0):
+            raise FinetuneError(f"config key 'std_floor': expected a number > 0 or None, got {self.std_floor!r}")
+        if self.train_eta is not None and not (isinstance(self.train_eta, (int, float)) and 0 < self.train_eta <= 1):
+            raise FinetuneError(f"config key 'train_eta': expected a number in (0, 1] or None, got {self.train_eta!r}")
         if not self.clip > 0 or self.entropy_coef < 0:
             raise FinetuneError(f"config keys 'clip' > 0 and 'entropy_coef' >= 0 expected, got {self.clip!r}, "
                                 f"{self.entropy_coef!r}")
 
 
-def ratio_log_prob(step_log_probs: torch.Tensor, dims_per_step: int, per_dim: bool) -> torch.Tensor:
-    """The chain's log-probability as flow PPO's ratio uses it: `(B, K')` transition log-probs ->
-    `(B,)`, their sum, divided by the chain's K' x `dims_per_step` Gaussian dimensions when `per_dim`."""
+def ratio_log_prob(step_log_probs: torch.Tensor, dims_per_step: int, per_dim: bool,
+                   per_step: bool = False) -> torch.Tensor:
+    """The log-probabilities flow PPO's ratio compares: `(B, K')` transition log-probs -> `(B,)`,
+    their sum, divided by the chain's K' x `dims_per_step` Gaussian dimensions when `per_dim`; or,
+    `per_step`, each transition's own `(B, K')` (divided by `dims_per_step` when `per_dim`)."""
+    if per_step:
+        return step_log_probs / dims_per_step if per_dim else step_log_probs
     total = step_log_probs.sum(1)
     return total / (step_log_probs.shape[1] * dims_per_step) if per_dim else total
 
@@ -125,9 +143,10 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
         raise FinetuneError(f"config key 'finetune_steps': at most the {policy.config.inference_steps} flow steps, "
                             f"got {tuned_steps}")
     velocity_params = policy.start_finetuning(tuned_steps)
-    noise_net = NoiseNetwork(policy, config)
+    learned = config.std_floor is None and config.train_eta is None
+    noise_net = NoiseNetwork(policy, config) if learned else None
     critic = Critic(policy)
-    actor_params = velocity_params + list(noise_net.parameters())
+    actor_params = velocity_params + (list(noise_net.parameters()) if noise_net is not None else [])
     actor_optimizer = torch.optim.Adam(actor_params, lr=config.lr)
     critic_params = list(critic.parameters())
     critic_optimizer = torch.optim.Adam(critic_params, lr=config.critic_lr)
@@ -135,12 +154,15 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
     bc = BCRegularizer.from_config(policy, config)  # None unless bc_coef > 0
     learner = Learner(critic, actor_params, critic_params, actor_optimizer, critic_optimizer, bc)
     session = make_session(run_dir, "flowppo", config, policy, make_env, resume, ctx)
-    modules = {"finetuned_backbone": policy.finetuned_backbone, "noise_network": noise_net, "critic": critic}
+    modules = {"finetuned_backbone": policy.finetuned_backbone, "critic": critic}
+    if noise_net is not None:
+        modules["noise_network"] = noise_net
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
     if resume:
         session.restore(modules, optimizers, {"sampling": generator})
 
-    noise = StepNoise(std_fn=noise_net)
+    noise = StepNoise(std_fn=noise_net) if learned else StepNoise(std_floor=config.std_floor or 0.0,
+                                                                   eta=config.train_eta)
     actor = chain_actor(policy, noise, generator)
     tuned = torch.tensor(policy.finetuned_step_indices)
     start = policy.config.obs_horizon - 1
@@ -159,13 +181,17 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
             # 2. Advantages over environment steps; old log-probs of the chain (`ratio_log_prob`).
             batch = ppo_batch(policy, critic, rollout, noise, config.gamma, config.gae_lambda, tokens)
             advantages = normalize_advantages(batch.advantages, ctx)
-            old_log_prob = ratio_log_prob(batch.old_log_prob, dims_per_step, config.log_prob_per_dim)
+            old_log_prob = ratio_log_prob(batch.old_log_prob, dims_per_step, config.log_prob_per_dim,
+                                          config.ratio_per_step)
+            advantages = advantages[:, None] if config.ratio_per_step else advantages
             # 3. PPO epochs: the chain's log-probability is one action's, entropy from log sigma.
             def surrogate(index: torch.Tensor):
                 cond, chain = batch.cond[index], batch.chain.index(index)
                 log_prob = ratio_log_prob(policy.chain_log_prob(cond, chain, noise, tokens=tokens), dims_per_step,
-                                          config.log_prob_per_dim)
+                                          config.log_prob_per_dim, config.ratio_per_step)
                 policy_loss, stats = clipped_surrogate(log_prob, old_log_prob[index], advantages[index], config.clip)
+                if noise_net is None:  # a fixed noise control: no entropy to gain
+                    return log_prob, old_log_prob[index], policy_loss, policy_loss, stats
                 x_t, levels = chain.x[:, tuned], chain.levels[:, tuned]
                 sigma = noise_net(x_t.flatten(0, 1), levels.flatten(0, 1), chain.levels[:, tuned + 1].flatten(0, 1),
                                   cond.repeat_interleave(len(tuned), 0))
