@@ -60,6 +60,29 @@ def test_without_scores_only_the_latest_survives(tmp_path):
     assert manager.best() == manager.latest()
 
 
+def test_pruning_a_checkpoint_keeps_the_evaluations_written_into_it(tmp_path):
+    """`diffpolicy eval` writes `<checkpoint>/eval_*/`; a later save that prunes the checkpoint (a run
+    resumed with a larger budget) moves them to `evaluations/<checkpoint>/` instead of deleting them."""
+    manager = CheckpointManager(tmp_path, keep_top_k=0)
+
+    def evaluate(checkpoint, text):
+        (checkpoint / "eval_seed100000_n100").mkdir()
+        (checkpoint / "eval_seed100000_n100" / "episodes.json").write_text(text)
+
+    evaluate(save(manager, 1, None), "first")
+    evaluate(save(manager, 2, None), "second")
+    save(manager, 3, None)
+    kept = tmp_path / "evaluations"
+    assert (kept / "step_00000001" / "eval_seed100000_n100" / "episodes.json").read_text() == "first"
+    assert (kept / "step_00000002" / "eval_seed100000_n100" / "episodes.json").read_text() == "second"
+    assert not (tmp_path / "step_00000001").exists() and manager.latest().name == "step_00000003"
+    # the same step saved, evaluated and pruned again: both evaluations stay
+    evaluate(save(manager, 2, None), "again")
+    save(manager, 4, None)
+    assert (kept / "step_00000002" / "eval_seed100000_n100_1" / "episodes.json").read_text() == "again"
+    assert (kept / "step_00000002" / "eval_seed100000_n100" / "episodes.json").read_text() == "second"
+
+
 def test_keep_all_keeps_every_checkpoint(tmp_path):
     manager = CheckpointManager(tmp_path, keep_top_k=0, keep_all=True)
     for step, score in [(1, None), (2, 0.5), (3, None)]:

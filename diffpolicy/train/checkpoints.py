@@ -12,7 +12,8 @@ Layout of a run's `checkpoints/` folder:
 Nothing is pickled. A checkpoint directory is written under a temporary name and renamed into
 place, and `index.json` is replaced atomically after it, so a crash at any moment leaves the
 previous checkpoints and index intact. `CheckpointManager.save` keeps the `keep_top_k` best
-scored checkpoints plus the latest one and deletes the rest.
+scored checkpoints plus the latest one and deletes the rest; the evaluations `diffpolicy eval` wrote
+into a deleted checkpoint (`eval_*/`) move to `evaluations/<checkpoint name>/` first.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = ["CheckpointManager", "capture_rng_state", "checkpoint_name", "resolve
 
 STATE_FORMAT_VERSION = 1
 STATE_DIR = "state"
+EVALUATIONS_DIR = "evaluations"  # under the checkpoints folder: the evaluations of pruned checkpoints
 STATE_JSON = "state.json"
 
 
@@ -212,8 +214,20 @@ class CheckpointManager:
         atomic_write_text(self.root / INDEX_FILE, json.dumps({"latest": name, "checkpoints": kept}, indent=1))
         for entry in entries:
             if entry["name"] not in keep:
+                self._keep_evaluations(entry["name"])
                 shutil.rmtree(self.root / entry["name"], ignore_errors=True)
         return final
+
+    def _keep_evaluations(self, name: str) -> None:
+        """Move the `eval_*` folders of checkpoint `name` (what `diffpolicy eval` wrote into it) to
+        `evaluations/<name>/`, so pruning the checkpoint never deletes a finished evaluation."""
+        for evaluation in sorted((self.root / name).glob("eval_*")):
+            destination = self.root / EVALUATIONS_DIR / name
+            destination.mkdir(parents=True, exist_ok=True)
+            target, copy = destination / evaluation.name, 1
+            while target.exists():  # the same step saved and pruned again (a resumed run), evaluated again
+                target, copy = destination / f"{evaluation.name}_{copy}", copy + 1
+            os.replace(evaluation, target)
 
     # --------------------------------------------------------------- reading
     @staticmethod
