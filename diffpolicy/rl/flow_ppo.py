@@ -56,7 +56,7 @@ class FlowPPOConfig(OnPolicyConfig):
     in [std_min, std_max]), as DPPO's: each flow step's std is at least `std_floor`, and with
     `train_eta` the step is `FlowMatching`'s DDIM step with that eta (1: the posterior, whose noise
     the later steps draw back towards the policy's own distribution) instead of Euler plus noise.
-    The ratio then moves only with the velocity copy.
+    The ratio then moves only with the velocity copy (std_min, std_max, entropy_coef are unused).
     ratio_per_step: one PPO ratio per flow step, each with the chunk's advantage, as DPPO's
     per-denoising-step ratios (each clipped on its own), instead of one ratio for the whole chain.
     """
@@ -146,7 +146,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
     learned = config.std_floor is None and config.train_eta is None
     noise_net = NoiseNetwork(policy, config) if learned else None
     critic = Critic(policy)
-    actor_params = velocity_params + (list(noise_net.parameters()) if noise_net is not None else [])
+    actor_params = velocity_params + (list(noise_net.parameters()) if learned else [])
     actor_optimizer = torch.optim.Adam(actor_params, lr=config.lr)
     critic_params = list(critic.parameters())
     critic_optimizer = torch.optim.Adam(critic_params, lr=config.critic_lr)
@@ -155,7 +155,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
     learner = Learner(critic, actor_params, critic_params, actor_optimizer, critic_optimizer, bc)
     session = make_session(run_dir, "flowppo", config, policy, make_env, resume, ctx)
     modules = {"finetuned_backbone": policy.finetuned_backbone, "critic": critic}
-    if noise_net is not None:
+    if learned:
         modules["noise_network"] = noise_net
     optimizers = {"actor": actor_optimizer, "critic": critic_optimizer}
     if resume:
@@ -190,7 +190,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
                 log_prob = ratio_log_prob(policy.chain_log_prob(cond, chain, noise, tokens=tokens), dims_per_step,
                                           config.log_prob_per_dim, config.ratio_per_step)
                 policy_loss, stats = clipped_surrogate(log_prob, old_log_prob[index], advantages[index], config.clip)
-                if noise_net is None:  # a fixed noise control: no entropy to gain
+                if not learned:  # a fixed noise control: no entropy to gain
                     return log_prob, old_log_prob[index], policy_loss, policy_loss, stats
                 x_t, levels = chain.x[:, tuned], chain.levels[:, tuned]
                 sigma = noise_net(x_t.flatten(0, 1), levels.flatten(0, 1), chain.levels[:, tuned + 1].flatten(0, 1),
