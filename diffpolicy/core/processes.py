@@ -73,6 +73,14 @@ def _over_sigma(numerator: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(numerator))
 
 
+def _ddim_from_variance(x0: torch.Tensor, noise: torch.Tensor, alpha_s: torch.Tensor, sigma_s: torch.Tensor,
+                   var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM's step to s given the x0 and noise estimates and the step's variance (clamped at 0):
+    mean = alpha_s x0 + sqrt(sigma_s^2 - var) noise, std = sqrt(var)."""
+    var = var.clamp(min=0.0)
+    return alpha_s * x0 + (sigma_s ** 2 - var).clamp(min=0.0).sqrt() * noise, var.sqrt()
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """log N(x; mean, std^2) summed over every entry with std > 0, per batch element.
 
@@ -329,9 +337,7 @@ class GaussianDiffusion(Process):
             x0 = x0.clamp(-self.clip_x0, self.clip_x0)
             noise = (x_t - alpha_t * x0) / sigma_t  # sigma_t > 0: t > s >= 0 here
         var = (eta ** 2) * (sigma_s / sigma_t) ** 2 * (1.0 - (alpha_t / alpha_s) ** 2)
-        var = var.clamp(min=0.0)
-        mean = alpha_s * x0 + (sigma_s ** 2 - var).clamp(min=0.0).sqrt() * noise
-        return mean, var.sqrt()
+        return _ddim_from_variance(x0, noise, alpha_s, sigma_s, var)
 
 
 class FlowMatching(Process):
@@ -409,6 +415,5 @@ class FlowMatching(Process):
         alpha_s, sigma_s = self._coeffs3(s, x_t)  # alpha_s > 0: s < t <= 1 for every moving token
         x0, noise = self._x0(x_t, alpha_t, sigma_t, out), self._noise(x_t, alpha_t, sigma_t, out)
         var = (eta ** 2) * (sigma_s / sigma_t) ** 2 * (sigma_t ** 2 - (alpha_t / alpha_s * sigma_s) ** 2)
-        var = var.clamp(min=0.0)
-        mean = alpha_s * x0 + (sigma_s ** 2 - var).clamp(min=0.0).sqrt() * noise
-        return mean, var.sqrt().expand_as(x_t)
+        mean, std = _ddim_from_variance(x0, noise, alpha_s, sigma_s, var)
+        return mean, std.expand_as(x_t)

@@ -28,6 +28,13 @@ from diffpolicy.train.distributed import DistContext
 CHAIN_FIELDS = ("x", "levels", "mean", "std", "log_prob")
 
 
+def executed_tokens(policy: ChunkPolicy) -> slice:
+    """The chunk positions the environment executes: the Ta actions from the newest observation's
+    (To - 1), what `ChunkEnv.step` plays and what `executed_only` scores."""
+    start = policy.config.obs_horizon - 1
+    return slice(start, start + policy.config.action_horizon)
+
+
 def chain_actor(policy: ChunkPolicy, noise: StepNoise, generator: torch.Generator) -> Actor:
     """The rollout actor: one batched `sample_chain` for all environments; records the chain."""
 

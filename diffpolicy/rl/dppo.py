@@ -28,7 +28,7 @@ import torch
 from diffpolicy.core.samplers import StepNoise
 from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.bc import BCRegularizer
-from diffpolicy.rl.chain_ppo import Learner, chain_actor, ppo_batch, ppo_updates
+from diffpolicy.rl.chain_ppo import Learner, chain_actor, executed_tokens, ppo_batch, ppo_updates
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.distributed import SINGLE, normalize_advantages, rank_seed
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
@@ -108,8 +108,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: DPPOC
     clip = torch.linspace(config.clip_start, config.clip_end, config.finetune_steps)
     noise = StepNoise(std_floor=config.std_floor, eta=config.train_eta)
     actor = chain_actor(policy, noise, generator)
-    start = policy.config.obs_horizon - 1
-    tokens = slice(start, start + policy.config.action_horizon) if config.executed_only else None
+    tokens = executed_tokens(policy) if config.executed_only else None
     history: list[dict[str, float]] = []
     try:
         while not session.done():

@@ -29,7 +29,7 @@ from torch import nn
 from diffpolicy.core.samplers import StepNoise
 from diffpolicy.policies.chunk_policy import ChunkPolicy
 from diffpolicy.rl.bc import BCRegularizer
-from diffpolicy.rl.chain_ppo import Learner, chain_actor, ppo_batch, ppo_updates
+from diffpolicy.rl.chain_ppo import Learner, chain_actor, executed_tokens, ppo_batch, ppo_updates
 from diffpolicy.rl.critic import Critic
 from diffpolicy.rl.distributed import SINGLE, normalize_advantages, rank_seed
 from diffpolicy.rl.errors import FinetuneError, UnsupportedProcessError
@@ -165,8 +165,7 @@ def finetune(policy: ChunkPolicy, make_env: Callable[[], gym.Env], config: FlowP
                                                                    eta=config.train_eta)
     actor = chain_actor(policy, noise, generator)
     tuned = torch.tensor(policy.finetuned_step_indices)
-    start = policy.config.obs_horizon - 1
-    tokens = slice(start, start + policy.config.action_horizon) if config.executed_only else None
+    tokens = executed_tokens(policy) if config.executed_only else None
     dims_per_step = (policy.config.action_horizon if config.executed_only else policy.config.pred_horizon) \
         * policy.config.action_dim
     history: list[dict[str, float]] = []
