@@ -31,6 +31,7 @@ from diffpolicy.core.samplers import StepNoise
 from diffpolicy.envs.tasks import load_task, make_env
 from diffpolicy.policies import ChunkPolicy
 from diffpolicy.policies.locate import resolve_policy_dir
+from diffpolicy.rl.chain_ppo import executed_tokens
 from diffpolicy.rl.vec_env import make_chunk_vec_env
 
 
@@ -47,20 +48,20 @@ def states(policy: ChunkPolicy, task: str, n_envs: int, chunks: int) -> dict[str
     """Observations `{key: (n_envs * chunks, To, ...)}` along the deterministic policy's own rollouts."""
     envs = make_chunk_vec_env(functools.partial(make_env, load_task(task)), policy.config, n_envs)
     obs, _ = envs.reset(seed=list(range(300000, 300000 + n_envs)))
+    generator = torch.Generator().manual_seed(0)  # the initial noise too: the same states on every run
     seen = []
     for _ in range(chunks):
         batch = {k: torch.as_tensor(v) for k, v in obs.items()}
         seen.append(batch)
         with torch.no_grad():
-            obs, *_ = envs.step(policy.sample(batch).numpy())
+            obs, *_ = envs.step(policy.sample(batch, generator=generator).numpy())
     envs.close()
     return {k: torch.cat([b[k] for b in seen]) for k in seen[0]}
 
 
 def executed_spread(policy: ChunkPolicy, cond: torch.Tensor, noise: StepNoise, draws: int):
     """(mean std per step `(K,)` over executed positions, action spread across `draws`)."""
-    start = policy.config.obs_horizon - 1
-    executed = slice(start, start + policy.config.action_horizon)
+    executed = executed_tokens(policy)
     actions, stds = [], []
     for draw in range(draws):
         with torch.no_grad():
@@ -76,8 +77,7 @@ def deterministic(policy: ChunkPolicy) -> StepNoise:
 
 def executed_shift(start: ChunkPolicy, tuned: ChunkPolicy, cond: torch.Tensor) -> float:
     """RMS over states, positions and dims of tuned's minus start's deterministic executed actions."""
-    begin = start.config.obs_horizon - 1
-    executed = slice(begin, begin + start.config.action_horizon)
+    executed = executed_tokens(start)
     with torch.no_grad():
         a, b = (p.sample_chain(cond, deterministic(p), torch.Generator().manual_seed(0)).x0[:, executed]
                 for p in (start, tuned))
