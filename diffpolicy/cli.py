@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "train", "imitation-train a diffusion or flow chunk policy on a task's dataset (resumable, DDP)"),
     ("dataset", "dataset", "import a LeRobot v3.0 dataset into a zarr replay buffer, or export one to LeRobot's layout"),
     ("eval", "eval", "evaluate a trained policy on held-out seeds: success rate with its 95-percent Wilson interval, videos"),
+    ("compare", "compare", "compare two policies' evaluations seed by seed: Wilson intervals, gains and losses, McNemar's exact p"),
     ("generate", "generate", "train and sample the image (digits, PushT frames) and text models of the shared core"),
     ("finetune", "finetune", "RL fine-tuning of a checkpoint: DPPO, flow PPO, DSRL, or DPPO / flow PPO in a world model (dream)"),
     ("worldmodel", "worldmodel", "train a latent world model (ensemble) from replay buffers, or record a policy's rollouts"),

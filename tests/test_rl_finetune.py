@@ -306,6 +306,8 @@ def test_target_kl_must_be_a_finite_number_at_least_zero(value):
     ("std_floor", "0.1", r"'std_floor': expected a number > 0 or None, got '0.1'"),
     ("train_eta", 0.0, r"'train_eta': expected a number in \(0, 1\] or None, got 0.0"),
     ("train_eta", 1.5, r"'train_eta': expected a number in \(0, 1\] or None, got 1.5"),
+    ("inference_steps", 0, r"'inference_steps': expected an integer >= 1 or None, got 0"),
+    ("inference_steps", 2.5, r"'inference_steps': expected an integer >= 1 or None, got 2.5"),
 ])
 def test_flow_ppos_fixed_noise_settings_are_checked(key, value, expected):
     with pytest.raises(flow_ppo.FinetuneError, match=expected):

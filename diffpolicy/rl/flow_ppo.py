@@ -2,7 +2,7 @@
 
 A noise network sigma_theta(x_t, t, cond), bounded in [`std_min`, `std_max`], turns each Euler
 step x_s = x_t + (s - t) v(x_t, t, cond) + sigma_theta * eps into a Gaussian, so the chain of K
-(1-4) steps has an exact log-probability: the sum of its transitions. The velocity network of the
+steps (ReinFlow's 1-4; any number here) has an exact log-probability: the sum of its transitions. The velocity network of the
 last K' = `finetune_steps` steps (default all) is a trainable copy of the base's, trained with the
 noise network by PPO (GAE over environment steps, critic V(s), entropy bonus
 `entropy_coef` * mean log sigma; the ratio from the chain's log-probability per dimension,
@@ -43,7 +43,8 @@ from diffpolicy.train.distributed import DistContext
 class FlowPPOConfig(OnPolicyConfig):
     """Flow PPO's settings (see the module docstring) on top of `OnPolicyConfig`.
 
-    inference_steps: flow steps K of training and evaluation (1-4; None keeps the policy's).
+    inference_steps: flow steps K of training and evaluation (default 4, ReinFlow's range is 1-4; a
+    DDIM chain, `train_eta`, can take as many as DPPO's 10; None keeps the policy's).
     finetune_steps: K' (None: all K). clip: PPO clip. std_min, std_max: bounds of sigma_theta in
     normalized action units. noise_hidden_dim: width of the noise network. log_prob_per_dim: the
     PPO ratio from the chain's log-probability per Gaussian dimension (divided by K' x Tp x Da, as
@@ -77,9 +78,11 @@ class FlowPPOConfig(OnPolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.inference_steps is not None and not (isinstance(self.inference_steps, int) and 1 <= self.inference_steps <= 4):
-            raise FinetuneError(f"config key 'inference_steps': expected an integer in [1, 4] (flow PPO's chains) "
-                                f"or None, got {self.inference_steps!r}")
+        if self.inference_steps is not None and not (isinstance(self.inference_steps, int)
+                                                     and not isinstance(self.inference_steps, bool)
+                                                     and self.inference_steps >= 1):
+            raise FinetuneError(f"config key 'inference_steps': expected an integer >= 1 or None, "
+                                f"got {self.inference_steps!r}")
         if self.finetune_steps is not None and not (isinstance(self.finetune_steps, int) and self.finetune_steps >= 1):
             raise FinetuneError(f"config key 'finetune_steps': expected an integer >= 1 or None, got {self.finetune_steps!r}")
         if not 0 < self.std_min < self.std_max:
