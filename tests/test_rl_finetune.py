@@ -43,6 +43,11 @@ ALGOS = {
     "flowppo_eta_per_step": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, train_eta=1.0, std_floor=0.1,
                                                                       ratio_per_step=True, log_prob_per_dim=False,
                                                                       **SMALL)),
+    # ... with more flow steps than ReinFlow's 1-4: 8, the last 4 fine-tuned (as DPPO's last 5 of 10)
+    "flowppo_eta_4_of_8": (flow_ppo, "flow", flow_ppo.FlowPPOConfig(lr=1e-3, clip=0.2, inference_steps=8,
+                                                                    finetune_steps=4, train_eta=1.0, std_floor=0.1,
+                                                                    ratio_per_step=True, log_prob_per_dim=False,
+                                                                    **SMALL)),
 }
 
 
@@ -61,6 +66,9 @@ def test_ppo_ratio_is_exactly_one_for_every_transition_before_the_update(algo, t
         # Every transition of the iteration, scored in minibatches as the update scores them,
         # before any update: the PPO ratio (from the clamped log-ratio) is exactly 1.
         batch = chain_ppo.ppo_batch(policy, critic, rollout, noise, gamma, lam, tokens)
+        steps = config.inference_steps if module is flow_ppo else policy.config.inference_steps
+        assert batch.chain.x.shape[1] == steps + 1  # the whole chain is recorded ...
+        assert batch.old_log_prob.shape[1] == (config.finetune_steps or steps)  # ... and its fine-tuned steps scored
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(len(checked)))
         for index in order.split(config.batch_size):
             log_prob = policy.chain_log_prob(batch.cond[index], batch.chain.index(index), noise, tokens=tokens)
