@@ -317,7 +317,7 @@ def test_target_kl_must_be_a_finite_number_at_least_zero(value):
     ("inference_steps", 0, r"'inference_steps': expected an integer >= 1 or None, got 0"),
     ("inference_steps", 2.5, r"'inference_steps': expected an integer >= 1 or None, got 2.5"),
 ])
-def test_flow_ppos_fixed_noise_settings_are_checked(key, value, expected):
+def test_flow_ppos_chain_and_noise_settings_are_checked(key, value, expected):
     with pytest.raises(flow_ppo.FinetuneError, match=expected):
         flow_ppo.FlowPPOConfig(**{key: value})
 

@@ -41,9 +41,10 @@ def mcnemar_exact(gained: int, lost: int) -> float:
 def load_outcomes(paths: Iterable[str | Path]) -> dict[int, bool]:
     """Seed -> success of one policy, from `diffpolicy eval` outputs: evaluation directories (their
     `episodes.json`) or `episodes.json` files, on disjoint seeds. A seed in two of them is refused."""
+    paths = [Path(path) for path in paths]
     outcomes: dict[int, bool] = {}
     source: dict[int, Path] = {}
-    for path in map(Path, paths):
+    for path in paths:
         file = path / "episodes.json" if path.is_dir() else path
         if not file.is_file():
             raise MissingFileError(f"{path}: expected an evaluation directory holding episodes.json "
@@ -65,7 +66,7 @@ def load_outcomes(paths: Iterable[str | Path]) -> dict[int, bool]:
                                         f"(each seed counts once per policy)")
             outcomes[seed], source[seed] = success, file
     if not outcomes:
-        raise InvalidValueError(f"no episodes in {[str(p) for p in paths]}")
+        raise InvalidValueError(f"no episodes in {[str(path) for path in paths]}")
     return outcomes
 
 

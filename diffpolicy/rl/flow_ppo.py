@@ -2,10 +2,10 @@
 
 A noise network sigma_theta(x_t, t, cond), bounded in [`std_min`, `std_max`], turns each Euler
 step x_s = x_t + (s - t) v(x_t, t, cond) + sigma_theta * eps into a Gaussian, so the chain of K
-steps (ReinFlow's 1-4; any number here) has an exact log-probability: the sum of its transitions. The velocity network of the
-last K' = `finetune_steps` steps (default all) is a trainable copy of the base's, trained with the
-noise network by PPO (GAE over environment steps, critic V(s), entropy bonus
-`entropy_coef` * mean log sigma; the ratio from the chain's log-probability per dimension,
+steps (ReinFlow's 1-4 by default) has an exact log-probability: the sum of its transitions. The
+velocity network of the last K' = `finetune_steps` steps (default all) is a trainable copy of the
+base's, trained with the noise network by PPO (GAE over environment steps, critic V(s), entropy
+bonus `entropy_coef` * mean log sigma; the ratio from the chain's log-probability per dimension,
 `log_prob_per_dim`), over the chunk's Ta executed actions only (`executed_only`, as DPPO: the
 noise on the Tp - Ta positions never reaches the environment, so their terms in the ratio are noise
 the clip spends itself on). Evaluation and the saved policy sample deterministic Euler steps
@@ -43,8 +43,8 @@ from diffpolicy.train.distributed import DistContext
 class FlowPPOConfig(OnPolicyConfig):
     """Flow PPO's settings (see the module docstring) on top of `OnPolicyConfig`.
 
-    inference_steps: flow steps K of training and evaluation (default 4, ReinFlow's range is 1-4; a
-    DDIM chain, `train_eta`, can take as many as DPPO's 10; None keeps the policy's).
+    inference_steps: flow steps K of training and evaluation (default 4, in ReinFlow's range of 1-4;
+    any number, e.g. DPPO's 10 with `train_eta`; None keeps the policy's).
     finetune_steps: K' (None: all K). clip: PPO clip. std_min, std_max: bounds of sigma_theta in
     normalized action units. noise_hidden_dim: width of the noise network. log_prob_per_dim: the
     PPO ratio from the chain's log-probability per Gaussian dimension (divided by K' x Tp x Da, as
