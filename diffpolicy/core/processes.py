@@ -74,7 +74,7 @@ def _over_sigma(numerator: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _ddim_from_variance(x0: torch.Tensor, noise: torch.Tensor, alpha_s: torch.Tensor, sigma_s: torch.Tensor,
-                   var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM's step to s given the x0 and noise estimates and the step's variance (clamped at 0):
     mean = alpha_s x0 + sqrt(sigma_s^2 - var) noise, std = sqrt(var)."""
     var = var.clamp(min=0.0)
